@@ -1,0 +1,60 @@
+"""Which implementation runs an op: `torch` (the reference), `cpu` (C++), `triton`, `cuda`.
+
+Order of precedence: the op's ``backend=`` argument, then the environment variable
+DEBIAS_BACKEND, then the default for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+
+@lru_cache(maxsize=None)
+def compiled():
+    """The compiled extension ``debias._C`` (which registers ``torch.ops.debias_C``), or None
+    when the package was built without it (DEBIAS_NO_EXTENSIONS=1 or no compiler)."""
+    try:
+        from debias import _C
+    except ImportError as err:
+        warnings.warn(
+            f"debias: the compiled kernels (debias._C) are not available ({err}); every op "
+            "runs on its torch backend, which is correct but slower. Reinstall with "
+            "`pip install --no-build-isolation .` to build them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return _C
+
+
+def available(device: torch.device) -> tuple[str, ...]:
+    """Backends that can run on ``device``, fastest first."""
+    if device.type == "cpu":
+        return ("cpu", "torch") if compiled() is not None else ("torch",)
+    # The GPU kernels come with their own backends; until then CUDA tensors take torch's.
+    return ("torch",)
+
+
+def resolve(backend: str | None, device: torch.device) -> str:
+    """The backend to run on ``device``: ValueError naming ``backend`` if it cannot run."""
+    source = "backend"
+    if backend is None:
+        backend = os.environ.get("DEBIAS_BACKEND") or None
+        source = "DEBIAS_BACKEND"
+    choices = available(device)
+    if backend is None:
+        return choices[0]
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    if backend not in choices:
+        raise ValueError(
+            f"{source}={backend!r} cannot run on {device.type} tensors in this build; "
+            f"available there: {choices}"
+        )
+    return backend

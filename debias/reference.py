@@ -1,0 +1,132 @@
+"""Pure-torch ground truth for every op: the test oracle, the benchmark's eager baseline and
+the backend of last resort.
+
+Written for clarity in the shape of the code diffusion trainers run today (diffusers'
+``DDPMScheduler.add_noise`` / ``get_velocity`` and ``train_text_to_image.py``'s loss), not for
+speed. Memory traffic is counted in elements of the ``[B, ...]`` tensors, N = numel.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ---- the noise stream ---------------------------------------------------------------------
+#
+# Philox4x32-10 (Salmon et al. 2011, Random123 constants). Element i of a noise tensor (flat,
+# row-major) comes from counter (g_lo, g_hi, offset_lo, offset_hi) with g = i // 4 and key
+# (seed_lo, seed_hi); of the four output words, lane i % 4 is used. Words become normals by
+# Box-Muller in float32: u(x) = x * 2^-32 + 2^-33 lies in (0, 1]; (x0, x1) -> r = sqrt(-2 ln
+# u(x0)), theta = 2 pi u(x1), n0 = r cos theta, n1 = r sin theta; (x2, x3) -> n2, n3 likewise.
+# csrc/philox.h holds the same definition; every backend produces this stream.
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo32(a: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hi, lo) words of the 64-bit product of uint32 values ``a`` (held in int64) and ``m``,
+    computed in 16-bit halves of ``m`` so nothing overflows int64."""
+    p_lo = a * (m & 0xFFFF)  # < 2^48
+    p_hi = a * (m >> 16)  # < 2^48
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2^49
+    return (p_hi >> 16) + (mid >> 32), mid & _MASK32
+
+
+def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = 10) -> torch.Tensor:
+    """Philox4x32 on a ``[N, 4]`` int64 tensor of uint32 counter words; returns ``[N, 4]``."""
+    c0, c1, c2, c3 = counter.unbind(-1)
+    k0, k1 = key[0] & _MASK32, key[1] & _MASK32
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
+        hi0, lo0 = _mulhilo32(c0, _PHILOX_M[0])
+        hi1, lo1 = _mulhilo32(c2, _PHILOX_M[1])
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
+
+def philox_normal(seed: int, offset: int, numel: int, device=None) -> torch.Tensor:
+    """The first ``numel`` normals of the stream ``(seed, offset)``, float32 ``[numel]``."""
+    seed, offset = seed & (2**64 - 1), offset & (2**64 - 1)
+    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    counter = torch.stack(
+        (
+            groups & _MASK32,
+            groups >> 32,
+            torch.full_like(groups, offset & _MASK32),
+            torch.full_like(groups, offset >> 32),
+        ),
+        dim=-1,
+    )
+    x = philox4x32(counter, (seed & _MASK32, seed >> 32))
+    u = x.to(torch.float32) * 2.0**-32 + 2.0**-33
+    r = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
+    theta = (2 * math.pi) * u[:, 1::2]
+    normals = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1)
+    # [G, 2 pairs, (cos, sin)] -> lanes (n0, n1, n2, n3)
+    return normals.reshape(-1)[:numel]
+
+
+# ---- noising ------------------------------------------------------------------------------
+
+
+def add_noise(
+    x0: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor, noise: torch.Tensor
+) -> torch.Tensor:
+    """diffusers' ``scheduler.add_noise``: ``sqrt(abar_t) x0 + sqrt(1 - abar_t) noise`` in
+    x0's dtype. Traffic: read 2N, write N, plus two N-sized temporaries (write 2N, read 2N)."""
+    abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    sqrt_alpha_prod = (abar[t] ** 0.5).view(shape)
+    sqrt_one_minus_alpha_prod = ((1 - abar[t]) ** 0.5).view(shape)
+    return sqrt_alpha_prod * x0 + sqrt_one_minus_alpha_prod * noise
+
+
+def get_velocity(
+    x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor
+) -> torch.Tensor:
+    """diffusers' ``scheduler.get_velocity``: ``sqrt(abar_t) noise - sqrt(1 - abar_t) x0``."""
+    abar = alphas_cumprod.to(device=x0.device, dtype=x0.dtype)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    sqrt_alpha_prod = (abar[t] ** 0.5).view(shape)
+    sqrt_one_minus_alpha_prod = ((1 - abar[t]) ** 0.5).view(shape)
+    return sqrt_alpha_prod * noise - sqrt_one_minus_alpha_prod * x0
+
+
+# ---- the weighted loss --------------------------------------------------------------------
+
+
+def noise_loss(
+    pred: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    weights: torch.Tensor,
+    x0: torch.Tensor | None = None,
+    alphas_cumprod: torch.Tensor | None = None,
+    prediction: str = "epsilon",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The per-sample-weighted MSE of diffusers' train_text_to_image.py (``snr_gamma`` path).
+
+    ``weights`` is the ``[T]`` table of the target's weights (``debias.weight_table``).
+    Forward traffic: read 2N (+N for v), write N twice (float copies in low precision, the
+    squared error); backward writes the N-sized gradient through three more passes.
+    """
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "v_prediction":
+        target = get_velocity(x0, noise, t, alphas_cumprod)
+    elif prediction == "sample":
+        target = x0
+    else:
+        raise ValueError(f"unknown prediction {prediction!r}")
+    acc = torch.promote_types(pred.dtype, torch.float32)  # `.float()`, but fp64 stays fp64
+    loss = F.mse_loss(pred.to(acc), target.to(acc), reduction="none")
+    loss = loss.mean(dim=list(range(1, loss.dim()))) * weights.to(loss.device)[t].to(loss.dtype)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
