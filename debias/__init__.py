@@ -1,7 +1,7 @@
 """debias: fused kernels for unbiased diffusion training losses.
 
-    x_t, noise = debias.add_noise(x0, t, scheduler)          # noise drawn inside the kernel
-    loss = debias.fused_loss(model(x_t, t), noise, t, scheduler, weighting="debias")
+x_t, noise = debias.add_noise(x0, t, scheduler)          # noise drawn inside the kernel
+loss = debias.fused_loss(model(x_t, t), noise, t, scheduler, weighting="debias")
 """
 
 from debias.ops.noise_loss import PhiloxNoise, add_noise, fused_loss

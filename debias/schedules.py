@@ -106,7 +106,9 @@ class NoiseSchedule:
     def from_betas(cls, betas: torch.Tensor, prediction_type: str = "epsilon") -> NoiseSchedule:
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if (betas <= 0).any() or (betas > 1).any():
-            raise ValueError("betas must lie in (0, 1]")
+            raise ValueError(
+                f"betas must lie in (0, 1], got values in [{betas.min():.3g}, {betas.max():.3g}]"
+            )
         return cls(torch.cumprod(1.0 - betas, dim=0), prediction_type)
 
     @classmethod

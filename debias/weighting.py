@@ -37,14 +37,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 import torch
 
 from debias.schedules import PREDICTION_TYPES, NoiseSchedule, as_schedule
 
 WEIGHTINGS = ("constant", "debias", "p2", "min_snr")
-Weighting = Union[str, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+Weighting = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 # Default parameters per weighting; a parameter not listed here is refused for that weighting.
 _PARAMS: dict[str, dict[str, float]] = {
@@ -118,6 +118,9 @@ def loss_weight(
     return table[t.long()]
 
 
+# Tables are constants of a compiled graph: torch.compile evaluates this once while tracing
+# (its checks read data, which tracing cannot) and keeps the result.
+@torch.compiler.assume_constant_result
 def cached_weight_table(
     schedule: NoiseSchedule,
     weighting: Weighting,

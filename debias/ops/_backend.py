@@ -6,30 +6,35 @@ DEBIAS_BACKEND, then the default for the tensors' device.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
-from functools import lru_cache
 
 import torch
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 
-@lru_cache(maxsize=None)
+try:
+    _C = importlib.import_module("debias._C")
+except ImportError as err:  # built with DEBIAS_NO_EXTENSIONS=1, or without a compiler
+    _C, _MISSING = None, str(err)
+_warned = False
+
+
 def compiled():
-    """The compiled extension ``debias._C`` (which registers ``torch.ops.debias_C``), or None
-    when the package was built without it (DEBIAS_NO_EXTENSIONS=1 or no compiler)."""
-    try:
-        from debias import _C
-    except ImportError as err:
+    """The compiled extension ``debias._C`` (which registers ``torch.ops.debias_C``), or None;
+    the first eager call without it warns once."""
+    global _warned
+    if _C is None and not _warned and not torch.compiler.is_compiling():
+        _warned = True
         warnings.warn(
-            f"debias: the compiled kernels (debias._C) are not available ({err}); every op "
-            "runs on its torch backend, which is correct but slower. Reinstall with "
+            f"debias: the compiled kernels (debias._C) are not available ({_MISSING}); every "
+            "op runs on its torch backend, which is correct but slower. Reinstall with "
             "`pip install --no-build-isolation .` to build them.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-        return None
     return _C
 
 

@@ -153,9 +153,7 @@ def fused_loss(
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(noise, PhiloxNoise):
         if tuple(noise.shape) != tuple(pred.shape):
-            raise ValueError(
-                f"noise has shape {list(noise.shape)} but pred has {list(pred.shape)}"
-            )
+            raise ValueError(f"noise has shape {list(noise.shape)} but pred has {list(pred.shape)}")
         _check_same_device(pred=pred, noise=noise)
         noise_dtype = noise.dtype
     else:
@@ -222,9 +220,7 @@ def _check_data(name: str, x: Any) -> None:
 def _check_like(name: str, x: Any, like_name: str, like: torch.Tensor) -> None:
     _check_data(name, x)
     if x.shape != like.shape:
-        raise ValueError(
-            f"{name} has shape {list(x.shape)} but {like_name} has {list(like.shape)}"
-        )
+        raise ValueError(f"{name} has shape {list(x.shape)} but {like_name} has {list(like.shape)}")
     _check_same_device(**{like_name: like, name: x})
 
 
@@ -240,6 +236,7 @@ def _check_same_device(**tensors: Any) -> None:
 # ---- tables and keys ----------------------------------------------------------------------
 
 
+@torch.compiler.assume_constant_result
 def _coefficients(
     schedule: NoiseSchedule, dtype: torch.dtype, device: torch.device, compute=None
 ) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Training and sampling pipeline: data, models, loops."""

@@ -1,0 +1,28 @@
+"""Shared fixtures: which backends can run here, and dtype tolerances."""
+
+import pytest
+import torch
+
+from debias.ops import _backend
+
+CPU = torch.device("cpu")
+CPU_BACKENDS = ("torch", "cpu")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+             torch.float64: "fp64"}  # fmt: skip
+
+
+def skip_unless_backend(backend: str, device: torch.device = CPU) -> None:
+    if backend not in _backend.available(device):
+        pytest.skip(f"backend {backend!r} is not built or cannot run on {device.type} here")
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request) -> str:
+    skip_unless_backend(request.param)
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,408 @@
+"""add_noise and fused_loss against the reference, on every backend that runs here."""
+
+import os
+
+import pytest
+import torch
+from conftest import DTYPE_IDS, DTYPES, skip_unless_backend
+
+import debias
+from debias import NoiseSchedule, PhiloxNoise, reference
+from debias.ops import _backend
+
+SHAPES = [(1, 1, 1, 1), (3, 1, 7, 5), (5, 3, 33, 31), (2, 4, 64, 64)]
+WEIGHTINGS = [("constant", {}), ("debias", {}), ("p2", {"gamma": 0.5}), ("min_snr", {"gamma": 5})]
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+SCHEDULE = NoiseSchedule.linear(1000)
+
+
+def _abar(dtype: torch.dtype) -> torch.Tensor:
+    """The table diffusers keeps (float32); float64 data uses the float64 table."""
+    abar = SCHEDULE.alphas_cumprod
+    return abar if dtype == torch.float64 else abar.float()
+
+
+def _inputs(shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(shape, generator=g).to(dtype)
+    noise = torch.randn(shape, generator=g).to(dtype)
+    pred = torch.randn(shape, generator=g).to(dtype)
+    # the extremes of the schedule are always in the batch
+    t = torch.randint(0, 1000, (shape[0],), generator=g)
+    t[0] = 999
+    if shape[0] > 1:
+        t[1] = 0
+    return x0, noise, pred, t
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _assert_within(name, got, oracle, baseline, dtype):
+    """flash-attention's rule: our error against the fp64 oracle is at most twice that of the
+    reference run in the same precision, plus a floor of a few ulp of the result's scale."""
+    floor = {torch.float32: 1e-6, torch.float64: 1e-12}.get(dtype, 2e-3)
+    scale = oracle.double().abs().max().item() + 1e-30
+    err, base = _max_err(got, oracle), _max_err(baseline, oracle)
+    assert err <= 2 * base + floor * scale, (
+        f"{name}: max error {err:.3g} vs reference's {base:.3g} (scale {scale:.3g})"
+    )
+
+
+# ---- add_noise ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_add_noise_equals_diffusers_bitwise(backend, shape, dtype):
+    x0, noise, _, t = _inputs(shape, dtype)
+    x_t, returned = debias.add_noise(x0, t, SCHEDULE, noise=noise, backend=backend)
+    assert returned is noise
+    assert torch.equal(x_t, reference.add_noise(x0, t, _abar(dtype), noise))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_add_noise_philox_equals_materialized(backend, dtype):
+    x0, _, _, t = _inputs((5, 3, 33, 31), dtype)
+    x_t, noise = debias.add_noise(x0, t, SCHEDULE, backend=backend)
+    assert isinstance(noise, PhiloxNoise) and noise.shape == x0.shape and noise.dtype == dtype
+    eps = noise.materialize()
+    assert eps.shape == x0.shape and eps.dtype == dtype
+    assert torch.equal(x_t, reference.add_noise(x0, t, _abar(dtype), eps))
+
+
+def test_add_noise_gradients(backend):
+    x0, noise, _, t = _inputs((3, 2, 5, 4), torch.float64)
+    x0.requires_grad_(True)
+    noise.requires_grad_(True)
+    torch.autograd.gradcheck(
+        lambda a, b: debias.add_noise(a, t, SCHEDULE, noise=b, backend=backend)[0], (x0, noise)
+    )
+
+
+# ---- fused_loss ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("weighting, opts", WEIGHTINGS, ids=[w for w, _ in WEIGHTINGS])
+def test_fused_loss_matches_reference(backend, weighting, opts, prediction, shape, dtype):
+    x0, noise, pred, t = _inputs(shape, dtype)
+    w64 = debias.weight_table(SCHEDULE, weighting, prediction, **opts)
+
+    pred_ours = pred.clone().requires_grad_(True)
+    loss = debias.fused_loss(
+        pred_ours, noise, t, SCHEDULE, weighting, prediction, x0=x0, backend=backend, **opts
+    )
+    loss.backward()
+
+    # the reference as users run it (float32 weights, the input precision) ...
+    pred_ref = pred.clone().requires_grad_(True)
+    base = reference.noise_loss(pred_ref, noise, t, w64.float(), x0, _abar(dtype), prediction)
+    base.backward()
+    # ... and the same in float64 on the same (rounded) inputs: the oracle
+    pred_64 = pred.double().requires_grad_(True)
+    oracle = reference.noise_loss(
+        pred_64, noise.double(), t, w64, x0.double(), SCHEDULE.alphas_cumprod, prediction
+    )
+    oracle.backward()
+
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert pred_ours.grad.dtype == dtype
+    _assert_within("loss", loss, oracle, base, torch.float32)
+    _assert_within("grad", pred_ours.grad, pred_64.grad, pred_ref.grad, dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions_and_per_sample_grad_output(backend, reduction):
+    _x0, noise, pred, t = _inputs((5, 3, 9, 7), torch.float32)
+    w = debias.weight_table(SCHEDULE, "debias")
+    pred_ours = pred.clone().requires_grad_(True)
+    pred_ref = pred.clone().requires_grad_(True)
+    loss = debias.fused_loss(pred_ours, noise, t, SCHEDULE, reduction=reduction, backend=backend)
+    ref = reference.noise_loss(pred_ref, noise, t, w.float(), reduction=reduction)
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    grad_out = torch.rand(loss.shape) + 0.5  # a per-sample upstream gradient for "none"
+    loss.backward(grad_out)
+    ref.backward(grad_out)
+    torch.testing.assert_close(pred_ours.grad, pred_ref.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_float64_gradcheck(backend):
+    x0, noise, pred, t = _inputs((3, 2, 5, 3), torch.float64)
+    pred.requires_grad_(True)
+    for prediction in PREDICTIONS:
+        torch.autograd.gradcheck(
+            lambda p, prediction=prediction: debias.fused_loss(
+                p,
+                noise,
+                t,
+                SCHEDULE,
+                "min_snr",
+                prediction,
+                x0=x0,
+                reduction="none",
+                backend=backend,
+            ),
+            (pred,),
+        )
+
+
+def test_reference_gradcheck():
+    """The oracle itself differentiates correctly (float64)."""
+    x0, noise, pred, t = _inputs((3, 2, 5, 3), torch.float64)
+    w = debias.weight_table(SCHEDULE, "debias", "v_prediction")
+    pred.requires_grad_(True)
+    torch.autograd.gradcheck(
+        lambda p: reference.noise_loss(
+            p, noise, t, w, x0, SCHEDULE.alphas_cumprod, "v_prediction", "none"
+        ),
+        (pred,),
+    )
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+def test_philox_loss_equals_materialized(backend, prediction, dtype):
+    """The loss regenerates the noise add_noise used: same as handing it the tensor."""
+    x0, _, pred, t = _inputs((3, 3, 17, 9), dtype)
+    _, noise = debias.add_noise(x0, t, SCHEDULE, backend=backend)
+    a, b = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    la = debias.fused_loss(a, noise, t, SCHEDULE, prediction=prediction, x0=x0, backend=backend)
+    lb = debias.fused_loss(
+        b, noise.materialize(), t, SCHEDULE, prediction=prediction, x0=x0, backend=backend
+    )
+    (la + lb).backward()
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_no_grad_and_eval():
+    _, noise, pred, t = _inputs((3, 3, 8, 8), torch.float32)
+    with torch.no_grad():
+        loss = debias.fused_loss(pred.requires_grad_(True), noise, t, SCHEDULE)
+    assert loss.grad_fn is None
+    loss = debias.fused_loss(pred.detach(), noise, t, SCHEDULE)
+    assert not loss.requires_grad
+
+
+# ---- the noise stream ---------------------------------------------------------------------
+
+
+def test_philox_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10."""
+    counters = torch.tensor(
+        [[0, 0, 0, 0], [0xFFFFFFFF] * 4, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344]]
+    )
+    keys = [(0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (0xA4093822, 0x299F31D0)]
+    expected = [
+        [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8],
+        [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD],
+        [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+    ]
+    for counter, key, want in zip(counters, keys, expected, strict=False):
+        assert reference.philox4x32(counter[None], key)[0].tolist() == want
+
+
+def test_philox_stream_equal_across_backends():
+    skip_unless_backend("cpu")
+    key = torch.tensor([0x0123456789ABCDEF, -7])
+    shape = [3, 5, 7, 11]
+    cpu = debias.ops.noise_loss._philox_normal(key, shape, torch.float32, torch.device("cpu"),
+                                               "cpu")  # fmt: skip
+    ref = debias.ops.noise_loss._philox_normal(key, shape, torch.float32, torch.device("cpu"),
+                                               "torch")  # fmt: skip
+    # the same stream up to float rounding of log, sin and cos
+    torch.testing.assert_close(cpu, ref, rtol=4e-6, atol=1e-6)
+
+
+def _stream(backend, numel, seed=1234, offset=0):
+    key = torch.tensor([seed, offset])
+    return debias.ops.noise_loss._philox_normal(key, [numel], torch.float64,
+                                                torch.device("cpu"), backend)  # fmt: skip
+
+
+def test_philox_statistics(backend):
+    scipy_stats = pytest.importorskip("scipy.stats")
+    n = 1 << 20
+    x = _stream(backend, n)
+    assert abs(x.mean().item()) < 5 / n**0.5
+    assert abs(x.var().item() - 1) < 5 * (2 / n) ** 0.5
+    assert scipy_stats.kstest(x.numpy(), "norm").pvalue > 1e-3
+    # the four lanes of one Philox block and neighbouring elements are uncorrelated
+    for lag in (1, 2, 3, 4, 5):
+        r = torch.corrcoef(torch.stack((x[:-lag], x[lag:])))[0, 1].item()
+        assert abs(r) < 5 / n**0.5, f"lag {lag}: correlation {r:.2e}"
+    for lane in range(4):
+        lane_x = x[lane::4]
+        p = scipy_stats.kstest(lane_x.numpy(), "norm").pvalue
+        assert p > 1e-3, f"lane {lane}: KS p-value {p:.2e}"
+    # tails: the fraction beyond 3 sigma matches the normal's 0.0027
+    tail = (x.abs() > 3).double().mean().item()
+    assert abs(tail - 0.0026998) < 5 * (0.0027 / n) ** 0.5
+
+
+def test_philox_independent_across_keys(backend):
+    n = 1 << 18
+    a, b, c = _stream(backend, n, 1), _stream(backend, n, 2), _stream(backend, n, 1, offset=1)
+    for other in (b, c):
+        r = torch.corrcoef(torch.stack((a, other)))[0, 1].item()
+        assert abs(r) < 5 / n**0.5
+
+
+def test_repeatable_under_manual_seed(backend):
+    x0, _, _, t = _inputs((2, 3, 8, 8), torch.float32)
+    torch.manual_seed(7)
+    first, n1 = debias.add_noise(x0, t, SCHEDULE, backend=backend)
+    second, n2 = debias.add_noise(x0, t, SCHEDULE, backend=backend)
+    torch.manual_seed(7)
+    again, n3 = debias.add_noise(x0, t, SCHEDULE, backend=backend)
+    assert torch.equal(first, again) and torch.equal(n1.key, n3.key)
+    assert not torch.equal(first, second) and not torch.equal(n1.key, n2.key)
+    g = torch.Generator().manual_seed(3)
+    with_gen, _ = debias.add_noise(x0, t, SCHEDULE, generator=g, backend=backend)
+    g.manual_seed(3)
+    assert torch.equal(with_gen, debias.add_noise(x0, t, SCHEDULE, generator=g)[0])
+
+
+def test_stream_does_not_depend_on_threads():
+    skip_unless_backend("cpu")
+    threads = torch.get_num_threads()
+    x0, _, pred, t = _inputs((8, 4, 32, 32), torch.float32)
+    key = torch.tensor([11, 12])
+    noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device)
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x_t = debias.ops.noise_loss._add_noise_op(
+                x0, t, *debias.ops.noise_loss._coefficients(SCHEDULE, x0.dtype, x0.device),
+                None, key, "cpu",
+            )  # fmt: skip
+            p = pred.clone().requires_grad_(True)
+            loss = debias.fused_loss(p, noise, t, SCHEDULE, backend="cpu")
+            loss.backward()
+            results.append((x_t, loss, p.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=False):
+        assert torch.equal(a, b)
+
+
+# ---- torch.compile ------------------------------------------------------------------------
+
+
+def test_compile_fullgraph_training_step(backend):
+    """A step (noising, model, fused loss) traces without a graph break; AOTAutograd compiles
+    its backward, which goes through the op's registered autograd."""
+    model = torch.nn.Conv2d(3, 3, 3, padding=1)
+    x0 = torch.randn(4, 3, 8, 8)
+    t = torch.randint(0, 1000, (4,))
+    noise = torch.randn_like(x0)
+
+    def step(x0, t, noise):
+        x_t, noise = debias.add_noise(x0, t, SCHEDULE, noise=noise, backend=backend)
+        return debias.fused_loss(model(x_t), noise, t, SCHEDULE, "min_snr", backend=backend)
+
+    eager = step(x0, t, noise)
+    eager.backward()
+    eager_grad = model.weight.grad.clone()
+    model.weight.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(x0, t, noise)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(model.weight.grad, eager_grad)
+
+
+def test_compile_fullgraph_with_philox(backend):
+    model = torch.nn.Conv2d(3, 3, 1)
+    x0 = torch.randn(2, 3, 4, 4)
+    t = torch.randint(0, 1000, (2,))
+
+    def step(x0, t):
+        x_t, noise = debias.add_noise(x0, t, SCHEDULE, backend=backend)
+        return debias.fused_loss(model(x_t), noise, t, SCHEDULE, backend=backend)
+
+    torch._dynamo.reset()
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x0, t)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(model.weight.grad).all()
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+
+def _bad_cases():
+    x0, noise, pred, t = _inputs((2, 3, 4, 4), torch.float32)
+    return [
+        ("shape", dict(noise=noise[:1]), ValueError, "noise has shape"),
+        ("t-shape", dict(t=t[:1]), ValueError, r"t must have shape \[2\]"),
+        ("t-2d", dict(t=t[:, None]), ValueError, "t must have shape"),
+        ("t-dtype", dict(t=t.float()), TypeError, "t must be an integer"),
+        ("t-range", dict(t=torch.tensor([0, 1000])), ValueError, r"t must lie in \[0, 1000\)"),
+        ("t-negative", dict(t=torch.tensor([-1, 0])), ValueError, "t must lie in"),
+        ("t-list", dict(t=[0, 1]), TypeError, "t must be an integer torch.Tensor"),
+        ("int-pred", dict(pred=pred.long()), TypeError, "pred must be float32"),
+        ("empty-pred", dict(pred=pred[:0], noise=noise[:0], t=t[:0]), ValueError, "non-empty"),
+        ("weighting", dict(weighting="snr"), ValueError, "weighting must be one of"),
+        ("prediction", dict(prediction="x0"), ValueError, "prediction must be one of"),
+        ("no-x0", dict(prediction="v_prediction"), ValueError, "x0 is required"),
+        ("x0-shape", dict(prediction="sample", x0=x0[:1]), ValueError, "x0 has shape"),
+        ("x0-dtype", dict(prediction="sample", x0=x0.double()), TypeError, "x0 must have"),
+        ("reduction", dict(reduction="avg"), ValueError, "reduction must be one of"),
+        ("noise-grad", dict(noise=noise.requires_grad_()), ValueError, "noise requires grad"),
+        ("option", dict(cap=3), TypeError, "unknown option"),
+        ("backend", dict(backend="metal"), ValueError, "backend must be one of"),
+        ("gpu-backend", dict(backend="cuda"), ValueError, "cannot run on cpu"),
+        ("meta-pred", dict(pred=pred.to("meta")), ValueError, "same device"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_fused_loss_rejects_bad_input(case):
+    _, kwargs, err, match = case
+    _x0, noise, pred, t = _inputs((2, 3, 4, 4), torch.float32)
+    args = dict(pred=pred, noise=noise, t=t, schedule=SCHEDULE)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        debias.fused_loss(**args)
+
+
+def test_zero_terminal_snr_debias_is_refused_without_cap():
+    s = SCHEDULE.rescale_zero_terminal_snr()
+    _x0, noise, pred, t = _inputs((2, 3, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="max_weight"):
+        debias.fused_loss(pred, noise, t, s, "debias")
+    loss = debias.fused_loss(pred, noise, t, s, "debias", max_weight=1e3)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(x0=torch.zeros(2, 3, dtype=torch.int32)), TypeError, "x0 must be float32"),
+        (dict(noise=torch.zeros(2, 4)), ValueError, "noise has shape"),
+        (dict(noise=torch.zeros(2, 3, dtype=torch.float64)), TypeError, "noise must have x0's"),
+        (dict(generator=torch.Generator(), noise=torch.zeros(2, 3)), ValueError, "generator"),
+        (dict(generator=3), TypeError, "generator must be a torch.Generator"),
+        (dict(t=torch.tensor([0, 5000])), ValueError, "t must lie in"),
+        (dict(schedule="linear"), TypeError, "schedule must be"),
+    ],
+)
+def test_add_noise_rejects_bad_input(kwargs, err, match):
+    args = dict(x0=torch.zeros(2, 3), t=torch.tensor([0, 1]), schedule=SCHEDULE)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        debias.add_noise(**args)
+
+
+def test_compiled_kernels_are_built_in_ci():
+    """CI must exercise the C++ kernels, not silently fall back to the torch backend."""
+    if os.environ.get("CI") != "true":
+        pytest.skip("only enforced in CI")
+    assert "cpu" in _backend.available(torch.device("cpu"))
