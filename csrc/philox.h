@@ -26,10 +26,12 @@
 //     r        = sqrt(-2 * log(u(x0))),  theta = 2 * pi * u(x1)
 //     n0, n1   = r * cos(theta), r * sin(theta)
 //     n2, n3   = the same from (x2, x3)
-// and element i takes n_lane. u and the bit pattern of the counters are exact; log and
-// sin/cos below are float32 polynomials (Cephes) accurate to a few ulp, so a twin that uses
-// libm agrees to a few ulp, not bit for bit. The functions use plain mul/add (the CPU build
-// has -ffp-contract=off), so every CPU target computes the same bits.
+// and element i takes n_lane. The words and u are exact and the same bits everywhere. log,
+// sin and cos are float32 polynomials (Cephes), accurate to a few ulp, so a twin that uses
+// libm agrees to a few ulp, not bit for bit. They are evaluated with fused multiply-adds on
+// CUDA and on x86 with AVX2+FMA, with separate multiply and add on the portable CPU path:
+// the two differ by about an ulp. Within one machine every call computes the same bits,
+// whatever the threads or the cut of the tensor into chunks.
 
 #pragma once
 
@@ -99,76 +101,130 @@ DEBIAS_HOST_DEVICE DEBIAS_INLINE float bits_as_float(uint32_t b) {
 #endif
 }
 
-// u(x) = (float)x * 2^-32 + 2^-33, in (0, 1]; exact to the bit on every target.
-DEBIAS_HOST_DEVICE DEBIAS_INLINE float uniform(uint32_t x) {
+// a * b + c with one rounding (fused) or two. The CUDA and AVX2 paths fuse; the portable
+// CPU path does not, because x86-64 without FMA hardware emulates fmaf in libm at about a
+// hundred times the cost. Its normals then differ from the fused ones by an ulp or so.
+template <bool kFused>
+DEBIAS_HOST_DEVICE DEBIAS_INLINE float madd(float a, float b, float c) {
+  if constexpr (kFused) {
+    return fmaf(a, b, c);
+  } else {
+    return a * b + c;
+  }
+}
+
+// (float)x * scale, one rounding, for a power-of-two scale. On the CPU x goes in as its
+// 16-bit halves, each exact in float, and both products are exact, so the sum rounds once,
+// like (float)x: x86 has no unsigned vector conversion before AVX-512.
+template <bool kFused>
+DEBIAS_HOST_DEVICE DEBIAS_INLINE float u32_scaled(uint32_t x, float scale) {
 #if defined(__CUDA_ARCH__)
-  return __fadd_rn(__fmul_rn(__uint2float_rn(x), 0x1p-32f), 0x1p-33f);
+  return __fmul_rn(__uint2float_rn(x), scale);
 #else
-  return static_cast<float>(x) * 0x1p-32f + 0x1p-33f;
+  const float hi = static_cast<float>(static_cast<int32_t>(x >> 16));
+  const float lo = static_cast<float>(static_cast<int32_t>(x & 0xffffu));
+  return madd<kFused>(hi, scale * 65536.0f, lo * scale);
 #endif
 }
 
-// log(u) for u in [2^-33, 1] (normal floats only), Cephes logf: u = m * 2^e with
-// m in [sqrt(1/2), sqrt(2)), log(m) = x - x^2/2 + x^3 P(x) for x = m - 1 (exact), and ln 2
-// split in two. Max error about 1 ulp; log(1) is exactly 0. Branch-free so loops vectorise.
-DEBIAS_HOST_DEVICE DEBIAS_INLINE float log_unit(float u) {
+// Correctly rounded add and sqrt, also under nvcc --use_fast_math (which would otherwise
+// approximate sqrt), so that CUDA computes the same bits as the AVX2+FMA path.
+DEBIAS_HOST_DEVICE DEBIAS_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+DEBIAS_HOST_DEVICE DEBIAS_INLINE float sqrt_rn(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
+  return sqrtf(x);
+#endif
+}
+
+// u(x) = (float)x * 2^-32 + 2^-33, in (0, 1]: the same bits on every target.
+template <bool kFused = true>
+DEBIAS_HOST_DEVICE DEBIAS_INLINE float uniform(uint32_t x) {
+  return add_rn(u32_scaled<kFused>(x, 0x1p-32f), 0x1p-33f);
+}
+
+// 4 * u(x), bit for bit (scaling by 4 commutes with both roundings): the angle in quarter
+// turns.
+template <bool kFused = true>
+DEBIAS_HOST_DEVICE DEBIAS_INLINE float quarter_turns(uint32_t x) {
+  return add_rn(u32_scaled<kFused>(x, 0x1p-30f), 0x1p-31f);
+}
+
+// -2 log(u) for u in [2^-33, 1] (normal floats only). Cephes logf: u = m * 2^e with
+// m in [sqrt(1/2), sqrt(2)), log(u) = x - x^2/2 + x^3 P(x) + e ln2 for x = m - 1 (exact),
+// ln2 split in two, P of degree 8 by Estrin's scheme (a third of Horner's latency), and
+// every coefficient times -2 (exact). Max error about 1 ulp; u = 1 gives exactly 0. u is
+// split on its bits (subtracting the bits of sqrt(1/2) borrows from the exponent field
+// exactly when m < sqrt(1/2)), without branches, so loops over it vectorise.
+template <bool kFused = true>
+DEBIAS_HOST_DEVICE DEBIAS_INLINE float minus_two_log(float u) {
   const uint32_t bits = float_as_bits(u);
-  const float m = bits_as_float((bits & 0x007fffffu) | 0x3f000000u);  // in [0.5, 1)
-  const int32_t e_raw = static_cast<int32_t>(bits >> 23) - 126;
-  const bool low = m < 0.70710678118654752440f;
-  const float fe = static_cast<float>(low ? e_raw - 1 : e_raw);
-  const float x = (low ? m + m : m) - 1.0f;
+  const int32_t e = static_cast<int32_t>(bits - 0x3f3504f3u) >> 23;
+  const float m = bits_as_float(bits - (static_cast<uint32_t>(e) << 23));
+  const float fe = static_cast<float>(e);
+  const float x = m - 1.0f;
   const float z = x * x;
-  float p = 7.0376836292e-2f;
-  p = p * x + -1.1514610310e-1f;
-  p = p * x + 1.1676998740e-1f;
-  p = p * x + -1.2420140846e-1f;
-  p = p * x + 1.4249322787e-1f;
-  p = p * x + -1.6668057665e-1f;
-  p = p * x + 2.0000714765e-1f;
-  p = p * x + -2.4999993993e-1f;
-  p = p * x + 3.3333331174e-1f;
-  float y = p * x * z;
-  y = y + fe * -2.12194440e-4f;
-  y = y + z * -0.5f;
-  return (x + y) + fe * 0.693359375f;
+  const float z2 = z * z;
+  const float p01 = madd<kFused>(4.9999988079e-1f, x, -6.6666662693e-1f);
+  const float p23 = madd<kFused>(3.3336114883e-1f, x, -4.0001428127e-1f);
+  const float p45 = madd<kFused>(2.4840281904e-1f, x, -2.8498646617e-1f);
+  const float p67 = madd<kFused>(2.3029220104e-1f, x, -2.3353996873e-1f);
+  const float p03 = madd<kFused>(p23, z, p01);
+  const float p47 = madd<kFused>(p67, z, p45);
+  const float p = madd<kFused>(-1.4075367153e-1f, z2 * z2, madd<kFused>(p47, z2, p03));
+  const float low_terms = madd<kFused>(fe, 4.2438888340e-4f, z);  // -2 (e ln2_lo - x^2 / 2)
+  const float y = madd<kFused>(p, x * z, low_terms);
+  return madd<kFused>(fe, -1.38671875f, madd<kFused>(x, -2.0f, y));  // -2 e ln2_hi
 }
 
-// sin and cos of 2*pi*u for u in [0, 1], reduced on the turn fraction: 4u = q + f with q the
-// nearest integer and |f| <= 1/2 (both exact), then Cephes sinf/cosf polynomials on
-// x = f * pi/2 in [-pi/4, pi/4] and a quadrant swap. Max error about 2 ulp.
-DEBIAS_HOST_DEVICE DEBIAS_INLINE void sincos_turn(float u, float& sin_out, float& cos_out) {
-  const float t = u * 4.0f;
-  const float q = (t + 12582912.0f) - 12582912.0f;  // 1.5 * 2^23: rounds t to an integer
-  const float x = (t - q) * 1.57079632679489661923f;
+// sin and cos of (pi/2) t for t in [0, 4] (t = 4u: 2 pi u). t = q + f with q the nearest
+// integer and |f| <= 1/2, both exact; sin and cos of (pi/2) f are the Cephes sinf/cosf
+// polynomials with their coefficients times powers of pi/2, so f needs no rounded
+// multiplication by pi/2; then a quadrant swap. Max error about 2 ulp.
+template <bool kFused = true>
+DEBIAS_HOST_DEVICE DEBIAS_INLINE void sincos_quarter_turns(float t, float& sin_out,
+                                                           float& cos_out) {
+  const float q = add_rn(add_rn(t, 12582912.0f), -12582912.0f);  // 1.5 * 2^23: rint(t)
+  const float f = t - q;
   const int32_t quadrant = static_cast<int32_t>(q) & 3;
-  const float z = x * x;
-  float ps = -1.9515295891e-4f;
-  ps = ps * z + 8.3321608736e-3f;
-  ps = ps * z + -1.6666654611e-1f;
-  const float s = ps * z * x + x;
-  float pc = 2.443315711809948e-5f;
-  pc = pc * z + -1.388731625493765e-3f;
-  pc = pc * z + 4.166664568298827e-2f;
-  const float c = (pc * z * z + z * -0.5f) + 1.0f;
+  const float z = f * f;
+  const float z2 = z * z;
+  const float s_lo = madd<kFused>(-6.4596360922e-1f, z, 1.5707963705e+0f);
+  const float s_hi = madd<kFused>(-4.6048373915e-3f, z, 7.9681411386e-2f);
+  const float s = f * madd<kFused>(s_hi, z2, s_lo);
+  const float c_lo = madd<kFused>(-1.2337005138e+0f, z, 1.0f);
+  const float c_hi =
+      madd<kFused>(9.0560456738e-4f, z2, madd<kFused>(-2.0861119032e-2f, z, 2.5366938114e-1f));
+  const float c = madd<kFused>(c_hi, z2, c_lo);
   const bool swap = (quadrant & 1) != 0;
-  const float sin_mag = swap ? c : s;
-  const float cos_mag = swap ? s : c;
-  sin_out = (quadrant & 2) != 0 ? -sin_mag : sin_mag;
-  cos_out = ((quadrant + 1) & 2) != 0 ? -cos_mag : cos_mag;
+  const uint32_t sin_sign = static_cast<uint32_t>(quadrant & 2) << 30;        // q = 2, 3
+  const uint32_t cos_sign = static_cast<uint32_t>((quadrant + 1) & 2) << 30;  // q = 1, 2
+  sin_out = bits_as_float(float_as_bits(swap ? c : s) ^ sin_sign);
+  cos_out = bits_as_float(float_as_bits(swap ? s : c) ^ cos_sign);
 }
 
-// One Box-Muller pair from two Philox words.
+// One Box-Muller pair from two Philox words: r = sqrt(-2 log u(xa)), theta = 2 pi u(xb),
+// na = r cos(theta), nb = r sin(theta).
+template <bool kFused = true>
 DEBIAS_HOST_DEVICE DEBIAS_INLINE void box_muller(uint32_t xa, uint32_t xb, float& na,
                                                  float& nb) {
-  const float r = sqrtf(log_unit(uniform(xa)) * -2.0f);
+  const float r = sqrt_rn(minus_two_log<kFused>(uniform<kFused>(xa)));
   float s, c;
-  sincos_turn(uniform(xb), s, c);
+  sincos_quarter_turns<kFused>(quarter_turns<kFused>(xb), s, c);
   na = r * c;
   nb = r * s;
 }
 
 // The four normals of group g: out[lane] is the normal of flat element 4 * g + lane.
+template <bool kFused = true>
 DEBIAS_HOST_DEVICE DEBIAS_INLINE void normal4(uint64_t seed, uint64_t offset, uint64_t g,
                                               float out[4]) {
   uint32_t c0 = static_cast<uint32_t>(g);
@@ -176,8 +232,8 @@ DEBIAS_HOST_DEVICE DEBIAS_INLINE void normal4(uint64_t seed, uint64_t offset, ui
   uint32_t c2 = static_cast<uint32_t>(offset);
   uint32_t c3 = static_cast<uint32_t>(offset >> 32);
   philox4x32_10(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  box_muller(c0, c1, out[0], out[1]);
-  box_muller(c2, c3, out[2], out[3]);
+  box_muller<kFused>(c0, c1, out[0], out[1]);
+  box_muller<kFused>(c2, c3, out[2], out[3]);
 }
 
 }  // namespace philox

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 # Philox4x32-10 (Salmon et al. 2011, Random123 constants). Element i of a noise tensor (flat,
 # row-major) comes from counter (g_lo, g_hi, offset_lo, offset_hi) with g = i // 4 and key
 # (seed_lo, seed_hi); of the four output words, lane i % 4 is used. Words become normals by
-# Box-Muller in float32: u(x) = x * 2^-32 + 2^-33 lies in (0, 1]; (x0, x1) -> r = sqrt(-2 ln
+# Box-Muller: u(x) = x * 2^-32 + 2^-33 (float32) lies in (0, 1]; (x0, x1) -> r = sqrt(-2 ln
 # u(x0)), theta = 2 pi u(x1), n0 = r cos theta, n1 = r sin theta; (x2, x3) -> n2, n3 likewise.
 # csrc/philox.h holds the same definition; every backend produces this stream.
 
@@ -63,11 +63,13 @@ def philox_normal(seed: int, offset: int, numel: int, device=None) -> torch.Tens
         dim=-1,
     )
     x = philox4x32(counter, (seed & _MASK32, seed >> 32))
-    u = x.to(torch.float32) * 2.0**-32 + 2.0**-33
+    u = x.to(torch.float32) * 2.0**-32 + 2.0**-33  # exact as specified, in float32
+    # The transform in float64, rounded once: the stream's ideal value, which the kernels'
+    # float32 log/sin/cos approach within a few ulp.
+    u = u.double()
     r = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
     theta = (2 * math.pi) * u[:, 1::2]
-    normals = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1)
-    # [G, 2 pairs, (cos, sin)] -> lanes (n0, n1, n2, n3)
+    normals = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1).float()
     return normals.reshape(-1)[:numel]
 
 

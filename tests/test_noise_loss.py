@@ -265,7 +265,7 @@ def test_repeatable_under_manual_seed(backend):
     g = torch.Generator().manual_seed(3)
     with_gen, _ = debias.add_noise(x0, t, SCHEDULE, generator=g, backend=backend)
     g.manual_seed(3)
-    assert torch.equal(with_gen, debias.add_noise(x0, t, SCHEDULE, generator=g)[0])
+    assert torch.equal(with_gen, debias.add_noise(x0, t, SCHEDULE, generator=g, backend=backend)[0])
 
 
 def test_stream_does_not_depend_on_threads():
@@ -273,7 +273,7 @@ def test_stream_does_not_depend_on_threads():
     threads = torch.get_num_threads()
     x0, _, pred, t = _inputs((8, 4, 32, 32), torch.float32)
     key = torch.tensor([11, 12])
-    noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device)
+    noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device, "cpu")
     results = []
     try:
         for n in (1, 2):

@@ -34,18 +34,19 @@ class PhiloxNoise(NamedTuple):
 
     ``key`` is an int64 ``[2]`` CPU tensor ``(seed, offset)``; element i of the noise (flat,
     row-major) is a fixed function of ``(seed, offset, i)`` that every backend computes the
-    same way (up to float rounding). ``materialize()`` writes it out as a tensor.
+    same way up to float rounding (a few ulp). ``materialize()`` writes it out as a tensor,
+    with the backend that drew it, so the bits are the ones ``add_noise`` used.
     """
 
     key: torch.Tensor
     shape: torch.Size
     dtype: torch.dtype
     device: torch.device
+    backend: str
 
     def materialize(self) -> torch.Tensor:
         """The noise as a tensor of ``shape``, ``dtype`` on ``device`` (like randn_like)."""
-        backend = _backend.resolve(None, self.device)
-        return _philox_normal(self.key, list(self.shape), self.dtype, self.device, backend)
+        return _philox_normal(self.key, list(self.shape), self.dtype, self.device, self.backend)
 
     def numel(self) -> int:
         return self.shape.numel()
@@ -96,7 +97,7 @@ def add_noise(
     key = None
     if noise is None:
         key = _draw_key(generator)
-        noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device)
+        noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device, backend)
     x_t = _add_noise_op(
         x0.contiguous(),
         t.long(),

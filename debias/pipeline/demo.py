@@ -77,7 +77,7 @@ def run_demo(
         "final_loss": history[-1][1],
         "reference_agreement": agreement,
         "loss_side_ms": timing,
-        "files": sorted(p.name for p in out.iterdir()),
+        "files": sorted({p.name for p in out.iterdir()} | {"summary.json"}),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -164,7 +164,7 @@ def _plot_weights(schedule, path):
     for ax, prediction in zip(axes, ("epsilon", "v_prediction", "sample"), strict=False):
         for name, opts in (("constant", {}), ("debias", {}), ("p2", {}), ("min_snr", {})):
             w = debias.weight_table(schedule, name, prediction, **opts)
-            ax.plot(t, w.clamp(min=1e-8), label=name)
+            ax.plot(t.numpy(), w.clamp(min=1e-8).numpy(), label=name)
         ax.set_yscale("log")
         ax.set_title(f"prediction = {prediction}")
         ax.set_xlabel("timestep t")
@@ -188,7 +188,7 @@ def _plot_noising(x0, schedule, path):
     x_t, _ = debias.add_noise(x0.expand(len(steps), -1, -1, -1).contiguous(), t, schedule)
     fig, axes = plt.subplots(1, len(steps), figsize=(1.6 * len(steps), 2))
     for ax, img, step in zip(axes, x_t, steps, strict=False):
-        ax.imshow(img[0], cmap="gray", vmin=-2, vmax=2)
+        ax.imshow(img[0].numpy(), cmap="gray", vmin=-2, vmax=2)
         ax.set_title(f"t={step}", fontsize=9)
         ax.axis("off")
     fig.tight_layout()

@@ -1,0 +1,628 @@
+// CPU kernels of the noise_loss op: the loss side of a diffusion training step.
+//
+//   add_noise       x_t = a_t * x0 + s_t * eps                      (diffusers' add_noise)
+//   noise_loss_fwd  loss_b = w_t / D * sum_i (pred_i - y_i)^2,
+//                   grad_i = 2 w_t / D * (pred_i - y_i)
+//   philox_normal   eps itself, materialised
+//
+// eps is either a given tensor or the package's Philox stream (philox.h), regenerated from
+// (seed, offset) wherever it is needed, so a training step never stores it: add_noise reads
+// x0 and writes x_t, noise_loss_fwd reads pred and writes grad, and the same eps reaches both.
+//
+// Layout of this file: the stream generator (an AVX2+FMA path and a portable path, chosen
+// once per process), the elementwise helpers, the kernels, the launchers, the registration.
+// Ops live in torch.ops.debias_C; inputs are validated by the Python caller, the launchers
+// re-check the cheap invariants.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "philox.h"
+
+namespace debias {
+namespace {
+
+// Philox groups per generator batch: 16 groups = 64 normals = four AVX2 vectors of counters.
+constexpr int64_t kBatchGroups = 16;
+// Elements per inner step; every per-step buffer stays in L1.
+constexpr int64_t kChunk = 1024;
+// A chunk of normals starts on a group boundary and ends on a batch boundary.
+constexpr int64_t kNormalBuf = kChunk + 4 * kBatchGroups;
+// Elements per parallel task.
+constexpr int64_t kGrain = 32768;
+// Loss reduction block: fixed, never straddles a sample, so sums do not depend on threads.
+constexpr int64_t kBlock = 16384;
+// Independent accumulators of a squared-difference sum (vector lanes).
+constexpr int kSumLanes = 16;
+static_assert(kChunk % (4 * kBatchGroups) == 0, "kNormalBuf assumes whole batches per chunk");
+
+// The per-call constants of the stream (philox.h): the key and the counter's offset words.
+struct Stream {
+  uint32_t k0, k1;  // seed, low and high word
+  uint32_t o0, o1;  // offset, low and high word
+};
+
+Stream make_stream(int64_t seed, int64_t offset) {
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint64_t o = static_cast<uint64_t>(offset);
+  return {static_cast<uint32_t>(s), static_cast<uint32_t>(s >> 32), static_cast<uint32_t>(o),
+          static_cast<uint32_t>(o >> 32)};
+}
+
+// Box-Muller on one batch. wa/wb hold the words of 2 * kBatchGroups pairs ordered as
+// (x0 of g, x2 of g) and (x1 of g, x3 of g) for consecutive groups g, so the pair k gives
+// normals 2k (cos) and 2k + 1 (sin) of the batch: element order, no transpose.
+// kFused: multiply-adds as fma (the AVX2+FMA path) or as two roundings (philox.h).
+template <bool kFused>
+DEBIAS_INLINE void box_muller_batch(const uint32_t* wa,  // first words of the pairs
+                                    const uint32_t* wb,  // second words of the pairs
+                                    float* out) {        // 4 * kBatchGroups normals
+  for (int64_t k = 0; k < 2 * kBatchGroups; ++k) {
+    float c, s;
+    philox::box_muller<kFused>(wa[k], wb[k], c, s);
+    out[2 * k] = c;
+    out[2 * k + 1] = s;
+  }
+}
+
+// Stream generator: normals of groups [g0, g0 + nbatch * kBatchGroups) into out, in element
+// order. Portable version: scalar Philox, Box-Muller auto-vectorised.
+void normal_batches_generic(const Stream& st, uint64_t g0, int64_t nbatch, float* out) {
+  for (int64_t bt = 0; bt < nbatch; ++bt) {
+    alignas(64) uint32_t wa[2 * kBatchGroups];
+    alignas(64) uint32_t wb[2 * kBatchGroups];
+    for (int64_t j = 0; j < kBatchGroups; ++j) {
+      const uint64_t g = g0 + static_cast<uint64_t>(bt * kBatchGroups + j);
+      uint32_t c0 = static_cast<uint32_t>(g), c1 = static_cast<uint32_t>(g >> 32);
+      uint32_t c2 = st.o0, c3 = st.o1;
+      philox::philox4x32_10(c0, c1, c2, c3, st.k0, st.k1);
+      wa[2 * j] = c0;
+      wa[2 * j + 1] = c2;
+      wb[2 * j] = c1;
+      wb[2 * j + 1] = c3;
+    }
+    box_muller_batch<false>(wa, wb, out + 4 * kBatchGroups * bt);
+  }
+}
+
+#if defined(__x86_64__)
+// AVX2+FMA version. One group per 64-bit lane: vpmuludq multiplies the low words of
+// the lanes into full 64-bit products, so a product is at once (lo in the low word) and
+// (hi after a 64-bit shift); the high words of lanes carry garbage that no step reads.
+// Four vectors (16 groups) advance round by round to hide the multiply latency.
+__attribute__((target("avx2,fma"))) void normal_batches_avx2(const Stream& st, uint64_t g0,
+                                                          int64_t nbatch, float* out) {
+  constexpr int kVecs = kBatchGroups / 4;
+  __m256i round_k0[10], round_k1[10];
+  uint32_t k0 = st.k0, k1 = st.k1;
+  for (int r = 0; r < 10; ++r) {
+    round_k0[r] = _mm256_set1_epi64x(k0);
+    round_k1[r] = _mm256_set1_epi64x(k1);
+    k0 += philox::kW0;
+    k1 += philox::kW1;
+  }
+  const __m256i m0 = _mm256_set1_epi64x(philox::kM0);
+  const __m256i m1 = _mm256_set1_epi64x(philox::kM1);
+  const __m256i off0 = _mm256_set1_epi64x(st.o0);
+  const __m256i off1 = _mm256_set1_epi64x(st.o1);
+  const __m256i iota = _mm256_setr_epi64x(0, 1, 2, 3);
+  for (int64_t bt = 0; bt < nbatch; ++bt) {
+    const uint64_t gb = g0 + static_cast<uint64_t>(bt * kBatchGroups);
+    __m256i c0[kVecs], c1[kVecs], c2[kVecs], c3[kVecs];
+    for (int v = 0; v < kVecs; ++v) {
+      const __m256i g =
+          _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(gb + 4 * v)), iota);
+      c0[v] = g;
+      c1[v] = _mm256_srli_epi64(g, 32);
+      c2[v] = off0;
+      c3[v] = off1;
+    }
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+      for (int v = 0; v < kVecs; ++v) {
+        const __m256i p0 = _mm256_mul_epu32(c0[v], m0);
+        const __m256i p1 = _mm256_mul_epu32(c2[v], m1);
+        const __m256i hi1 = _mm256_srli_epi64(p1, 32);
+        const __m256i hi0 = _mm256_srli_epi64(p0, 32);
+        const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), round_k0[r]);
+        const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), round_k1[r]);
+        c0[v] = n0;
+        c1[v] = p1;
+        c2[v] = n2;
+        c3[v] = p0;
+      }
+    }
+    alignas(64) uint32_t wa[2 * kBatchGroups];
+    alignas(64) uint32_t wb[2 * kBatchGroups];
+    for (int v = 0; v < kVecs; ++v) {
+      const __m256i a = _mm256_blend_epi32(c0[v], _mm256_slli_epi64(c2[v], 32), 0xaa);
+      const __m256i b = _mm256_blend_epi32(c1[v], _mm256_slli_epi64(c3[v], 32), 0xaa);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wa + 8 * v), a);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(wb + 8 * v), b);
+    }
+    box_muller_batch<true>(wa, wb, out + 4 * kBatchGroups * bt);
+  }
+}
+#endif
+
+using NormalBatchesFn = void (*)(const Stream&, uint64_t, int64_t, float*);
+
+// Chosen once per process. DEBIAS_NO_AVX2=1 forces the portable path (to test it).
+NormalBatchesFn pick_normal_batches() {
+#if defined(__x86_64__)
+  const char* env = std::getenv("DEBIAS_NO_AVX2");
+  const bool forced_off = env != nullptr && env[0] != '\0' && env[0] != '0';
+  __builtin_cpu_init();
+  if (!forced_off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return normal_batches_avx2;
+  }
+#endif
+  return normal_batches_generic;
+}
+
+// Returns p with p[k] = normal_{i0 + k} for 0 <= k < n <= kChunk; buf holds kNormalBuf
+// floats. The stream depends on i only: a chunk may start and end anywhere in a group.
+const float* stream_normals(const Stream& st, int64_t i0, int64_t n, float* buf) {
+  static const NormalBatchesFn normal_batches = pick_normal_batches();
+  const int64_t g0 = i0 >> 2;
+  const int64_t ngroups = ((i0 + n + 3) >> 2) - g0;
+  const int64_t nbatch = (ngroups + kBatchGroups - 1) / kBatchGroups;
+  normal_batches(st, static_cast<uint64_t>(g0), nbatch, buf);
+  return buf + (i0 & 3);
+}
+
+// Compute type: double for float64 data, float otherwise.
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// rnd_T: round a compute-type value to storage type T and back.
+template <typename T, typename C>
+DEBIAS_INLINE C rnd(C v) {
+  return static_cast<C>(static_cast<T>(v));
+}
+
+// eps of elements [i0, i0 + n) as compute type C: (C)noise[i] when noise is given (dtype
+// E), else (C)rnd_E(normal_i). Points into noise or nbuf when no conversion is needed, else
+// into cbuf (kChunk values).
+template <typename E, typename C>
+const C* load_eps(const E* noise,  // [N] or nullptr: use the stream
+                  const Stream& st, int64_t i0, int64_t n, float* nbuf, C* cbuf) {
+  if (noise != nullptr) {
+    if constexpr (std::is_same_v<E, C>) return noise + i0;
+    for (int64_t k = 0; k < n; ++k) cbuf[k] = static_cast<C>(noise[i0 + k]);
+    return cbuf;
+  }
+  const float* normal = stream_normals(st, i0, n, nbuf);
+  if constexpr (std::is_same_v<E, float> && std::is_same_v<C, float>) return normal;
+  for (int64_t k = 0; k < n; ++k) cbuf[k] = static_cast<C>(static_cast<E>(normal[k]));
+  return cbuf;
+}
+
+// Calls fn(b, begin, end) for the runs of [begin, end) that lie in one sample (D elements
+// each), in order.
+template <typename F>
+DEBIAS_INLINE void for_each_sample_run(int64_t begin, int64_t end, int64_t D, const F& fn) {
+  for (int64_t b = begin / D; b * D < end; ++b) {
+    fn(b, std::max(begin, b * D), std::min(end, (b + 1) * D));
+  }
+}
+
+// add_noise forward. For element i of sample b, a = coef_a[t_b], s = coef_b[t_b]:
+//     x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * eps_i))
+// which is `a * x0 + s * noise` evaluated by torch in dtype T, bit for bit. eps comes in
+// chunks of kChunk elements, whatever the sample size.
+// Memory: read x0 (and noise when given), write x_t: 2N (3N) elements of T.
+template <typename T>
+void _add_noise_fwd_kernel(const T* x0,                // [B * D]
+                           const int64_t* t,           // [B] timestep per sample
+                           const compute_t<T>* coef_a, // [T_steps] sqrt(abar), rounded to T
+                           const compute_t<T>* coef_b, // [T_steps] sqrt(1 - abar), rounded to T
+                           const T* noise,             // [B * D] or nullptr: the stream
+                           Stream st,
+                           T* x_t,                     // [B * D] output
+                           int64_t B, int64_t D) {
+  using C = compute_t<T>;
+  at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
+    alignas(64) float nbuf[kNormalBuf];
+    alignas(64) C cbuf[kChunk];
+    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+      const int64_t i1 = std::min(i0 + kChunk, end);
+      const C* eps = load_eps<T, C>(noise, st, i0, i1 - i0, nbuf, cbuf);
+      for_each_sample_run(i0, i1, D, [&](int64_t b, int64_t r0, int64_t r1) {
+        const C a = coef_a[t[b]];
+        const C s = coef_b[t[b]];
+        const C* e = eps + (r0 - i0);
+        const T* x = x0 + r0;
+        T* out = x_t + r0;
+        for (int64_t k = 0; k < r1 - r0; ++k) {
+          const C signal = rnd<T>(a * static_cast<C>(x[k]));
+          const C scaled_eps = rnd<T>(s * e[k]);
+          out[k] = static_cast<T>(signal + scaled_eps);
+        }
+      });
+    }
+  });
+}
+
+// Sum of (pred - y)^2 over n elements, and grad = rnd_P(gscale * (pred - y)) when kGrad.
+// kSumLanes running sums in C (vector lanes), added in double at the end: n <= kChunk keeps
+// the float error of a lane near 64 roundings.
+template <typename P, typename C, bool kGrad>
+DEBIAS_INLINE double _sq_diff_chunk(const P* pred, const C* y, int64_t n, P* grad, C gscale) {
+  C acc[kSumLanes] = {};
+  int64_t k = 0;
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int j = 0; j < kSumLanes; ++j) {
+      const C d = static_cast<C>(pred[k + j]) - y[k + j];
+      acc[j] += d * d;
+      if constexpr (kGrad) grad[k + j] = static_cast<P>(gscale * d);
+    }
+  }
+  for (int j = 0; k + j < n; ++j) {
+    const C d = static_cast<C>(pred[k + j]) - y[k + j];
+    acc[j] += d * d;
+    if constexpr (kGrad) grad[k + j] = static_cast<P>(gscale * d);
+  }
+  double sum = 0.0;  // lanes past n hold 0 and would add nothing
+  for (int j = 0; j < std::min<int64_t>(n, kSumLanes); ++j) sum += static_cast<double>(acc[j]);
+  return sum;
+}
+
+enum Target : int64_t { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+
+// Loss blocks in flat order: sample s is cut into per_sample blocks of kBlock elements (the
+// last one shorter). next() walks without divisions, which matters when D is tiny.
+struct BlockCursor {
+  int64_t D, per_sample;
+  int64_t blk, sample, part;  // block index = sample * per_sample + part
+  int64_t begin, end;         // flat range of the block
+
+  BlockCursor(int64_t D_, int64_t per_sample_, int64_t blk_)
+      : D(D_), per_sample(per_sample_), blk(blk_), sample(blk_ / per_sample_),
+        part(blk_ % per_sample_) {
+    bounds();
+  }
+  void next() {
+    ++blk;
+    if (++part == per_sample) {
+      part = 0;
+      ++sample;
+    }
+    bounds();
+  }
+  void bounds() {
+    begin = sample * D + part * kBlock;
+    end = std::min(begin + kBlock, (sample + 1) * D);
+  }
+};
+
+// noise_loss forward (+ gradient). For element i of sample b, with C the compute type:
+//     y_i    = eps_i                        (epsilon)
+//              a * eps_i - s * x0_i         (v_prediction; a = coef_a[t_b], s = coef_b[t_b])
+//              x0_i                         (sample)
+//     loss_b = (sum_i (pred_i - y_i)^2 / D) * w_b,        w_b = weight[t_b]
+//     grad_i = rnd_P((2 * w_b * grad_scale / D) * (pred_i - y_i))
+// (the factor once per sample in C; grad_scale = 1 gives exactly 2 * w_b / D).
+// Determinism: samples are cut into fixed blocks of at most kBlock elements and blocks into
+// pieces of at most kChunk from the block start; a piece is summed by one _sq_diff_chunk
+// call, a block adds its pieces in order into its own slot, a sample adds its blocks in
+// order. The cuts depend on D alone, so the loss has the same bits for any number of
+// threads. Threads take whole blocks; a step of a thread covers as many whole pieces as fit
+// in kChunk elements (several samples when D is small), so eps is generated in long runs.
+// eps comes from the stream when noise is nullptr; the sample target needs none.
+// Memory: read pred (+ noise, + x0), write grad: 2N (3N, 4N) elements, and B outputs.
+template <typename P, typename E, bool kGrad>
+void _noise_loss_fwd_kernel(const P* pred,                // [B * D] model output
+                            const int64_t* t,             // [B]
+                            const compute_t<P>* weight,   // [T_steps] loss weight per timestep
+                            const compute_t<P>* coef_a,   // [T_steps]
+                            const compute_t<P>* coef_b,   // [T_steps]
+                            const E* noise,               // [B * D] or nullptr: the stream
+                            const E* x0,                  // [B * D] or nullptr (epsilon target)
+                            int64_t target, Stream st,
+                            double grad_scale,            // d (reduced loss) / d loss_b
+                            compute_t<P>* loss,           // [B] output
+                            P* grad,                      // [B * D] output when kGrad
+                            int64_t B, int64_t D) {
+  using C = compute_t<P>;
+  const int64_t blocks_per_sample = (D + kBlock - 1) / kBlock;
+  const int64_t nblocks = B * blocks_per_sample;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, std::min(D, kBlock)));
+  std::vector<double> partial(static_cast<size_t>(nblocks));
+  at::parallel_for(0, nblocks, grain, [&](int64_t lo, int64_t hi) {
+    alignas(64) float nbuf[kNormalBuf];
+    alignas(64) C ybuf[kChunk];
+    BlockCursor cur(D, blocks_per_sample, lo);  // block of the next piece
+    int64_t pos = cur.begin;                    // start of the next piece
+    double block_sum = 0.0;
+    while (cur.blk < hi) {
+      // This step: [c0, c1), the whole pieces from pos on that fit in kChunk elements.
+      const int64_t c0 = pos;
+      int64_t c1 = c0;
+      for (BlockCursor look = cur; look.blk < hi;) {
+        const int64_t piece_end = std::min(c1 + kChunk, look.end);
+        if (piece_end - c0 > kChunk) break;
+        c1 = piece_end;
+        if (piece_end == look.end) look.next();
+      }
+      const int64_t n = c1 - c0;
+      const C* y;
+      if (target == kSample) {
+        if constexpr (std::is_same_v<E, C>) {
+          y = x0 + c0;
+        } else {
+          for (int64_t k = 0; k < n; ++k) ybuf[k] = static_cast<C>(x0[c0 + k]);
+          y = ybuf;
+        }
+      } else {
+        y = load_eps<E, C>(noise, st, c0, n, nbuf, ybuf);
+        if (target == kVPrediction) {
+          const C* eps = y;
+          for_each_sample_run(c0, c1, D, [&](int64_t b, int64_t r0, int64_t r1) {
+            const C a = coef_a[t[b]];
+            const C s = coef_b[t[b]];
+            for (int64_t k = r0 - c0; k < r1 - c0; ++k) {
+              ybuf[k] = a * eps[k] - s * static_cast<C>(x0[c0 + k]);
+            }
+          });
+          y = ybuf;
+        }
+      }
+      for (int64_t p = c0; p < c1;) {
+        const int64_t piece_end = std::min(p + kChunk, cur.end);
+        const C gscale =
+            C(2) * weight[t[cur.sample]] * static_cast<C>(grad_scale) / static_cast<C>(D);
+        block_sum += _sq_diff_chunk<P, C, kGrad>(pred + p, y + (p - c0), piece_end - p,
+                                                  kGrad ? grad + p : nullptr, gscale);
+        if (piece_end == cur.end) {
+          partial[static_cast<size_t>(cur.blk)] = block_sum;
+          block_sum = 0.0;
+          cur.next();
+        }
+        p = piece_end;
+      }
+      pos = c1;
+    }
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    double sum = 0.0;
+    for (int64_t j = 0; j < blocks_per_sample; ++j) {
+      sum += partial[static_cast<size_t>(b * blocks_per_sample + j)];
+    }
+    loss[b] = static_cast<C>(sum / static_cast<double>(D) * static_cast<double>(weight[t[b]]));
+  }
+}
+
+// philox_normal: out[i] = rnd_T(normal_i). Memory: write N elements of T.
+template <typename T>
+void _philox_normal_kernel(Stream st, T* out, int64_t N) {
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    alignas(64) float nbuf[kNormalBuf];
+    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - i0);
+      const float* normal = stream_normals(st, i0, n, nbuf);
+      for (int64_t k = 0; k < n; ++k) out[i0 + k] = static_cast<T>(normal[k]);
+    }
+  });
+}
+
+// name: the argument's name in the op schema, for the message.
+#define DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, name)                                         \
+  TORCH_CHECK((x).device().is_cpu(), op, ": " name " must be a CPU tensor, got ",        \
+              (x).device());                                                             \
+  TORCH_CHECK((x).is_contiguous(), op, ": " name " must be contiguous")
+
+#define DEBIAS_CHECK_DTYPE(op, x, name, dtype)                                           \
+  TORCH_CHECK((x).scalar_type() == (dtype), op, ": " name " must have dtype ", (dtype),  \
+              ", got ", (x).scalar_type())
+
+bool is_supported_float(at::ScalarType dt) {
+  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
+}
+
+at::ScalarType compute_dtype(at::ScalarType dt) {
+  return dt == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks the data tensor (dim >= 1, supported float dtype), t (int64 [B], values in range)
+// and the tables (1-D, dtype ctype, equal lengths); returns T_steps.
+int64_t check_common(const char* op, const char* data_name, const at::Tensor& data,
+                     const at::Tensor& t,
+                     at::ScalarType ctype, std::initializer_list<const at::Tensor*> tables,
+                     std::initializer_list<const char*> table_names) {
+  TORCH_CHECK(data.dim() >= 1, op, ": ", data_name,
+              " needs a batch dimension, got shape ", data.sizes());
+  TORCH_CHECK(is_supported_float(data.scalar_type()), op, ": ", data_name,
+              " must be float32, float64, bfloat16 or float16, got ", data.scalar_type());
+  DEBIAS_CHECK_CPU_CONTIGUOUS(op, t, "t");
+  DEBIAS_CHECK_DTYPE(op, t, "t", at::kLong);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == data.size(0), op, ": t must have shape [",
+              data.size(0), "], got ", t.sizes());
+  int64_t steps = -1;
+  auto name = table_names.begin();
+  for (const at::Tensor* table : tables) {
+    const char* nm = *name++;
+    TORCH_CHECK(table->device().is_cpu() && table->is_contiguous() && table->dim() == 1, op,
+                ": ", nm, " must be a contiguous 1-D CPU tensor, got shape ", table->sizes());
+    TORCH_CHECK(table->scalar_type() == ctype, op, ": ", nm, " must have dtype ", ctype,
+                ", got ", table->scalar_type());
+    TORCH_CHECK(steps < 0 || table->size(0) == steps, op, ": ", nm, " has ", table->size(0),
+                " entries, the other tables ", steps);
+    steps = table->size(0);
+  }
+  const int64_t* tp = t.data_ptr<int64_t>();
+  for (int64_t b = 0; b < t.numel(); ++b) {
+    TORCH_CHECK(tp[b] >= 0 && tp[b] < steps, op, ": t[", b, "] = ", tp[b],
+                " is outside [0, ", steps, ")");
+  }
+  return steps;
+}
+
+// add_noise(Tensor x0, Tensor t, Tensor coef_a, Tensor coef_b, Tensor? noise, int seed,
+//           int offset) -> Tensor
+//   x0      [B, ...] float32, float64, bfloat16 or float16 (dtype T), contiguous
+//   t       [B] int64, the timestep of each sample, in [0, T_steps)
+//   coef_a  [T_steps] sqrt(abar_t) rounded to T, stored in C (float64 for float64 x0,
+//           float32 otherwise)
+//   coef_b  [T_steps] sqrt(1 - abar_t), the same way
+//   noise   like x0, or None: eps is the stream of (seed, offset) rounded to T
+// Returns x_t, like x0.
+at::Tensor add_noise_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& coef_a,
+                         const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
+                         int64_t seed, int64_t offset) {
+  constexpr const char* op = "debias_C::add_noise";
+  DEBIAS_CHECK_CPU_CONTIGUOUS(op, x0, "x0");
+  check_common(op, "x0", x0, t, compute_dtype(x0.scalar_type()), {&coef_a, &coef_b},
+               {"coef_a", "coef_b"});
+  if (noise.has_value()) {
+    const at::Tensor& n = *noise;
+    DEBIAS_CHECK_CPU_CONTIGUOUS(op, n, "noise");
+    DEBIAS_CHECK_DTYPE(op, n, "noise", x0.scalar_type());
+    TORCH_CHECK(n.sizes() == x0.sizes(), op, ": noise must have the shape of x0 ", x0.sizes(),
+                ", got ", n.sizes());
+  }
+  at::Tensor out = at::empty_like(x0);
+  const int64_t B = x0.size(0);
+  if (x0.numel() == 0) return out;
+  const int64_t D = x0.numel() / B;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "add_noise", [&] {
+    using C = compute_t<scalar_t>;
+    _add_noise_fwd_kernel<scalar_t>(
+        x0.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), coef_a.data_ptr<C>(),
+        coef_b.data_ptr<C>(), noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr,
+        make_stream(seed, offset), out.data_ptr<scalar_t>(), B, D);
+  });
+  return out;
+}
+
+// noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b,
+//                Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed,
+//                int offset, float grad_scale, bool need_grad) -> (Tensor, Tensor)
+//   pred       [B, ...] model output, any of the four float dtypes (dtype P), contiguous;
+//              C = float64 for float64 pred, float32 otherwise
+//   t          [B] int64, in [0, T_steps)
+//   weight     [T_steps] C, loss weight per timestep
+//   coef_a/b   [T_steps] C, sqrt(abar_t) and sqrt(1 - abar_t) (read by v_prediction only)
+//   noise      like pred in dtype E, or None: eps is the stream of (seed, offset) rounded
+//              to E = eps_dtype
+//   x0         like pred in dtype E; required by v_prediction (1) and sample (2)
+//   target     0 epsilon, 1 v_prediction, 2 sample
+//   grad_scale multiplies the gradient: 1/B makes it the gradient of the batch mean
+// Returns (loss [B] in C, grad like pred) or (loss, empty [0]) when need_grad is false.
+std::tuple<at::Tensor, at::Tensor> noise_loss_fwd_cpu(
+    const at::Tensor& pred, const at::Tensor& t, const at::Tensor& weight,
+    const at::Tensor& coef_a, const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& x0, int64_t target, at::ScalarType eps_dtype, int64_t seed,
+    int64_t offset, double grad_scale, bool need_grad) {
+  constexpr const char* op = "debias_C::noise_loss_fwd";
+  DEBIAS_CHECK_CPU_CONTIGUOUS(op, pred, "pred");
+  const at::ScalarType ctype = compute_dtype(pred.scalar_type());
+  check_common(op, "pred", pred, t, ctype, {&weight, &coef_a, &coef_b},
+               {"weight", "coef_a", "coef_b"});
+  TORCH_CHECK(target == kEpsilon || target == kVPrediction || target == kSample, op,
+              ": target must be 0 (epsilon), 1 (v_prediction) or 2 (sample), got ", target);
+  at::ScalarType edtype = eps_dtype;
+  if (noise.has_value()) {
+    const at::Tensor& n = *noise;
+    DEBIAS_CHECK_CPU_CONTIGUOUS(op, n, "noise");
+    TORCH_CHECK(n.sizes() == pred.sizes(), op, ": noise must have the shape of pred ",
+                pred.sizes(), ", got ", n.sizes());
+    edtype = n.scalar_type();
+  }
+  TORCH_CHECK(is_supported_float(edtype), op,
+              ": noise/eps_dtype must be float32, float64, bfloat16 or float16, got ", edtype);
+  TORCH_CHECK(target == kEpsilon || x0.has_value(), op, ": x0 is required for target ",
+              target == kVPrediction ? "v_prediction" : "sample");
+  if (x0.has_value()) {
+    const at::Tensor& x = *x0;
+    DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, "x0");
+    DEBIAS_CHECK_DTYPE(op, x, "x0", edtype);
+    TORCH_CHECK(x.sizes() == pred.sizes(), op, ": x0 must have the shape of pred ",
+                pred.sizes(), ", got ", x.sizes());
+  }
+  const int64_t B = pred.size(0);
+  at::Tensor loss = at::empty({B}, pred.options().dtype(ctype));
+  at::Tensor grad = need_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
+  if (B == 0) return {loss, grad};
+  const int64_t D = pred.numel() / B;
+  const Stream st = make_stream(seed, offset);
+  const at::ScalarType ptype = pred.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ptype, "noise_loss_fwd", [&] {
+    using P = scalar_t;
+    using C = compute_t<P>;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, edtype, "noise_loss_fwd", [&] {
+      using E = scalar_t;
+      const E* noise_p = noise.has_value() ? noise->data_ptr<E>() : nullptr;
+      const E* x0_p = x0.has_value() ? x0->data_ptr<E>() : nullptr;
+      auto run = [&](auto grad_flag) {
+        _noise_loss_fwd_kernel<P, E, decltype(grad_flag)::value>(
+            pred.data_ptr<P>(), t.data_ptr<int64_t>(), weight.data_ptr<C>(),
+            coef_a.data_ptr<C>(), coef_b.data_ptr<C>(), noise_p, x0_p, target, st, grad_scale,
+            loss.data_ptr<C>(), need_grad ? grad.data_ptr<P>() : nullptr, B, D);
+      };
+      if (need_grad) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
+    });
+  });
+  return {loss, grad};
+}
+
+// philox_normal(int seed, int offset, int[] size, ScalarType dtype) -> Tensor
+// The stream of (seed, offset) as a contiguous CPU tensor of that size, rounded to dtype
+// (float64 holds the float32 normals exactly).
+at::Tensor philox_normal_cpu(int64_t seed, int64_t offset, at::IntArrayRef size,
+                             at::ScalarType dtype) {
+  constexpr const char* op = "debias_C::philox_normal";
+  TORCH_CHECK(is_supported_float(dtype), op,
+              ": dtype must be float32, float64, bfloat16 or float16, got ", dtype);
+  at::Tensor out = at::empty(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "philox_normal", [&] {
+    _philox_normal_kernel<scalar_t>(make_stream(seed, offset), out.data_ptr<scalar_t>(),
+                                    out.numel());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace debias
+
+TORCH_LIBRARY(debias_C, m) {
+  m.def(
+      "add_noise(Tensor x0, Tensor t, Tensor coef_a, Tensor coef_b, Tensor? noise, int seed, "
+      "int offset) -> Tensor");
+  m.def(
+      "noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b, "
+      "Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed, int offset, "
+      "float grad_scale, bool need_grad) -> (Tensor, Tensor)");
+  m.def("philox_normal(int seed, int offset, int[] size, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(debias_C, CPU, m) {
+  m.impl("add_noise", &debias::add_noise_cpu);
+  m.impl("noise_loss_fwd", &debias::noise_loss_fwd_cpu);
+}
+
+// philox_normal has no tensor argument, so the dispatcher finds no backend key and a CPU
+// kernel would never be reached; CompositeExplicitAutograd serves such calls. The kernel
+// always makes a CPU tensor.
+TORCH_LIBRARY_IMPL(debias_C, CompositeExplicitAutograd, m) {
+  m.impl("philox_normal", &debias::philox_normal_cpu);
+}

@@ -1,0 +1,54 @@
+"""The installed distribution: its layout and its command line."""
+
+import importlib
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+import debias
+
+
+def _installed_files() -> list[str]:
+    try:
+        files = importlib.metadata.files("debias-kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("debias-kernels is not pip-installed here (running from a source tree)")
+    return [str(f) for f in files or []]
+
+
+def test_no_top_level_triton_kernels():
+    """Triton and PyPI both own a top-level `triton_kernels`: ours lives inside debias."""
+    files = _installed_files()
+    assert not any(f.startswith("triton_kernels/") for f in files), files
+    if any(f.startswith("debias/") for f in files):  # a regular (not editable) install
+        assert any(f.startswith("debias/triton_kernels/") for f in files)
+
+
+def test_public_names():
+    assert set(debias.__all__) >= {"NoiseSchedule", "add_noise", "fused_loss", "loss_weight"}
+    importlib.import_module("debias.triton_kernels")  # importable without triton
+
+
+def test_cli_help_and_errors():
+    out = subprocess.run(
+        [sys.executable, "-m", "debias.cli", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "demo" in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "debias.cli", "demo", "--steps", "0"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "steps" in bad.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    from debias.cli import main
+
+    assert main(["demo", "--steps", "3", "--batch-size", "16", "--out", str(tmp_path)]) == 0
+    for name in ("weights.png", "noising.png", "loss.png", "metrics.csv", "summary.json"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,unweighted_mse" and len(rows) == 4
