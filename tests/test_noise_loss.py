@@ -211,9 +211,9 @@ def test_philox_stream_equal_across_backends():
     skip_unless_backend("cpu")
     key = torch.tensor([0x0123456789ABCDEF, -7])
     shape = [3, 5, 7, 11]
-    cpu = debias.ops.noise_loss._philox_normal(key, shape, torch.float32, torch.device("cpu"),
+    cpu = debias.ops.noise_loss._philox_normal_impl(key, shape, torch.float32, torch.device("cpu"),
                                                "cpu")  # fmt: skip
-    ref = debias.ops.noise_loss._philox_normal(key, shape, torch.float32, torch.device("cpu"),
+    ref = debias.ops.noise_loss._philox_normal_impl(key, shape, torch.float32, torch.device("cpu"),
                                                "torch")  # fmt: skip
     # the same stream up to float rounding of log, sin and cos
     torch.testing.assert_close(cpu, ref, rtol=4e-6, atol=1e-6)
@@ -221,7 +221,7 @@ def test_philox_stream_equal_across_backends():
 
 def _stream(backend, numel, seed=1234, offset=0):
     key = torch.tensor([seed, offset])
-    return debias.ops.noise_loss._philox_normal(key, [numel], torch.float64,
+    return debias.ops.noise_loss._philox_normal_impl(key, [numel], torch.float64,
                                                 torch.device("cpu"), backend)  # fmt: skip
 
 

@@ -46,7 +46,8 @@ class PhiloxNoise(NamedTuple):
 
     def materialize(self) -> torch.Tensor:
         """The noise as a tensor of ``shape``, ``dtype`` on ``device`` (like randn_like)."""
-        return _philox_normal(self.key, list(self.shape), self.dtype, self.device, self.backend)
+        args = (self.key, list(self.shape), self.dtype, self.device, self.backend)
+        return _call(_philox_normal_op, *args)
 
     def numel(self) -> int:
         return self.shape.numel()
@@ -98,15 +99,12 @@ def add_noise(
     if noise is None:
         key = _draw_key(generator)
         noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device, backend)
-    x_t = _add_noise_op(
-        x0.contiguous(),
-        t.long(),
-        coef[0],
-        coef[1],
-        None if key is not None else noise.contiguous(),
-        key,
-        backend,
-    )
+    noise_arg = None if key is not None else noise.contiguous()
+    args = (x0.contiguous(), t.long(), coef[0], coef[1], noise_arg, key)
+    if torch.is_grad_enabled() and (x0.requires_grad or (key is None and noise.requires_grad)):
+        x_t = _AddNoise.apply(*args, backend)
+    else:
+        x_t = _call(_add_noise_op, *args, backend)
     return x_t, noise
 
 
@@ -181,8 +179,7 @@ def fused_loss(
     weight = cached_weight_table(schedule, weighting, prediction, compute, pred.device, options)
     coef = _coefficients(schedule, noise_dtype, pred.device, compute)
     philox = isinstance(noise, PhiloxNoise)
-    loss, _ = _noise_loss_op(
-        pred.contiguous(),
+    args = (
         t.long(),
         weight,
         coef[0],
@@ -193,10 +190,11 @@ def fused_loss(
         _TARGETS[prediction],
         noise_dtype,
         _REDUCTIONS.index(reduction),
-        pred.requires_grad and torch.is_grad_enabled(),
-        backend,
     )
-    return loss
+    pred = pred.contiguous()
+    if pred.requires_grad and torch.is_grad_enabled():
+        return _NoiseLoss.apply(pred, *args, backend)
+    return _call(_noise_loss_op, pred, *args, False, backend)[0]
 
 
 # ---- input checks -------------------------------------------------------------------------
@@ -269,32 +267,29 @@ def _draw_key(generator: torch.Generator | None) -> torch.Tensor:
     return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator)
 
 
-def _key_values(key: torch.Tensor) -> tuple[int, int]:
-    seed, offset = key.tolist()
-    return seed, offset
+# ---- custom ops and autograd ----------------------------------------------------------------
+#
+# Each kernel entry is a torch.library custom op with a fake implementation, so torch.compile
+# traces through it; eager mode calls the same implementation directly, since the custom op's
+# Python dispatch costs more than a small kernel. Autograd is a plain autograd.Function,
+# which dynamo traces as well.
 
 
-# ---- custom ops: what torch.compile sees ----------------------------------------------------
+def _call(op, *args):
+    return op(*args) if torch.compiler.is_compiling() else op._init_fn(*args)
 
 
-@torch.library.custom_op("debias::philox_normal", mutates_args=())
-def _philox_normal(
+def _philox_normal_impl(
     key: torch.Tensor, shape: list[int], dtype: torch.dtype, device: torch.device, backend: str
 ) -> torch.Tensor:
-    seed, offset = _key_values(key)
+    seed, offset = key.tolist()
     if backend == "cpu":
         return torch.ops.debias_C.philox_normal(seed, offset, shape, dtype)
     numel = torch.Size(shape).numel()
     return reference.philox_normal(seed, offset, numel, device).view(shape).to(dtype)
 
 
-@_philox_normal.register_fake
-def _(key, shape, dtype, device, backend):
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-@torch.library.custom_op("debias::add_noise", mutates_args=())
-def _add_noise_op(
+def _add_noise_impl(
     x0: torch.Tensor,
     t: torch.Tensor,
     coef_a: torch.Tensor,
@@ -303,41 +298,18 @@ def _add_noise_op(
     key: torch.Tensor | None,
     backend: str,
 ) -> torch.Tensor:
-    seed, offset = _key_values(key) if key is not None else (0, 0)
+    seed, offset = key.tolist() if key is not None else (0, 0)
     if backend == "cpu":
         return torch.ops.debias_C.add_noise(x0, t, coef_a, coef_b, noise, seed, offset)
     if noise is None:
-        noise = _philox_normal(key, list(x0.shape), x0.dtype, x0.device, backend)
+        noise = _philox_normal_impl(key, list(x0.shape), x0.dtype, x0.device, backend)
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a = coef_a[t].to(x0.dtype).view(shape)
     s = coef_b[t].to(x0.dtype).view(shape)
     return a * x0 + s * noise
 
 
-@_add_noise_op.register_fake
-def _(x0, t, coef_a, coef_b, noise, key, backend):
-    return torch.empty_like(x0)
-
-
-def _add_noise_setup(ctx, inputs, output):
-    x0, t, coef_a, coef_b, noise, _, _ = inputs
-    ctx.save_for_backward(t, coef_a, coef_b)
-    ctx.dim, ctx.has_noise = x0.dim(), noise is not None
-
-
-def _add_noise_backward(ctx, grad):
-    t, coef_a, coef_b = ctx.saved_tensors
-    shape = (-1,) + (1,) * (ctx.dim - 1)
-    grad_x0 = grad * coef_a[t].to(grad.dtype).view(shape)
-    grad_noise = grad * coef_b[t].to(grad.dtype).view(shape) if ctx.has_noise else None
-    return grad_x0, None, None, None, grad_noise, None, None
-
-
-_add_noise_op.register_autograd(_add_noise_backward, setup_context=_add_noise_setup)
-
-
-@torch.library.custom_op("debias::noise_loss", mutates_args=())
-def _noise_loss_op(
+def _noise_loss_impl(
     pred: torch.Tensor,
     t: torch.Tensor,
     weight: torch.Tensor,
@@ -352,31 +324,28 @@ def _noise_loss_op(
     need_grad: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (loss, grad): loss reduced as asked, grad = d loss / d pred (empty if not
-    ``need_grad``), already scaled by 1/B for the mean."""
-    seed, offset = _key_values(key) if key is not None else (0, 0)
-    batch = pred.shape[0]
-    grad_scale = 1.0 / batch if _REDUCTIONS[reduction] == "mean" else 1.0
+    """(loss reduced as asked, d loss / d pred or an empty tensor if not ``need_grad``); the
+    gradient already carries the 1/B of a mean."""
+    seed, offset = key.tolist() if key is not None else (0, 0)
+    grad_scale = 1.0 / pred.shape[0] if _REDUCTIONS[reduction] == "mean" else 1.0
+    args = (pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset)
     if backend == "cpu":
-        per_sample, grad = torch.ops.debias_C.noise_loss_fwd(
-            pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset,
-            grad_scale, need_grad,
-        )  # fmt: skip
+        per_sample, grad = torch.ops.debias_C.noise_loss_fwd(*args, grad_scale, need_grad)
     else:
-        per_sample, grad = _noise_loss_torch(
-            pred, t, weight, coef_a, coef_b, noise, x0, key, target, noise_dtype, grad_scale,
-            need_grad,
-        )  # fmt: skip
-    loss = {"mean": per_sample.mean, "sum": per_sample.sum}.get(_REDUCTIONS[reduction])
-    return (loss() if loss else per_sample), grad
+        per_sample, grad = _noise_loss_torch(*args, grad_scale, need_grad)
+    if _REDUCTIONS[reduction] == "none":
+        return per_sample, grad
+    return (per_sample.mean() if _REDUCTIONS[reduction] == "mean" else per_sample.sum()), grad
 
 
 def _noise_loss_torch(
-    pred, t, weight, coef_a, coef_b, noise, x0, key, target, noise_dtype, grad_scale, need_grad
-):
+    pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset, grad_scale,
+    need_grad,
+):  # fmt: skip
     compute = weight.dtype
     if noise is None:
-        noise = _philox_normal(key, list(pred.shape), noise_dtype, pred.device, "torch")
+        key = torch.tensor([seed, offset])
+        noise = _philox_normal_impl(key, list(pred.shape), noise_dtype, pred.device, "torch")
     shape = (-1,) + (1,) * (pred.dim() - 1)
     eps = noise.to(compute)
     if target == _TARGETS["epsilon"]:
@@ -386,9 +355,8 @@ def _noise_loss_torch(
     else:
         y = x0.to(compute)
     diff = pred.to(compute) - y
-    dims = list(range(1, pred.dim()))
     w = weight[t]
-    per_sample = w * diff.square().mean(dim=dims)
+    per_sample = w * diff.square().mean(dim=list(range(1, pred.dim())))
     grad = torch.empty(0, dtype=pred.dtype, device=pred.device)
     if need_grad:
         grad = ((2.0 * grad_scale / diff[0].numel()) * w).view(shape) * diff
@@ -396,36 +364,68 @@ def _noise_loss_torch(
     return per_sample, grad
 
 
+_philox_normal_op = torch.library.custom_op(
+    "debias::philox_normal", _philox_normal_impl, mutates_args=()
+)
+_add_noise_op = torch.library.custom_op("debias::add_noise", _add_noise_impl, mutates_args=())
+_noise_loss_op = torch.library.custom_op("debias::noise_loss", _noise_loss_impl, mutates_args=())
+
+
+@_philox_normal_op.register_fake
+def _(key, shape, dtype, device, backend):
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+@_add_noise_op.register_fake
+def _(x0, t, coef_a, coef_b, noise, key, backend):
+    return torch.empty_like(x0)
+
+
 @_noise_loss_op.register_fake
 def _(pred, t, weight, coef_a, coef_b, noise, x0, key, target, noise_dtype, reduction,
       need_grad, backend):  # fmt: skip
-    batch = pred.shape[0]
-    loss_shape = (batch,) if _REDUCTIONS[reduction] == "none" else ()
+    loss_shape = (pred.shape[0],) if _REDUCTIONS[reduction] == "none" else ()
     grad_shape = pred.shape if need_grad else (0,)
-    return (
-        pred.new_empty(loss_shape, dtype=weight.dtype),
-        pred.new_empty(grad_shape),
-    )
+    return pred.new_empty(loss_shape, dtype=weight.dtype), pred.new_empty(grad_shape)
 
 
-def _noise_loss_setup(ctx, inputs, output):
-    ctx.dim = inputs[0].dim()
-    ctx.save_for_backward(output[1])
-    ctx.mark_non_differentiable(output[1])
+class _AddNoise(torch.autograd.Function):
+    """x_t = a_t x0 + s_t noise: the gradients are the per-sample coefficients."""
 
+    @staticmethod
+    def forward(ctx, x0, t, coef_a, coef_b, noise, key, backend):
+        ctx.save_for_backward(t, coef_a, coef_b)
+        ctx.dim = x0.dim()
+        return _call(_add_noise_op, x0, t, coef_a, coef_b, noise, key, backend)
 
-def _noise_loss_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0:
-        raise RuntimeError(
-            "fused_loss was called without grad enabled for pred; its gradient was not kept"
+    @staticmethod
+    def backward(ctx, grad):
+        t, coef_a, coef_b = ctx.saved_tensors
+        shape = (-1,) + (1,) * (ctx.dim - 1)
+        grad_x0 = grad * coef_a[t].to(grad.dtype).view(shape)
+        grad_noise = (
+            grad * coef_b[t].to(grad.dtype).view(shape) if ctx.needs_input_grad[4] else None
         )
-    if grad_loss.dim() > 0:  # reduction="none": one upstream gradient per sample
-        grad_loss = grad_loss.view((-1,) + (1,) * (ctx.dim - 1))
-    # Multiplying by a scalar of pred's dtype rounds once; for the usual grad_output of 1 (or
-    # a power-of-two loss scale) the kept gradient passes through exactly.
-    grad_pred = grad * grad_loss.to(grad.dtype)
-    return (grad_pred,) + (None,) * 12
+        return grad_x0, None, None, None, grad_noise, None, None
 
 
-_noise_loss_op.register_autograd(_noise_loss_backward, setup_context=_noise_loss_setup)
+class _NoiseLoss(torch.autograd.Function):
+    """The gradient is computed in forward and kept; backward only scales it by grad_output
+    (a tensor op: no device sync)."""
+
+    @staticmethod
+    def forward(ctx, pred, *args):
+        *args, backend = args
+        loss, grad = _call(_noise_loss_op, pred, *args, True, backend)
+        ctx.save_for_backward(grad)
+        ctx.dim = pred.dim()
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        if grad_loss.dim() > 0:  # reduction="none": one upstream gradient per sample
+            grad_loss = grad_loss.view((-1,) + (1,) * (ctx.dim - 1))
+        # A scalar of pred's dtype rounds once; the usual grad_output of 1 (or a power-of-two
+        # loss scale) passes the kept gradient through exactly.
+        return (grad * grad_loss.to(grad.dtype),) + (None,) * 11
