@@ -6,8 +6,10 @@
 //   philox_normal   eps itself, materialised
 //
 // eps is either a given tensor or the package's Philox stream (philox.h), regenerated from
-// (seed, offset) wherever it is needed, so a training step never stores it: add_noise reads
+// (seed, offset) wherever it is needed, so a training step need not store it: add_noise reads
 // x0 and writes x_t, noise_loss_fwd reads pred and writes grad, and the same eps reaches both.
+// On a CPU the stream costs more to generate than to store, so add_noise can also write out
+// the eps it generated (keep_noise) for the loss to read instead.
 //
 // Layout of this file: the stream generator (an AVX2+FMA path and a portable path, chosen
 // once per process), the elementwise helpers, the kernels, the launchers, the registration.
@@ -225,7 +227,7 @@ DEBIAS_INLINE void for_each_sample_run(int64_t begin, int64_t end, int64_t D, co
 //     x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * eps_i))
 // which is `a * x0 + s * noise` evaluated by torch in dtype T, bit for bit. eps comes in
 // chunks of kChunk elements, whatever the sample size.
-// Memory: read x0 (and noise when given), write x_t: 2N (3N) elements of T.
+// Memory: read x0 (and noise when given), write x_t (and eps when kept): 2N (3N) elements.
 template <typename T>
 void _add_noise_fwd_kernel(const T* x0,                // [B * D]
                            const int64_t* t,           // [B] timestep per sample
@@ -234,6 +236,7 @@ void _add_noise_fwd_kernel(const T* x0,                // [B * D]
                            const T* noise,             // [B * D] or nullptr: the stream
                            Stream st,
                            T* x_t,                     // [B * D] output
+                           T* eps_out,                 // [B * D] output or nullptr: eps kept
                            int64_t B, int64_t D) {
   using C = compute_t<T>;
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
@@ -242,6 +245,10 @@ void _add_noise_fwd_kernel(const T* x0,                // [B * D]
     for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
       const int64_t i1 = std::min(i0 + kChunk, end);
       const C* eps = load_eps<T, C>(noise, st, i0, i1 - i0, nbuf, cbuf);
+      if (eps_out != nullptr) {
+        // eps holds values of T already (rnd_T of the stream): the cast is exact
+        for (int64_t k = 0; k < i1 - i0; ++k) eps_out[i0 + k] = static_cast<T>(eps[k]);
+      }
       for_each_sample_run(i0, i1, D, [&](int64_t b, int64_t r0, int64_t r1) {
         const C a = coef_a[t[b]];
         const C s = coef_b[t[b]];
@@ -473,17 +480,19 @@ int64_t check_common(const char* op, const char* data_name, const at::Tensor& da
 }
 
 // add_noise(Tensor x0, Tensor t, Tensor coef_a, Tensor coef_b, Tensor? noise, int seed,
-//           int offset) -> Tensor
+//           int offset, bool keep_noise) -> (Tensor, Tensor)
 //   x0      [B, ...] float32, float64, bfloat16 or float16 (dtype T), contiguous
 //   t       [B] int64, the timestep of each sample, in [0, T_steps)
 //   coef_a  [T_steps] sqrt(abar_t) rounded to T, stored in C (float64 for float64 x0,
 //           float32 otherwise)
 //   coef_b  [T_steps] sqrt(1 - abar_t), the same way
 //   noise   like x0, or None: eps is the stream of (seed, offset) rounded to T
-// Returns x_t, like x0.
-at::Tensor add_noise_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Tensor& coef_a,
-                         const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
-                         int64_t seed, int64_t offset) {
+//   keep_noise  with noise None: also return the eps of the stream, like x0
+// Returns (x_t like x0, eps like x0 or an empty [0] tensor).
+std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
+    const at::Tensor& x0, const at::Tensor& t, const at::Tensor& coef_a,
+    const at::Tensor& coef_b, const std::optional<at::Tensor>& noise, int64_t seed,
+    int64_t offset, bool keep_noise) {
   constexpr const char* op = "debias_C::add_noise";
   DEBIAS_CHECK_CPU_CONTIGUOUS(op, x0, "x0");
   check_common(op, "x0", x0, t, compute_dtype(x0.scalar_type()), {&coef_a, &coef_b},
@@ -496,17 +505,20 @@ at::Tensor add_noise_cpu(const at::Tensor& x0, const at::Tensor& t, const at::Te
                 ", got ", n.sizes());
   }
   at::Tensor out = at::empty_like(x0);
+  const bool keep = keep_noise && !noise.has_value();
+  at::Tensor kept = keep ? at::empty_like(x0) : at::empty({0}, x0.options());
   const int64_t B = x0.size(0);
-  if (x0.numel() == 0) return out;
+  if (x0.numel() == 0) return {out, kept};
   const int64_t D = x0.numel() / B;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "add_noise", [&] {
     using C = compute_t<scalar_t>;
     _add_noise_fwd_kernel<scalar_t>(
         x0.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), coef_a.data_ptr<C>(),
         coef_b.data_ptr<C>(), noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr,
-        make_stream(seed, offset), out.data_ptr<scalar_t>(), B, D);
+        make_stream(seed, offset), out.data_ptr<scalar_t>(),
+        keep ? kept.data_ptr<scalar_t>() : nullptr, B, D);
   });
-  return out;
+  return {out, kept};
 }
 
 // noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b,
@@ -607,7 +619,7 @@ at::Tensor philox_normal_cpu(int64_t seed, int64_t offset, at::IntArrayRef size,
 TORCH_LIBRARY(debias_C, m) {
   m.def(
       "add_noise(Tensor x0, Tensor t, Tensor coef_a, Tensor coef_b, Tensor? noise, int seed, "
-      "int offset) -> Tensor");
+      "int offset, bool keep_noise) -> (Tensor, Tensor)");
   m.def(
       "noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b, "
       "Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed, int offset, "

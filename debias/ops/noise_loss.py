@@ -25,6 +25,8 @@ from debias.schedules import NoiseSchedule, as_schedule
 from debias.weighting import Weighting, cached_weight_table, check_timesteps, resolve_prediction
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# Backends that keep the noise they generate (PhiloxNoise.values): compute-bound ones.
+_KEEPS_NOISE = ("torch", "cpu")
 _TARGETS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -36,6 +38,10 @@ class PhiloxNoise(NamedTuple):
     row-major) is a fixed function of ``(seed, offset, i)`` that every backend computes the
     same way up to float rounding (a few ulp). ``materialize()`` writes it out as a tensor,
     with the backend that drew it, so the bits are the ones ``add_noise`` used.
+
+    ``values``: on the CPU, generating the stream costs more than storing it, so add_noise
+    keeps what it generated here and fused_loss reads it (the same bits); on a GPU it is None
+    and the loss regenerates the stream instead of reading N values from memory.
     """
 
     key: torch.Tensor
@@ -43,9 +49,12 @@ class PhiloxNoise(NamedTuple):
     dtype: torch.dtype
     device: torch.device
     backend: str
+    values: torch.Tensor | None = None
 
     def materialize(self) -> torch.Tensor:
         """The noise as a tensor of ``shape``, ``dtype`` on ``device`` (like randn_like)."""
+        if self.values is not None:
+            return self.values
         args = (self.key, list(self.shape), self.dtype, self.device, self.backend)
         return _call(_philox_normal_op, *args)
 
@@ -95,16 +104,16 @@ def add_noise(
             raise ValueError("generator is only used when noise=None; pass one or the other")
     backend = _backend.resolve(backend, x0.device)
     coef = _coefficients(schedule, x0.dtype, x0.device)
-    key = None
-    if noise is None:
-        key = _draw_key(generator)
-        noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device, backend)
-    noise_arg = None if key is not None else noise.contiguous()
-    args = (x0.contiguous(), t.long(), coef[0], coef[1], noise_arg, key)
+    key = _draw_key(generator) if noise is None else None
+    noise_arg = None if noise is None else noise.contiguous()
+    keep = noise is None and backend in _KEEPS_NOISE
+    args = (x0.contiguous(), t.long(), coef[0], coef[1], noise_arg, key, keep, backend)
     if torch.is_grad_enabled() and (x0.requires_grad or (key is None and noise.requires_grad)):
-        x_t = _AddNoise.apply(*args, backend)
+        x_t, kept = _AddNoise.apply(*args)
     else:
-        x_t = _call(_add_noise_op, *args, backend)
+        x_t, kept = _call(_add_noise_op, *args)
+    if noise is None:
+        noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device, backend, kept if keep else None)
     return x_t, noise
 
 
@@ -178,7 +187,9 @@ def fused_loss(
     compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
     weight = cached_weight_table(schedule, weighting, prediction, compute, pred.device, options)
     coef = _coefficients(schedule, noise_dtype, pred.device, compute)
-    philox = isinstance(noise, PhiloxNoise)
+    philox = isinstance(noise, PhiloxNoise) and noise.values is None
+    if isinstance(noise, PhiloxNoise) and not philox:
+        noise = noise.values
     args = (
         t.long(),
         weight,
@@ -296,17 +307,21 @@ def _add_noise_impl(
     coef_b: torch.Tensor,
     noise: torch.Tensor | None,
     key: torch.Tensor | None,
+    keep_noise: bool,
     backend: str,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_t, the generated noise if ``keep_noise`` else an empty tensor)."""
     seed, offset = key.tolist() if key is not None else (0, 0)
     if backend == "cpu":
-        return torch.ops.debias_C.add_noise(x0, t, coef_a, coef_b, noise, seed, offset)
+        return torch.ops.debias_C.add_noise(x0, t, coef_a, coef_b, noise, seed, offset, keep_noise)
+    kept = x0.new_empty(0)
     if noise is None:
         noise = _philox_normal_impl(key, list(x0.shape), x0.dtype, x0.device, backend)
+        kept = noise if keep_noise else kept
     shape = (-1,) + (1,) * (x0.dim() - 1)
     a = coef_a[t].to(x0.dtype).view(shape)
     s = coef_b[t].to(x0.dtype).view(shape)
-    return a * x0 + s * noise
+    return a * x0 + s * noise, kept
 
 
 def _noise_loss_impl(
@@ -377,8 +392,9 @@ def _(key, shape, dtype, device, backend):
 
 
 @_add_noise_op.register_fake
-def _(x0, t, coef_a, coef_b, noise, key, backend):
-    return torch.empty_like(x0)
+def _(x0, t, coef_a, coef_b, noise, key, keep_noise, backend):
+    kept = torch.empty_like(x0) if keep_noise and noise is None else x0.new_empty(0)
+    return torch.empty_like(x0), kept
 
 
 @_noise_loss_op.register_fake
@@ -393,20 +409,30 @@ class _AddNoise(torch.autograd.Function):
     """x_t = a_t x0 + s_t noise: the gradients are the per-sample coefficients."""
 
     @staticmethod
-    def forward(ctx, x0, t, coef_a, coef_b, noise, key, backend):
+    def forward(ctx, x0, t, coef_a, coef_b, noise, key, keep_noise, backend):
         ctx.save_for_backward(t, coef_a, coef_b)
         ctx.dim = x0.dim()
-        return _call(_add_noise_op, x0, t, coef_a, coef_b, noise, key, backend)
+        x_t, kept = _call(_add_noise_op, x0, t, coef_a, coef_b, noise, key, keep_noise, backend)
+        ctx.mark_non_differentiable(kept)
+        ctx.set_materialize_grads(False)
+        return x_t, kept
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_kept):
+        if grad is None:
+            return (None,) * 8
         t, coef_a, coef_b = ctx.saved_tensors
         shape = (-1,) + (1,) * (ctx.dim - 1)
         grad_x0 = grad * coef_a[t].to(grad.dtype).view(shape)
         grad_noise = (
             grad * coef_b[t].to(grad.dtype).view(shape) if ctx.needs_input_grad[4] else None
         )
-        return grad_x0, None, None, None, grad_noise, None, None
+        return grad_x0, None, None, None, grad_noise, None, None, None
+
+
+def _is_host_one(x: torch.Tensor) -> bool:
+    """x == 1, read only where reading costs no device sync and breaks no graph."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and x.item() == 1.0
 
 
 class _NoiseLoss(torch.autograd.Function):
@@ -426,6 +452,11 @@ class _NoiseLoss(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         if grad_loss.dim() > 0:  # reduction="none": one upstream gradient per sample
             grad_loss = grad_loss.view((-1,) + (1,) * (ctx.dim - 1))
+        elif _is_host_one(grad_loss):
+            # loss.backward() on the CPU: the kept gradient is the answer, no pass over it.
+            # Autograd copies it if the graph is retained and accumulates into .grad without
+            # writing to it, so handing out the kept buffer is safe.
+            return (grad,) + (None,) * 11
         # A scalar of pred's dtype rounds once; the usual grad_output of 1 (or a power-of-two
         # loss scale) passes the kept gradient through exactly.
         return (grad * grad_loss.to(grad.dtype),) + (None,) * 11
