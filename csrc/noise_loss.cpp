@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -191,10 +192,30 @@ const float* stream_normals(const Stream& st, int64_t i0, int64_t n, float* buf)
 template <typename T>
 using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// float -> bfloat16 with c10::BFloat16's rounding (to nearest even, NaN -> 0x7FC0), written
+// without a branch so that loops of it vectorise; c10's branches on NaN and does not.
+DEBIAS_INLINE c10::BFloat16 to_bfloat16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t bits = v != v ? 0x7FC0u : rounded;
+  return c10::BFloat16(static_cast<uint16_t>(bits), c10::BFloat16::from_bits());
+}
+
+// A compute-type value stored as T (rounded to nearest even).
+template <typename T, typename C>
+DEBIAS_INLINE T to_storage(C v) {
+  if constexpr (std::is_same_v<T, c10::BFloat16> && std::is_same_v<C, float>) {
+    return to_bfloat16(v);
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
 // rnd_T: round a compute-type value to storage type T and back.
 template <typename T, typename C>
 DEBIAS_INLINE C rnd(C v) {
-  return static_cast<C>(static_cast<T>(v));
+  return static_cast<C>(to_storage<T>(v));
 }
 
 // eps of elements [i0, i0 + n) as compute type C: (C)noise[i] when noise is given (dtype
@@ -210,7 +231,7 @@ const C* load_eps(const E* noise,  // [N] or nullptr: use the stream
   }
   const float* normal = stream_normals(st, i0, n, nbuf);
   if constexpr (std::is_same_v<E, float> && std::is_same_v<C, float>) return normal;
-  for (int64_t k = 0; k < n; ++k) cbuf[k] = static_cast<C>(static_cast<E>(normal[k]));
+  for (int64_t k = 0; k < n; ++k) cbuf[k] = rnd<E>(static_cast<C>(normal[k]));
   return cbuf;
 }
 
@@ -247,7 +268,7 @@ void _add_noise_fwd_kernel(const T* x0,                // [B * D]
       const C* eps = load_eps<T, C>(noise, st, i0, i1 - i0, nbuf, cbuf);
       if (eps_out != nullptr) {
         // eps holds values of T already (rnd_T of the stream): the cast is exact
-        for (int64_t k = 0; k < i1 - i0; ++k) eps_out[i0 + k] = static_cast<T>(eps[k]);
+        for (int64_t k = 0; k < i1 - i0; ++k) eps_out[i0 + k] = to_storage<T>(eps[k]);
       }
       for_each_sample_run(i0, i1, D, [&](int64_t b, int64_t r0, int64_t r1) {
         const C a = coef_a[t[b]];
@@ -258,7 +279,7 @@ void _add_noise_fwd_kernel(const T* x0,                // [B * D]
         for (int64_t k = 0; k < r1 - r0; ++k) {
           const C signal = rnd<T>(a * static_cast<C>(x[k]));
           const C scaled_eps = rnd<T>(s * e[k]);
-          out[k] = static_cast<T>(signal + scaled_eps);
+          out[k] = to_storage<T>(signal + scaled_eps);
         }
       });
     }
@@ -276,13 +297,13 @@ DEBIAS_INLINE double _sq_diff_chunk(const P* pred, const C* y, int64_t n, P* gra
     for (int j = 0; j < kSumLanes; ++j) {
       const C d = static_cast<C>(pred[k + j]) - y[k + j];
       acc[j] += d * d;
-      if constexpr (kGrad) grad[k + j] = static_cast<P>(gscale * d);
+      if constexpr (kGrad) grad[k + j] = to_storage<P>(gscale * d);
     }
   }
   for (int j = 0; k + j < n; ++j) {
     const C d = static_cast<C>(pred[k + j]) - y[k + j];
     acc[j] += d * d;
-    if constexpr (kGrad) grad[k + j] = static_cast<P>(gscale * d);
+    if constexpr (kGrad) grad[k + j] = to_storage<P>(gscale * d);
   }
   double sum = 0.0;  // lanes past n hold 0 and would add nothing
   for (int j = 0; j < std::min<int64_t>(n, kSumLanes); ++j) sum += static_cast<double>(acc[j]);
@@ -422,7 +443,7 @@ void _philox_normal_kernel(Stream st, T* out, int64_t N) {
     for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
       const int64_t n = std::min(kChunk, end - i0);
       const float* normal = stream_normals(st, i0, n, nbuf);
-      for (int64_t k = 0; k < n; ++k) out[i0 + k] = static_cast<T>(normal[k]);
+      for (int64_t k = 0; k < n; ++k) out[i0 + k] = to_storage<T>(normal[k]);
     }
   });
 }

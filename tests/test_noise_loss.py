@@ -62,6 +62,21 @@ def test_add_noise_equals_diffusers_bitwise(backend, shape, dtype):
     assert torch.equal(x_t, reference.add_noise(x0, t, _abar(dtype), noise))
 
 
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=DTYPE_IDS.get)
+def test_add_noise_special_values_round_like_torch(backend, dtype):
+    """NaN, infinities, the largest finite value (its product rounds past it), subnormals and
+    -0 go through the kernel's rounding exactly as through torch's."""
+    info = torch.finfo(dtype)
+    special = [float("nan"), float("inf"), -float("inf"), info.max, -info.max, info.tiny / 3,
+               -0.0, 0.0, 1.0, info.eps]  # fmt: skip
+    x0 = torch.tensor(special, dtype=torch.float64).to(dtype).view(-1, 1).repeat(1, 37)
+    noise = x0.flip(0)
+    t = torch.arange(len(special)) * 100
+    x_t, _ = debias.add_noise(x0, t, SCHEDULE, noise=noise, backend=backend)
+    expected = reference.add_noise(x0, t, _abar(dtype), noise)
+    torch.testing.assert_close(x_t, expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 def test_add_noise_philox_equals_materialized(backend, dtype):
     x0, _, _, t = _inputs((5, 3, 33, 31), dtype)
