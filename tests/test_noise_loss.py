@@ -1,10 +1,12 @@
 """add_noise and fused_loss against the reference, on every backend that runs here."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import DTYPE_IDS, DTYPES, skip_unless_backend
+from conftest import CPU, DTYPE_IDS, DTYPES, skip_unless_backend
 
 import debias
 from debias import NoiseSchedule, PhiloxNoise, reference
@@ -437,6 +439,58 @@ def test_add_noise_rejects_bad_input(kwargs, err, match):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         debias.add_noise(**args)
+
+
+def test_backend_environment_variable(monkeypatch):
+    _, noise, pred, t = _inputs((2, 3, 4, 4), torch.float32)
+    monkeypatch.setenv("DEBIAS_BACKEND", "torch")
+    assert _backend.resolve(None, CPU) == "torch"
+    fastest = _backend.available(CPU)[0]
+    assert _backend.resolve(fastest, CPU) == fastest  # the argument wins over the variable
+    monkeypatch.setenv("DEBIAS_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="DEBIAS_BACKEND must be one of"):
+        debias.fused_loss(pred, noise, t, SCHEDULE)
+
+
+def test_non_contiguous_inputs(backend):
+    """channels_last outputs and sliced inputs give the contiguous answer."""
+    x0, noise, pred, t = _inputs((3, 4, 6, 5), torch.float32)
+    p_cl = pred.to(memory_format=torch.channels_last).requires_grad_(True)
+    p = pred.clone().requires_grad_(True)
+    wide = torch.cat((noise, noise), dim=3)[..., :5]  # a strided view
+    a = debias.fused_loss(p_cl, wide, t, SCHEDULE, backend=backend)
+    b = debias.fused_loss(p, noise, t, SCHEDULE, backend=backend)
+    (a + b).backward()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(p_cl.grad, p.grad, rtol=0, atol=0)
+    x_t, _ = debias.add_noise(x0.to(memory_format=torch.channels_last), t, SCHEDULE, noise=wide,
+                              backend=backend)  # fmt: skip
+    assert torch.equal(x_t, debias.add_noise(x0, t, SCHEDULE, noise=noise, backend=backend)[0])
+
+
+def test_runs_without_compiled_kernels():
+    """Built with DEBIAS_NO_EXTENSIONS=1 (no debias._C): every op works on the torch backend
+    and says so once."""
+    code = """
+import sys, warnings
+sys.modules["debias._C"] = None  # what an install without the extension looks like
+import torch, debias
+s = debias.NoiseSchedule.linear()
+x0 = torch.randn(2, 3, 4, 4); t = torch.tensor([0, 999])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        x_t, noise = debias.add_noise(x0, t, s)
+        pred = torch.randn_like(x0, requires_grad=True)
+        debias.fused_loss(pred, noise, t, s).backward()
+assert noise.backend == "torch", noise.backend
+assert torch.isfinite(pred.grad).all()
+messages = [str(w.message) for w in caught if "debias._C" in str(w.message)]
+assert len(messages) == 1, messages
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_compiled_kernels_are_built_in_ci():

@@ -2,8 +2,12 @@
 
 import importlib
 import importlib.metadata
+import os
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +56,28 @@ def test_demo_runs_end_to_end(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     assert rows[0] == "step,loss,unweighted_mse" and len(rows) == 4
+
+
+def test_wheel_without_extensions(tmp_path):
+    """DEBIAS_NO_EXTENSIONS=1 builds a pure-Python wheel; triton_kernels lands in debias/."""
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for name in ("debias", "triton_kernels", "csrc"):
+        shutil.copytree(
+            root / name, src / name, ignore=shutil.ignore_patterns("*.so", "__pycache__")
+        )
+    env = dict(os.environ, DEBIAS_NO_EXTENSIONS="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+         "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    (wheel,) = (tmp_path / "dist").glob("debias_kernels-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not any(n.endswith((".so", ".pyd")) for n in names), names
+    assert "debias/triton_kernels/__init__.py" in names
+    assert not any(n.startswith("triton_kernels/") for n in names)

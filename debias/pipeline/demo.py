@@ -162,9 +162,14 @@ def _plot_weights(schedule, path):
     t = torch.arange(schedule.num_timesteps)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, prediction in zip(axes, ("epsilon", "v_prediction", "sample"), strict=False):
-        for name, opts in (("constant", {}), ("debias", {}), ("p2", {}), ("min_snr", {})):
-            w = debias.weight_table(schedule, name, prediction, **opts)
-            ax.plot(t.numpy(), w.clamp(min=1e-8).numpy(), label=name)
+        for name, label in (
+            ("constant", "constant"),
+            ("debias", "debias 1/sqrt(snr)"),
+            ("p2", "p2 (k=1, gamma=1)"),
+            ("min_snr", "min_snr (gamma=5)"),
+        ):
+            w = debias.weight_table(schedule, name, prediction)
+            ax.plot(t.numpy(), w.clamp(min=1e-8).numpy(), label=label)
         ax.set_yscale("log")
         ax.set_title(f"prediction = {prediction}")
         ax.set_xlabel("timestep t")
