@@ -58,9 +58,6 @@ class PhiloxNoise(NamedTuple):
         args = (self.key, list(self.shape), self.dtype, self.device, self.backend)
         return _call(_philox_normal_op, *args)
 
-    def numel(self) -> int:
-        return self.shape.numel()
-
 
 # ---- public ops ---------------------------------------------------------------------------
 
