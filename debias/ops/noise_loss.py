@@ -6,7 +6,8 @@ gradient, each in one pass over the data.
     dL/dpred = 2 w(t_b) / D * (pred - y) * scale                         (same pass)
 
 With ``noise=None`` the noise is a Philox stream (``PhiloxNoise``): drawn inside the kernel from
-a key taken from torch's generator, never written to memory, and drawn again by the loss.
+a key taken from torch's generator and drawn again by the loss, so it need never be written to
+memory (the compute-bound CPU backend keeps it instead; see ``PhiloxNoise.values``).
 The gradient is computed in the forward pass and kept until backward, which only scales it
 by ``grad_output``; ``grad_output`` stays on the device (no synchronisation).
 
@@ -56,7 +57,7 @@ class PhiloxNoise(NamedTuple):
         if self.values is not None:
             return self.values
         args = (self.key, list(self.shape), self.dtype, self.device, self.backend)
-        return _call(_philox_normal_op, *args)
+        return _philox_normal(*args)
 
 
 # ---- public ops ---------------------------------------------------------------------------
@@ -108,7 +109,7 @@ def add_noise(
     if torch.is_grad_enabled() and (x0.requires_grad or (key is None and noise.requires_grad)):
         x_t, kept = _AddNoise.apply(*args)
     else:
-        x_t, kept = _call(_add_noise_op, *args)
+        x_t, kept = _add_noise(*args)
     if noise is None:
         noise = PhiloxNoise(key, x0.shape, x0.dtype, x0.device, backend, kept if keep else None)
     return x_t, noise
@@ -160,10 +161,9 @@ def fused_loss(
         if tuple(noise.shape) != tuple(pred.shape):
             raise ValueError(f"noise has shape {list(noise.shape)} but pred has {list(pred.shape)}")
         _check_same_device(pred=pred, noise=noise)
-        noise_dtype = noise.dtype
     else:
         _check_like("noise", noise, "pred", pred)
-        noise_dtype = noise.dtype
+    noise_dtype = noise.dtype
     if prediction != "epsilon":
         if x0 is None:
             raise ValueError(f"x0 is required for prediction={prediction!r}")
@@ -202,7 +202,7 @@ def fused_loss(
     pred = pred.contiguous()
     if pred.requires_grad and torch.is_grad_enabled():
         return _NoiseLoss.apply(pred, *args, backend)
-    return _call(_noise_loss_op, pred, *args, False, backend)[0]
+    return _noise_loss(pred, *args, False, backend)[0]
 
 
 # ---- input checks -------------------------------------------------------------------------
@@ -279,12 +279,19 @@ def _draw_key(generator: torch.Generator | None) -> torch.Tensor:
 #
 # Each kernel entry is a torch.library custom op with a fake implementation, so torch.compile
 # traces through it; eager mode calls the same implementation directly, since the custom op's
-# Python dispatch costs more than a small kernel. Autograd is a plain autograd.Function,
-# which dynamo traces as well.
+# Python dispatch costs more than a small kernel (_custom_op). Autograd is a plain
+# autograd.Function, which dynamo traces as well.
 
 
-def _call(op, *args):
-    return op(*args) if torch.compiler.is_compiling() else op._init_fn(*args)
+def _custom_op(name: str, impl):
+    """Registers ``impl`` as custom op ``name``; returns (the op, a caller that uses the op
+    under torch.compile and ``impl`` itself in eager mode)."""
+    op = torch.library.custom_op(name, impl, mutates_args=())
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return op, call
 
 
 def _philox_normal_impl(
@@ -376,11 +383,9 @@ def _noise_loss_torch(
     return per_sample, grad
 
 
-_philox_normal_op = torch.library.custom_op(
-    "debias::philox_normal", _philox_normal_impl, mutates_args=()
-)
-_add_noise_op = torch.library.custom_op("debias::add_noise", _add_noise_impl, mutates_args=())
-_noise_loss_op = torch.library.custom_op("debias::noise_loss", _noise_loss_impl, mutates_args=())
+_philox_normal_op, _philox_normal = _custom_op("debias::philox_normal", _philox_normal_impl)
+_add_noise_op, _add_noise = _custom_op("debias::add_noise", _add_noise_impl)
+_noise_loss_op, _noise_loss = _custom_op("debias::noise_loss", _noise_loss_impl)
 
 
 @_philox_normal_op.register_fake
@@ -409,7 +414,7 @@ class _AddNoise(torch.autograd.Function):
     def forward(ctx, x0, t, coef_a, coef_b, noise, key, keep_noise, backend):
         ctx.save_for_backward(t, coef_a, coef_b)
         ctx.dim = x0.dim()
-        x_t, kept = _call(_add_noise_op, x0, t, coef_a, coef_b, noise, key, keep_noise, backend)
+        x_t, kept = _add_noise(x0, t, coef_a, coef_b, noise, key, keep_noise, backend)
         ctx.mark_non_differentiable(kept)
         ctx.set_materialize_grads(False)
         return x_t, kept
@@ -439,7 +444,7 @@ class _NoiseLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, *args):
         *args, backend = args
-        loss, grad = _call(_noise_loss_op, pred, *args, True, backend)
+        loss, grad = _noise_loss(pred, *args, True, backend)
         ctx.save_for_backward(grad)
         ctx.dim = pred.dim()
         return loss
