@@ -3,7 +3,8 @@
 //   add_noise       x_t = a_t * x0 + s_t * eps                      (diffusers' add_noise)
 //   noise_loss_fwd  loss_b = w_t / D * sum_i (pred_i - y_i)^2,
 //                   grad_i = 2 w_t / D * (pred_i - y_i)
-//   philox_normal   eps itself, materialised
+//   noise_loss_bwd  grad_i again, times the upstream gradient (GPU's recompute design)
+//   philox_normal_  eps itself, materialised
 //
 // eps is either a given tensor or the package's Philox stream (philox.h), regenerated from
 // (seed, offset) wherever it is needed, so a training step need not store it: add_noise reads
@@ -343,8 +344,9 @@ struct BlockCursor {
 //              a * eps_i - s * x0_i         (v_prediction; a = coef_a[t_b], s = coef_b[t_b])
 //              x0_i                         (sample)
 //     loss_b = (sum_i (pred_i - y_i)^2 / D) * w_b,        w_b = weight[t_b]
-//     grad_i = rnd_P((2 * w_b * grad_scale / D) * (pred_i - y_i))
-// (the factor once per sample in C; grad_scale = 1 gives exactly 2 * w_b / D).
+//     grad_i = rnd_P((2 * w_b * grad_scale / D * go_b) * (pred_i - y_i))
+// (the factor once per sample in C; grad_scale = 1 gives exactly 2 * w_b / D; go_b is the
+// upstream gradient of the backward op, 1 in the forward pass).
 // Determinism: samples are cut into fixed blocks of at most kBlock elements and blocks into
 // pieces of at most kChunk from the block start; a piece is summed by one _sq_diff_chunk
 // call, a block adds its pieces in order into its own slot, a sample adds its blocks in
@@ -363,6 +365,8 @@ void _noise_loss_fwd_kernel(const P* pred,                // [B * D] model outpu
                             const E* x0,                  // [B * D] or nullptr (epsilon target)
                             int64_t target, Stream st,
                             double grad_scale,            // d (reduced loss) / d loss_b
+                            const compute_t<P>* grad_output,  // [B] or [1] or nullptr (= 1)
+                            int64_t go_stride,            // 1 for [B], 0 for [1]
                             compute_t<P>* loss,           // [B] output
                             P* grad,                      // [B * D] output when kGrad
                             int64_t B, int64_t D) {
@@ -412,8 +416,9 @@ void _noise_loss_fwd_kernel(const P* pred,                // [B * D] model outpu
       }
       for (int64_t p = c0; p < c1;) {
         const int64_t piece_end = std::min(p + kChunk, cur.end);
-        const C gscale =
+        C gscale =
             C(2) * weight[t[cur.sample]] * static_cast<C>(grad_scale) / static_cast<C>(D);
+        if (grad_output != nullptr) gscale *= grad_output[cur.sample * go_stride];
         block_sum += _sq_diff_chunk<P, C, kGrad>(pred + p, y + (p - c0), piece_end - p,
                                                   kGrad ? grad + p : nullptr, gscale);
         if (piece_end == cur.end) {
@@ -542,30 +547,17 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
   return {out, kept};
 }
 
-// noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b,
-//                Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed,
-//                int offset, float grad_scale, bool need_grad) -> (Tensor, Tensor)
-//   pred       [B, ...] model output, any of the four float dtypes (dtype P), contiguous;
-//              C = float64 for float64 pred, float32 otherwise
-//   t          [B] int64, in [0, T_steps)
-//   weight     [T_steps] C, loss weight per timestep
-//   coef_a/b   [T_steps] C, sqrt(abar_t) and sqrt(1 - abar_t) (read by v_prediction only)
-//   noise      like pred in dtype E, or None: eps is the stream of (seed, offset) rounded
-//              to E = eps_dtype
-//   x0         like pred in dtype E; required by v_prediction (1) and sample (2)
-//   target     0 epsilon, 1 v_prediction, 2 sample
-//   grad_scale multiplies the gradient: 1/B makes it the gradient of the batch mean
-// Returns (loss [B] in C, grad like pred) or (loss, empty [0]) when need_grad is false.
-std::tuple<at::Tensor, at::Tensor> noise_loss_fwd_cpu(
-    const at::Tensor& pred, const at::Tensor& t, const at::Tensor& weight,
-    const at::Tensor& coef_a, const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
-    const std::optional<at::Tensor>& x0, int64_t target, at::ScalarType eps_dtype, int64_t seed,
-    int64_t offset, double grad_scale, bool need_grad) {
-  constexpr const char* op = "debias_C::noise_loss_fwd";
+// Checks the noise_loss arguments shared by forward and backward; returns E, the dtype of
+// eps (noise's dtype when given, else eps_dtype).
+at::ScalarType check_noise_loss(const char* op, const at::Tensor& pred, const at::Tensor& t,
+                                const at::Tensor& weight, const at::Tensor& coef_a,
+                                const at::Tensor& coef_b,
+                                const std::optional<at::Tensor>& noise,
+                                const std::optional<at::Tensor>& x0, int64_t target,
+                                at::ScalarType eps_dtype) {
   DEBIAS_CHECK_CPU_CONTIGUOUS(op, pred, "pred");
-  const at::ScalarType ctype = compute_dtype(pred.scalar_type());
-  check_common(op, "pred", pred, t, ctype, {&weight, &coef_a, &coef_b},
-               {"weight", "coef_a", "coef_b"});
+  check_common(op, "pred", pred, t, compute_dtype(pred.scalar_type()),
+               {&weight, &coef_a, &coef_b}, {"weight", "coef_a", "coef_b"});
   TORCH_CHECK(target == kEpsilon || target == kVPrediction || target == kSample, op,
               ": target must be 0 (epsilon), 1 (v_prediction) or 2 (sample), got ", target);
   at::ScalarType edtype = eps_dtype;
@@ -587,51 +579,125 @@ std::tuple<at::Tensor, at::Tensor> noise_loss_fwd_cpu(
     TORCH_CHECK(x.sizes() == pred.sizes(), op, ": x0 must have the shape of pred ",
                 pred.sizes(), ", got ", x.sizes());
   }
+  return edtype;
+}
+
+// Runs the loss kernel into loss ([B], C) and, when grad is defined, grad (like pred);
+// grad_output (C, [B] or [1]) scales the gradient when defined.
+void run_noise_loss(const at::Tensor& pred, const at::Tensor& t, const at::Tensor& weight,
+                    const at::Tensor& coef_a, const at::Tensor& coef_b,
+                    const std::optional<at::Tensor>& noise,
+                    const std::optional<at::Tensor>& x0, int64_t target, at::ScalarType edtype,
+                    int64_t seed, int64_t offset, double grad_scale,
+                    const at::Tensor* grad_output, at::Tensor& loss, at::Tensor* grad) {
   const int64_t B = pred.size(0);
-  at::Tensor loss = at::empty({B}, pred.options().dtype(ctype));
-  at::Tensor grad = need_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
-  if (B == 0) return {loss, grad};
+  if (B == 0) return;
   const int64_t D = pred.numel() / B;
   const Stream st = make_stream(seed, offset);
-  const at::ScalarType ptype = pred.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, ptype, "noise_loss_fwd", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "noise_loss", [&] {
     using P = scalar_t;
     using C = compute_t<P>;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, edtype, "noise_loss_fwd", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, edtype, "noise_loss", [&] {
       using E = scalar_t;
       const E* noise_p = noise.has_value() ? noise->data_ptr<E>() : nullptr;
       const E* x0_p = x0.has_value() ? x0->data_ptr<E>() : nullptr;
+      const C* go_p = grad_output != nullptr ? grad_output->data_ptr<C>() : nullptr;
+      const int64_t go_stride = grad_output != nullptr && grad_output->numel() > 1 ? 1 : 0;
       auto run = [&](auto grad_flag) {
         _noise_loss_fwd_kernel<P, E, decltype(grad_flag)::value>(
             pred.data_ptr<P>(), t.data_ptr<int64_t>(), weight.data_ptr<C>(),
             coef_a.data_ptr<C>(), coef_b.data_ptr<C>(), noise_p, x0_p, target, st, grad_scale,
-            loss.data_ptr<C>(), need_grad ? grad.data_ptr<P>() : nullptr, B, D);
+            go_p, go_stride, loss.data_ptr<C>(), grad != nullptr ? grad->data_ptr<P>() : nullptr,
+            B, D);
       };
-      if (need_grad) {
+      if (grad != nullptr) {
         run(std::true_type{});
       } else {
         run(std::false_type{});
       }
     });
   });
-  return {loss, grad};
 }
 
-// philox_normal(int seed, int offset, int[] size, ScalarType dtype) -> Tensor
-// The stream of (seed, offset) as a contiguous CPU tensor of that size, rounded to dtype
+// noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b,
+//                Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed,
+//                int offset, float grad_scale, float loss_scale, bool need_grad)
+//     -> (Tensor loss, Tensor total, Tensor grad)
+//   pred       [B, ...] model output, any of the four float dtypes (dtype P), contiguous;
+//              C = float64 for float64 pred, float32 otherwise
+//   t          [B] int64, in [0, T_steps)
+//   weight     [T_steps] C, loss weight per timestep
+//   coef_a/b   [T_steps] C, sqrt(abar_t) and sqrt(1 - abar_t) (read by v_prediction only)
+//   noise      like pred in dtype E, or None: eps is the stream of (seed, offset) rounded
+//              to E = eps_dtype
+//   x0         like pred in dtype E; required by v_prediction (1) and sample (2)
+//   target     0 epsilon, 1 v_prediction, 2 sample
+//   grad_scale multiplies the gradient: 1/B makes it the gradient of the batch mean
+//   loss_scale total = loss_scale * sum_b loss_b, summed in double in order of b
+// Returns (loss [B] in C, total [] in C, grad like pred or empty [0] when not need_grad).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cpu(
+    const at::Tensor& pred, const at::Tensor& t, const at::Tensor& weight,
+    const at::Tensor& coef_a, const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& x0, int64_t target, at::ScalarType eps_dtype, int64_t seed,
+    int64_t offset, double grad_scale, double loss_scale, bool need_grad) {
+  const at::ScalarType edtype = check_noise_loss("debias_C::noise_loss_fwd", pred, t, weight,
+                                                 coef_a, coef_b, noise, x0, target, eps_dtype);
+  const at::ScalarType ctype = compute_dtype(pred.scalar_type());
+  at::Tensor loss = at::empty({pred.size(0)}, pred.options().dtype(ctype));
+  at::Tensor grad = need_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
+  run_noise_loss(pred, t, weight, coef_a, coef_b, noise, x0, target, edtype, seed, offset,
+                 grad_scale, nullptr, loss, need_grad ? &grad : nullptr);
+  at::Tensor total = at::empty({}, loss.options());
+  AT_DISPATCH_FLOATING_TYPES(ctype, "noise_loss_total", [&] {
+    const scalar_t* lp = loss.data_ptr<scalar_t>();
+    double sum = 0.0;
+    for (int64_t b = 0; b < loss.numel(); ++b) sum += static_cast<double>(lp[b]);
+    *total.data_ptr<scalar_t>() = static_cast<scalar_t>(sum * loss_scale);
+  });
+  return {loss, total, grad};
+}
+
+// noise_loss_bwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b,
+//                Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed,
+//                int offset, float grad_scale, Tensor grad_output) -> Tensor
+// The gradient of noise_loss_fwd recomputed, scaled per sample by grad_output (C, [B] or
+// one element): grad_i = rnd_P((2 w_b grad_scale / D * go_b) * (pred_i - y_i)).
+at::Tensor noise_loss_bwd_cpu(const at::Tensor& pred, const at::Tensor& t,
+                              const at::Tensor& weight, const at::Tensor& coef_a,
+                              const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Tensor>& x0, int64_t target,
+                              at::ScalarType eps_dtype, int64_t seed, int64_t offset,
+                              double grad_scale, const at::Tensor& grad_output) {
+  constexpr const char* op = "debias_C::noise_loss_bwd";
+  const at::ScalarType edtype =
+      check_noise_loss(op, pred, t, weight, coef_a, coef_b, noise, x0, target, eps_dtype);
+  const at::ScalarType ctype = compute_dtype(pred.scalar_type());
+  DEBIAS_CHECK_CPU_CONTIGUOUS(op, grad_output, "grad_output");
+  DEBIAS_CHECK_DTYPE(op, grad_output, "grad_output", ctype);
+  TORCH_CHECK(grad_output.numel() == 1 || grad_output.numel() == pred.size(0), op,
+              ": grad_output must have 1 or ", pred.size(0), " elements, got ",
+              grad_output.numel());
+  at::Tensor loss = at::empty({pred.size(0)}, pred.options().dtype(ctype));
+  at::Tensor grad = at::empty_like(pred);
+  run_noise_loss(pred, t, weight, coef_a, coef_b, noise, x0, target, edtype, seed, offset,
+                 grad_scale, &grad_output, loss, &grad);
+  return grad;
+}
+
+// philox_normal_(Tensor(a!) out, int seed, int offset) -> ()
+// Fills a contiguous CPU tensor with the stream of (seed, offset), rounded to its dtype
 // (float64 holds the float32 normals exactly).
-at::Tensor philox_normal_cpu(int64_t seed, int64_t offset, at::IntArrayRef size,
-                             at::ScalarType dtype) {
-  constexpr const char* op = "debias_C::philox_normal";
-  TORCH_CHECK(is_supported_float(dtype), op,
-              ": dtype must be float32, float64, bfloat16 or float16, got ", dtype);
-  at::Tensor out = at::empty(size, at::TensorOptions().dtype(dtype).device(at::kCPU));
-  if (out.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "philox_normal", [&] {
+void philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
+  constexpr const char* op = "debias_C::philox_normal_";
+  DEBIAS_CHECK_CPU_CONTIGUOUS(op, out, "out");
+  TORCH_CHECK(is_supported_float(out.scalar_type()), op,
+              ": out must be float32, float64, bfloat16 or float16, got ", out.scalar_type());
+  if (out.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "philox_normal",
+                                  [&] {
     _philox_normal_kernel<scalar_t>(make_stream(seed, offset), out.data_ptr<scalar_t>(),
                                     out.numel());
   });
-  return out;
 }
 
 }  // namespace
@@ -644,18 +710,17 @@ TORCH_LIBRARY(debias_C, m) {
   m.def(
       "noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b, "
       "Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed, int offset, "
-      "float grad_scale, bool need_grad) -> (Tensor, Tensor)");
-  m.def("philox_normal(int seed, int offset, int[] size, ScalarType dtype) -> Tensor");
+      "float grad_scale, float loss_scale, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "noise_loss_bwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b, "
+      "Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed, int offset, "
+      "float grad_scale, Tensor grad_output) -> Tensor");
+  m.def("philox_normal_(Tensor(a!) out, int seed, int offset) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(debias_C, CPU, m) {
   m.impl("add_noise", &debias::add_noise_cpu);
   m.impl("noise_loss_fwd", &debias::noise_loss_fwd_cpu);
-}
-
-// philox_normal has no tensor argument, so the dispatcher finds no backend key and a CPU
-// kernel would never be reached; CompositeExplicitAutograd serves such calls. The kernel
-// always makes a CPU tensor.
-TORCH_LIBRARY_IMPL(debias_C, CompositeExplicitAutograd, m) {
-  m.impl("philox_normal", &debias::philox_normal_cpu);
+  m.impl("noise_loss_bwd", &debias::noise_loss_bwd_cpu);
+  m.impl("philox_normal_", &debias::philox_normal_cpu);
 }

@@ -49,10 +49,14 @@ def philox4x32(counter: torch.Tensor, key: tuple[int, int], rounds: int = 10) ->
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
-def philox_normal(seed: int, offset: int, numel: int, device=None) -> torch.Tensor:
-    """The first ``numel`` normals of the stream ``(seed, offset)``, float32 ``[numel]``."""
+def philox_normal(
+    seed: int, offset: int, numel: int, device=None, *, start: int = 0
+) -> torch.Tensor:
+    """Normals ``start .. start + numel - 1`` of the stream ``(seed, offset)``, float32
+    ``[numel]``."""
     seed, offset = seed & (2**64 - 1), offset & (2**64 - 1)
-    groups = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
+    first = start // 4
+    groups = torch.arange(first, (start + numel + 3) // 4, dtype=torch.int64, device=device)
     counter = torch.stack(
         (
             groups & _MASK32,
@@ -70,7 +74,8 @@ def philox_normal(seed: int, offset: int, numel: int, device=None) -> torch.Tens
     r = torch.sqrt(-2.0 * torch.log(u[:, 0::2]))
     theta = (2 * math.pi) * u[:, 1::2]
     normals = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=-1).float()
-    return normals.reshape(-1)[:numel]
+    skip = start - 4 * first
+    return normals.reshape(-1)[skip : skip + numel]
 
 
 # ---- noising ------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ DEBIAS_BACKEND, then the default for the tensors' device.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -39,11 +41,42 @@ def compiled():
 
 
 def available(device: torch.device) -> tuple[str, ...]:
-    """Backends that can run on ``device``, fastest first."""
+    """Backends that can run on ``device``, the default first."""
     if device.type == "cpu":
-        return ("cpu", "torch") if compiled() is not None else ("torch",)
-    # The GPU kernels come with their own backends; until then CUDA tensors take torch's.
-    return ("torch",)
+        found = ("cpu", "torch") if compiled() is not None else ("torch",)
+        # The Triton interpreter runs the GPU kernels on CPU tensors, slowly: a test backend,
+        # never the default.
+        return found + (("triton",) if triton_interpreted() else ())
+    if device.type != "cuda":
+        return ("torch",)
+    found = [name for name, ok in (("cuda", _cuda_kernels()), ("triton", _triton())) if ok]
+    # The default on a GPU is the faster of cuda and triton in benchmarks/results/
+    # noise_loss_<gpu>.csv. No GPU row exists yet (benchmarks/gpu_run.sh makes one), so cuda
+    # leads provisionally: it needs no JIT compilation on first use.
+    found.sort(key=GPU_PREFERENCE.index)
+    return (*found, "torch")
+
+
+GPU_PREFERENCE = ["cuda", "triton"]
+
+
+def triton_interpreted() -> bool:
+    """Triton is installed and runs in its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1" and _triton()
+
+
+@functools.cache
+def _triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _cuda_kernels() -> bool:
+    """debias._C was built with its CUDA kernels (an extension built against CPU torch has
+    none)."""
+    return compiled() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "debias_C::add_noise", "CUDA"
+    )
 
 
 def resolve(backend: str | None, device: torch.device) -> str:

@@ -8,8 +8,9 @@ gradient, each in one pass over the data.
 With ``noise=None`` the noise is a Philox stream (``PhiloxNoise``): drawn inside the kernel from
 a key taken from torch's generator and drawn again by the loss, so it need never be written to
 memory (the compute-bound CPU backend keeps it instead; see ``PhiloxNoise.values``).
-The gradient is computed in the forward pass and kept until backward, which only scales it
-by ``grad_output``; ``grad_output`` stays on the device (no synchronisation).
+The gradient is either computed in the forward pass and kept until backward, which scales it
+by ``grad_output``, or recomputed in backward (``GRAD_IN_FORWARD``); ``grad_output`` stays
+on the device either way (no synchronisation).
 
 Each public function checks its input once; the custom ops below it trust their input.
 """
@@ -29,6 +30,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Backends that keep the noise they generate (PhiloxNoise.values): compute-bound ones.
 _KEEPS_NOISE = ("torch", "cpu")
 _TARGETS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
+# The gradient design per backend: True computes the gradient in the loss's forward pass and
+# keeps it for backward (on the CPU, whose backward then usually costs nothing: see
+# _NoiseLoss.backward); False computes the loss alone and recomputes the gradient in
+# backward, regenerating the noise: the GPU kernels are bound by memory, and this moves 5
+# tensor passes for the loss side instead of 6 (benchmarks/bench_noise_loss.py times both).
+GRAD_IN_FORWARD = {"torch": True, "cpu": True, "triton": False, "cuda": False}
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -294,14 +301,26 @@ def _custom_op(name: str, impl):
     return op, call
 
 
+def _triton_kernels():
+    """triton_kernels/noise_loss.py, imported on first use: importing Triton takes a second,
+    and TRITON_INTERPRET must be set before the kernels are imported."""
+    from debias.triton_kernels import noise_loss
+
+    return noise_loss
+
+
 def _philox_normal_impl(
     key: torch.Tensor, shape: list[int], dtype: torch.dtype, device: torch.device, backend: str
 ) -> torch.Tensor:
     seed, offset = key.tolist()
-    if backend == "cpu":
-        return torch.ops.debias_C.philox_normal(seed, offset, shape, dtype)
-    numel = torch.Size(shape).numel()
-    return reference.philox_normal(seed, offset, numel, device).view(shape).to(dtype)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if backend in ("cpu", "cuda"):
+        torch.ops.debias_C.philox_normal_(out, seed, offset)
+    elif backend == "triton":
+        _triton_kernels().philox_fill(out, seed, offset)
+    else:
+        out.copy_(reference.philox_normal(seed, offset, out.numel(), device).view(shape))
+    return out
 
 
 def _add_noise_impl(
@@ -316,9 +335,11 @@ def _add_noise_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_t, the generated noise if ``keep_noise`` else an empty tensor)."""
     seed, offset = key.tolist() if key is not None else (0, 0)
-    if backend == "cpu":
+    if backend in ("cpu", "cuda"):
         return torch.ops.debias_C.add_noise(x0, t, coef_a, coef_b, noise, seed, offset, keep_noise)
     kept = x0.new_empty(0)
+    if backend == "triton":
+        return _triton_kernels().add_noise(x0, t, coef_a, coef_b, noise, seed, offset), kept
     if noise is None:
         noise = _philox_normal_impl(key, list(x0.shape), x0.dtype, x0.device, backend)
         kept = noise if keep_noise else kept
@@ -346,15 +367,52 @@ def _noise_loss_impl(
     """(loss reduced as asked, d loss / d pred or an empty tensor if not ``need_grad``); the
     gradient already carries the 1/B of a mean."""
     seed, offset = key.tolist() if key is not None else (0, 0)
-    grad_scale = 1.0 / pred.shape[0] if _REDUCTIONS[reduction] == "mean" else 1.0
+    div = pred.shape[0] if _REDUCTIONS[reduction] == "mean" else 1
     args = (pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset)
-    if backend == "cpu":
-        per_sample, grad = torch.ops.debias_C.noise_loss_fwd(*args, grad_scale, need_grad)
+    if backend == "triton":
+        per_sample, total, grad = _triton_kernels().noise_loss(
+            *args, grad_div=div, loss_div=div, need_grad=need_grad
+        )
+        grad = grad if need_grad else pred.new_empty(0)
+    elif backend in ("cpu", "cuda"):
+        per_sample, total, grad = torch.ops.debias_C.noise_loss_fwd(
+            *args, 1.0 / div, 1.0 / div, need_grad
+        )
     else:
-        per_sample, grad = _noise_loss_torch(*args, grad_scale, need_grad)
-    if _REDUCTIONS[reduction] == "none":
-        return per_sample, grad
-    return (per_sample.mean() if _REDUCTIONS[reduction] == "mean" else per_sample.sum()), grad
+        per_sample, grad = _noise_loss_torch(*args, 1.0 / div, need_grad)
+        total = per_sample.sum() / div
+    return (per_sample if _REDUCTIONS[reduction] == "none" else total), grad
+
+
+def _noise_loss_bwd_impl(
+    pred: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    coef_a: torch.Tensor,
+    coef_b: torch.Tensor,
+    noise: torch.Tensor | None,
+    x0: torch.Tensor | None,
+    key: torch.Tensor | None,
+    target: int,
+    noise_dtype: torch.dtype,
+    reduction: int,
+    grad_output: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    """d loss / d pred recomputed from pred and the noise, times ``grad_output`` (a scalar or
+    ``[B]`` for reduction "none", in the loss dtype), which stays on the device."""
+    seed, offset = key.tolist() if key is not None else (0, 0)
+    div = pred.shape[0] if _REDUCTIONS[reduction] == "mean" else 1
+    args = (pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset)
+    grad_output = grad_output.contiguous()
+    if backend == "triton":
+        return _triton_kernels().noise_loss(
+            *args, grad_div=div, need_loss=False, grad_output=grad_output
+        )[2]
+    if backend in ("cpu", "cuda"):
+        return torch.ops.debias_C.noise_loss_bwd(*args, 1.0 / div, grad_output)
+    grad = _noise_loss_torch(*args, 1.0 / div, True)[1]
+    return grad * grad_output.view((-1,) + (1,) * (pred.dim() - 1)).to(grad.dtype)
 
 
 def _noise_loss_torch(
@@ -386,6 +444,7 @@ def _noise_loss_torch(
 _philox_normal_op, _philox_normal = _custom_op("debias::philox_normal", _philox_normal_impl)
 _add_noise_op, _add_noise = _custom_op("debias::add_noise", _add_noise_impl)
 _noise_loss_op, _noise_loss = _custom_op("debias::noise_loss", _noise_loss_impl)
+_noise_loss_bwd_op, _noise_loss_bwd = _custom_op("debias::noise_loss_bwd", _noise_loss_bwd_impl)
 
 
 @_philox_normal_op.register_fake
@@ -405,6 +464,12 @@ def _(pred, t, weight, coef_a, coef_b, noise, x0, key, target, noise_dtype, redu
     loss_shape = (pred.shape[0],) if _REDUCTIONS[reduction] == "none" else ()
     grad_shape = pred.shape if need_grad else (0,)
     return pred.new_empty(loss_shape, dtype=weight.dtype), pred.new_empty(grad_shape)
+
+
+@_noise_loss_bwd_op.register_fake
+def _(pred, t, weight, coef_a, coef_b, noise, x0, key, target, noise_dtype, reduction,
+      grad_output, backend):  # fmt: skip
+    return torch.empty_like(pred)
 
 
 class _AddNoise(torch.autograd.Function):
@@ -438,19 +503,32 @@ def _is_host_one(x: torch.Tensor) -> bool:
 
 
 class _NoiseLoss(torch.autograd.Function):
-    """The gradient is computed in forward and kept; backward only scales it by grad_output
-    (a tensor op: no device sync)."""
+    """Two designs (GRAD_IN_FORWARD): the gradient computed in forward and kept, backward
+    only scaling it by grad_output; or forward computing the loss alone and backward
+    recomputing the gradient from pred and the regenerated noise, grad_output read on the
+    device. Neither synchronises the device."""
 
     @staticmethod
     def forward(ctx, pred, *args):
         *args, backend = args
-        loss, grad = _noise_loss(pred, *args, True, backend)
-        ctx.save_for_backward(grad)
         ctx.dim = pred.dim()
+        ctx.keep = GRAD_IN_FORWARD[backend]
+        loss, grad = _noise_loss(pred, *args, ctx.keep, backend)
+        if ctx.keep:
+            ctx.save_for_backward(grad)
+        else:
+            t, weight, coef_a, coef_b, noise, x0, key = args[:7]
+            ctx.save_for_backward(pred, t, weight, coef_a, coef_b, noise, x0, key)
+            ctx.args = (*args[7:], backend)  # target, noise_dtype, reduction; backend
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if not ctx.keep:
+            pred, *tensors = ctx.saved_tensors
+            *consts, backend = ctx.args
+            grad = _noise_loss_bwd(pred, *tensors, *consts, grad_loss, backend)
+            return (grad,) + (None,) * 11
         (grad,) = ctx.saved_tensors
         if grad_loss.dim() > 0:  # reduction="none": one upstream gradient per sample
             grad_loss = grad_loss.view((-1,) + (1,) * (ctx.dim - 1))

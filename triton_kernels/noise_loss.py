@@ -1,0 +1,392 @@
+"""Triton kernels of the noise_loss op: noising, and the weighted loss with its gradient.
+
+    add_noise    x_t = rnd_T(rnd_T(a_t x0) + rnd_T(s_t eps))       read N, write N
+    noise_loss   loss_b = w_t / D sum_i (pred_i - y_i)^2           read N (+N for v / x0)
+                 grad_i = rnd_P(2 w_t / D * scale * go_b * (pred_i - y_i))   write N
+    philox_fill  eps itself                                        write N
+
+eps is a given tensor or the package's Philox stream (csrc/philox.h holds the definition;
+this file follows it to the bit, fused multiply-adds included), regenerated wherever it is
+needed so that it never reaches memory. The launchers take tensors, tables and scalars only;
+the caller (debias/ops/noise_loss.py) validates them.
+
+Work split. One program per (sample b, chunk j): it walks the flat range
+[b D + j CHUNK, min(b D + (j + 1) CHUNK, (b + 1) D)) in tiles of BLOCK elements, so the
+per-sample coefficients are scalars and no element divides its index by D. Tiles start on a
+multiple of 16 in the flat index: a Philox group (4 elements) never straddles two tiles, and
+when D is a multiple of 16 the loads are 16-byte vectors; the first tile may begin up to 15
+elements early and is masked.
+
+Reduction. Each program sums its chunk (fp32 lanes, a fixed tree), publishes the partial,
+then counts itself done on a per-sample counter; the program that finishes sample b last
+adds that sample's partials in order (fp64) and writes loss_b; the program that finishes the
+last sample adds loss_0..loss_{B-1} in order into the batch total. One launch, and the same
+bits on every run, whatever order the programs ran in. The counters must be zero on entry.
+
+Floating point. Kernels are launched with fp fusion off, so a * b + c rounds twice as in
+torch's separate ops (x_t equals diffusers' add_noise bit for bit); the stream's polynomials
+call tl.fma where philox.h fuses.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# csrc/philox.h: Philox4x32-10 multipliers and key bumps.
+_M0 = tl.constexpr(0xD2511F53)
+_M1 = tl.constexpr(0xCD9E8D57)
+_W0 = tl.constexpr(0x9E3779B9)
+_W1 = tl.constexpr(0xBB67AE85)
+
+TARGET_EPSILON, TARGET_V, TARGET_SAMPLE = 0, 1, 2
+# Upstream gradient of the loss: none (1), one scalar for the batch, or one per sample.
+GO_NONE, GO_SCALAR, GO_PER_SAMPLE = 0, 1, 2
+
+_MAX_BLOCK = 1024  # elements per tile: 8 per thread at 4 warps
+_MAX_CHUNK = 16384  # elements per program: 16 tiles, enough to hide a tile's latency
+_MIN_BLOCK = 16  # tiles start on multiples of 16 elements (see the module docstring)
+
+_TL_DTYPES = {
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+}
+
+
+# ---- the stream ----------------------------------------------------------------------------
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, _M0)
+        hi1 = tl.umulhi(c2, _M1)
+        lo0 = c0 * _M0
+        lo1 = c2 * _M1
+        c0 = hi1 ^ c1 ^ k0
+        c2 = hi0 ^ c3 ^ k1
+        c1 = lo1
+        c3 = lo0
+        k0 = k0 + _W0
+        k1 = k1 + _W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _minus_two_log(u):
+    """-2 log(u) for u in [2^-33, 1]: philox.h's Cephes logf, every coefficient times -2."""
+    bits = u.to(tl.uint32, bitcast=True)
+    e = (bits - 0x3F3504F3).to(tl.int32, bitcast=True) >> 23
+    m = (bits - (e.to(tl.uint32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
+    fe = e.to(tl.float32)
+    x = m - 1.0
+    z = x * x
+    z2 = z * z
+    p01 = tl.fma(x, 4.9999988079e-1, -6.6666662693e-1)
+    p23 = tl.fma(x, 3.3336114883e-1, -4.0001428127e-1)
+    p45 = tl.fma(x, 2.4840281904e-1, -2.8498646617e-1)
+    p67 = tl.fma(x, 2.3029220104e-1, -2.3353996873e-1)
+    p03 = tl.fma(p23, z, p01)
+    p47 = tl.fma(p67, z, p45)
+    p = tl.fma(z2 * z2, -1.4075367153e-1, tl.fma(p47, z2, p03))
+    low_terms = tl.fma(fe, 4.2438888340e-4, z)
+    y = tl.fma(p, x * z, low_terms)
+    return tl.fma(fe, -1.38671875, tl.fma(x, -2.0, y))
+
+
+@triton.jit
+def _sincos_quarter_turns(t):
+    """sin and cos of (pi / 2) t for t in [0, 4]: philox.h's polynomials and quadrant swap."""
+    q = (t + 12582912.0) - 12582912.0  # rint(t)
+    f = t - q
+    quadrant = q.to(tl.int32) & 3
+    z = f * f
+    z2 = z * z
+    s_lo = tl.fma(z, -6.4596360922e-1, 1.5707963705e0)
+    s_hi = tl.fma(z, -4.6048373915e-3, 7.9681411386e-2)
+    s = f * tl.fma(s_hi, z2, s_lo)
+    c_lo = tl.fma(z, -1.2337005138e0, 1.0)
+    c_hi = tl.fma(z2, 9.0560456738e-4, tl.fma(z, -2.0861119032e-2, 2.5366938114e-1))
+    c = tl.fma(c_hi, z2, c_lo)
+    swap = (quadrant & 1) != 0
+    sin_sign = ((quadrant & 2) << 30).to(tl.uint32, bitcast=True)
+    cos_sign = (((quadrant + 1) & 2) << 30).to(tl.uint32, bitcast=True)
+    sin = tl.where(swap, c, s).to(tl.uint32, bitcast=True) ^ sin_sign
+    cos = tl.where(swap, s, c).to(tl.uint32, bitcast=True) ^ cos_sign
+    return sin.to(tl.float32, bitcast=True), cos.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _box_muller(xa, xb):
+    """(r cos theta, r sin theta) with r = sqrt(-2 log u(xa)), theta = 2 pi u(xb)."""
+    u = xa.to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # 2^-32, 2^-33
+    r = tl.sqrt_rn(_minus_two_log(u))
+    turns = xb.to(tl.float32) * 9.313225746154785e-10 + 4.656612873077393e-10  # 2^-30, 2^-31
+    sin, cos = _sincos_quarter_turns(turns)
+    return r * cos, r * sin
+
+
+@triton.jit
+def _normals(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constexpr):
+    """float32 normals of flat elements start .. start + BLOCK - 1 (start a multiple of 4):
+    one Philox call per group of four, the four normals interleaved back into element order."""
+    g = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    c2 = tl.full([BLOCK // 4], 0, tl.uint32) + off_lo
+    c3 = tl.full([BLOCK // 4], 0, tl.uint32) + off_hi
+    x0, x1, x2, x3 = _philox4x32_10(c0, c1, c2, c3, seed_lo, seed_hi)
+    n0, n1 = _box_muller(x0, x1)
+    n2, n3 = _box_muller(x2, x3)
+    # [g, p, q] = n_{2p + q}: flat index 4g + 2p + q
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+
+
+@triton.jit
+def _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
+         HAS_NOISE: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """eps of tile idx = k + arange(BLOCK) in compute type C: the given noise, or the stream
+    rounded to the noise dtype EPS."""
+    if HAS_NOISE:
+        return tl.load(noise_ptr + idx, mask=mask, other=0.0).to(C)
+    return _round(_normals(k, seed_lo, seed_hi, off_lo, off_hi, BLOCK), EPS).to(C)
+
+
+@triton.jit
+def _round(x, DTYPE: tl.constexpr):
+    """x (float32 or wider) rounded to DTYPE, to nearest even. bfloat16 is rounded on the
+    bits (NaN kept), as the GPU's conversion does, because the interpreter truncates."""
+    if DTYPE == tl.bfloat16:
+        x = x.to(tl.float32)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+@triton.jit
+def _words(x):
+    """(low, high) uint32 words of a signed int64 taken as uint64 (philox.h)."""
+    bits = tl.cast(x, tl.int64).to(tl.uint64, bitcast=True)
+    return (bits & 0xFFFFFFFF).to(tl.uint32), (bits >> 32).to(tl.uint32)
+
+
+@triton.jit
+def _span(D, chunks, CHUNK: tl.constexpr):
+    """(sample b, first element, end, first tile start) of this program's chunk."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // chunks
+    begin = b * D + (pid - b * chunks) * CHUNK
+    end = tl.minimum(begin + CHUNK, (b + 1) * D)
+    return b, begin, end, (begin // 16) * 16
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _add_noise_kernel(
+    x0_ptr, t_ptr, coef_a_ptr, coef_b_ptr, noise_ptr, x_t_ptr,
+    seed, offset, D, chunks,
+    HAS_NOISE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    b, begin, end, first = _span(D, chunks, CHUNK)
+    seed_lo, seed_hi = _words(seed)
+    off_lo, off_hi = _words(offset)
+    T = x_t_ptr.dtype.element_ty
+    C = coef_a_ptr.dtype.element_ty
+    tb = tl.load(t_ptr + b)
+    a = tl.load(coef_a_ptr + tb)
+    s = tl.load(coef_b_ptr + tb)
+    for k in range(first, end, BLOCK):
+        k = tl.multiple_of(k, 16)
+        idx = k + tl.arange(0, BLOCK)
+        mask = (idx >= begin) & (idx < end)
+        x = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
+        eps = _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
+                   HAS_NOISE, T, C, BLOCK)  # fmt: skip
+        signal = _round(a * x, T).to(C)
+        scaled = _round(s * eps, T).to(C)
+        tl.store(x_t_ptr + idx, _round(signal + scaled, T), mask=mask)
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "grad_div", "loss_div"])
+def _noise_loss_kernel(
+    pred_ptr, t_ptr, weight_ptr, coef_a_ptr, coef_b_ptr, noise_ptr, x0_ptr,
+    grad_ptr, go_ptr, loss_ptr, total_ptr, partial_ptr, count_ptr,
+    seed, offset, grad_div, loss_div, B, D, chunks,
+    TARGET: tl.constexpr, HAS_NOISE: tl.constexpr, EPS: tl.constexpr,
+    LOSS: tl.constexpr, GRAD: tl.constexpr, GO: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+):  # fmt: skip
+    b, begin, end, first = _span(D, chunks, CHUNK)
+    seed_lo, seed_hi = _words(seed)
+    off_lo, off_hi = _words(offset)
+    C = weight_ptr.dtype.element_ty
+    tb = tl.load(t_ptr + b)
+    w = tl.load(weight_ptr + tb)
+    if GRAD:
+        gscale = 2.0 * w / tl.cast(D, C) / tl.cast(grad_div, C)
+        if GO == 1:
+            gscale = gscale * tl.load(go_ptr)
+        elif GO == 2:
+            gscale = gscale * tl.load(go_ptr + b)
+    if TARGET == 1:
+        a = tl.load(coef_a_ptr + tb)
+        s = tl.load(coef_b_ptr + tb)
+    acc = tl.zeros([BLOCK], C)
+    for k in range(first, end, BLOCK):
+        k = tl.multiple_of(k, 16)
+        idx = k + tl.arange(0, BLOCK)
+        mask = (idx >= begin) & (idx < end)
+        p = tl.load(pred_ptr + idx, mask=mask, other=0.0)
+        if TARGET == 2:
+            y = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
+        else:
+            y = _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
+                     HAS_NOISE, EPS, C, BLOCK)  # fmt: skip
+            if TARGET == 1:
+                y = a * y - s * tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
+        d = tl.where(mask, p.to(C) - y, 0.0)
+        if LOSS:
+            acc += d * d
+        if GRAD:
+            tl.store(grad_ptr + idx, _round(gscale * d, p.dtype), mask=mask)
+    if LOSS:
+        tl.store(partial_ptr + tl.program_id(0), tl.sum(acc).to(tl.float64))
+        # Every thread's store is done before one thread releases them with the count.
+        tl.debug_barrier()
+        if tl.atomic_add(count_ptr + b, 1, sem="acq_rel") == chunks - 1:
+            _finish_sample(partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, B, D,
+                           chunks, RBLOCK)  # fmt: skip
+
+
+@triton.jit
+def _finish_sample(partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, B, D, chunks,
+                   RBLOCK: tl.constexpr):  # fmt: skip
+    """Run by the last program of sample b: loss_b from its partials, and the batch total
+    when b is the last sample to finish. Partials are read past L1 (.cg): other programs
+    wrote them."""
+    acc = tl.zeros([RBLOCK], tl.float64)
+    for c in range(0, chunks, RBLOCK):
+        r = c + tl.arange(0, RBLOCK)
+        acc += tl.load(partial_ptr + b * chunks + r, mask=r < chunks, other=0.0,
+                       cache_modifier=".cg")  # fmt: skip
+    loss = tl.sum(acc) / tl.cast(D, tl.float64) * w.to(tl.float64)
+    tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + B, 1, sem="acq_rel") == B - 1:
+        tot = tl.zeros([RBLOCK], tl.float64)
+        for c in range(0, B, RBLOCK):
+            r = c + tl.arange(0, RBLOCK)
+            tot += tl.load(loss_ptr + r, mask=r < B, other=0.0, cache_modifier=".cg").to(
+                tl.float64
+            )
+        total = tl.sum(tot) / tl.cast(loss_div, tl.float64)
+        tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["seed", "offset"])
+def _philox_fill_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+    seed_lo, seed_hi = _words(seed)
+    off_lo, off_hi = _words(offset)
+    k = tl.program_id(0).to(tl.int64) * BLOCK
+    idx = k + tl.arange(0, BLOCK)
+    normal = _normals(k, seed_lo, seed_hi, off_lo, off_hi, BLOCK)
+    tl.store(out_ptr + idx, _round(normal, out_ptr.dtype.element_ty), mask=idx < n)
+
+
+# ---- launchers -----------------------------------------------------------------------------
+
+
+def _split(D: int) -> tuple[int, int, int]:
+    """(BLOCK, CHUNK, chunks per sample) for samples of D elements: tiles of at most 1024,
+    programs of at most 16384 elements; small samples get one program with a small tile.
+    Fixed by D alone, so the loss's summation order (and bits) never depends on the device."""
+    block = min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(D)))
+    chunk = min(_MAX_CHUNK, max(block, triton.next_power_of_2(D)))
+    return block, chunk, triton.cdiv(D, chunk)
+
+
+def add_noise(
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    coef_a: torch.Tensor,
+    coef_b: torch.Tensor,
+    noise: torch.Tensor | None,
+    seed: int,
+    offset: int,
+) -> torch.Tensor:
+    """x_t for contiguous x0 [B, ...], int64 t [B], tables [T] in the compute type."""
+    x_t = torch.empty_like(x0)
+    B = x0.shape[0]
+    D = x0.numel() // B
+    block, chunk, chunks = _split(D)
+    _add_noise_kernel[(B * chunks,)](
+        x0, t, coef_a, coef_b, x0 if noise is None else noise, x_t, seed, offset,
+        D, chunks, HAS_NOISE=noise is not None, CHUNK=chunk, BLOCK=block,
+        num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip
+    return x_t
+
+
+def noise_loss(
+    pred: torch.Tensor,
+    t: torch.Tensor,
+    weight: torch.Tensor,
+    coef_a: torch.Tensor,
+    coef_b: torch.Tensor,
+    noise: torch.Tensor | None,
+    x0: torch.Tensor | None,
+    target: int,
+    eps_dtype: torch.dtype,
+    seed: int,
+    offset: int,
+    grad_div: int = 1,
+    loss_div: int = 1,
+    need_loss: bool = True,
+    need_grad: bool = True,
+    grad_output: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(loss [B], total = sum(loss) / loss_div, grad like pred); None for what was not asked.
+    The gradient is that of loss_b / grad_div (grad_div = B for a batch mean), times
+    grad_output (compute type, one element or [B]) read on the device."""
+    B = pred.shape[0]
+    D = pred.numel() // B
+    block, chunk, chunks = _split(D)
+    compute = weight.dtype
+    loss = total = grad = None
+    partial = count = pred  # placeholders: never touched without LOSS
+    if need_loss:
+        loss = torch.empty(B, dtype=compute, device=pred.device)
+        total = torch.empty((), dtype=compute, device=pred.device)
+        partial = torch.empty(B * chunks, dtype=torch.float64, device=pred.device)
+        count = torch.zeros(B + 1, dtype=torch.int32, device=pred.device)
+    if need_grad:
+        grad = torch.empty_like(pred)
+    go = GO_NONE
+    if grad_output is not None:
+        go = GO_SCALAR if grad_output.numel() == 1 else GO_PER_SAMPLE
+    _noise_loss_kernel[(B * chunks,)](
+        pred, t, weight, coef_a, coef_b,
+        pred if noise is None else noise, pred if x0 is None else x0,
+        pred if grad is None else grad, weight if grad_output is None else grad_output,
+        weight if loss is None else loss, weight if total is None else total, partial, count,
+        seed, offset, grad_div, loss_div, B, D, chunks,
+        TARGET=target, HAS_NOISE=noise is not None, EPS=_TL_DTYPES[eps_dtype],
+        LOSS=need_loss, GRAD=need_grad, GO=go, CHUNK=chunk, BLOCK=block, RBLOCK=128,
+        num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip
+    return loss, total, grad
+
+
+def philox_fill(out: torch.Tensor, seed: int, offset: int) -> None:
+    """Writes the stream of (seed, offset) into contiguous ``out``, rounded to its dtype."""
+    block = 1024
+    _philox_fill_kernel[(triton.cdiv(out.numel(), block),)](
+        out, out.numel(), seed, offset, BLOCK=block, num_warps=4,
+        enable_fp_fusion=False,
+    )  # fmt: skip
