@@ -1,12 +1,20 @@
 """Shared fixtures: which backends can run here, and dtype tolerances."""
 
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter, on CPU tensors. The variable
+# must be set before the kernels are imported (debias imports them on first use).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from debias.ops import _backend
 
 CPU = torch.device("cpu")
-CPU_BACKENDS = ("torch", "cpu")
+CPU_BACKENDS = ("torch", "cpu", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
              torch.float64: "fp64"}  # fmt: skip

@@ -147,7 +147,8 @@ def _normals(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constexpr):
 
 @triton.jit
 def _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
-         HAS_NOISE: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+         HAS_NOISE: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
+         BLOCK: tl.constexpr):  # fmt: skip
     """eps of tile idx = k + arange(BLOCK) in compute type C: the given noise, or the stream
     rounded to the noise dtype EPS."""
     if HAS_NOISE:
@@ -282,9 +283,8 @@ def _finish_sample(partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, 
         tot = tl.zeros([RBLOCK], tl.float64)
         for c in range(0, B, RBLOCK):
             r = c + tl.arange(0, RBLOCK)
-            tot += tl.load(loss_ptr + r, mask=r < B, other=0.0, cache_modifier=".cg").to(
-                tl.float64
-            )
+            loss_r = tl.load(loss_ptr + r, mask=r < B, other=0.0, cache_modifier=".cg")
+            tot += loss_r.to(tl.float64)
         total = tl.sum(tot) / tl.cast(loss_div, tl.float64)
         tl.store(total_ptr, total.to(total_ptr.dtype.element_ty))
 
