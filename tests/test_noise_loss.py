@@ -609,7 +609,9 @@ print("ok")
 
 
 def test_compiled_kernels_are_built_in_ci():
-    """CI must exercise the C++ kernels, not silently fall back to the torch backend."""
+    """CI must exercise the C++ kernels and the Triton ones (in the interpreter), not skip
+    them or silently fall back to the torch backend."""
     if os.environ.get("CI") != "true":
         pytest.skip("only enforced in CI")
     assert "cpu" in _backend.available(torch.device("cpu"))
+    assert "triton" in _backend.available(torch.device("cpu"))
