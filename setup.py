@@ -49,7 +49,9 @@ def _extensions():
         from torch.utils.cpp_extension import CUDAExtension
 
         ext_cls = CUDAExtension
-        sources += cuda_sources
+        # The .cu kernels and the torch-facing .cpp glue that registers them. Objects are
+        # named by stem, so a glue file must not share its folder and stem with a .cu.
+        sources += cuda_sources + sorted(glob.glob("csrc/cuda/*.cpp"))
         cxx.append("-DDEBIAS_WITH_CUDA")
         extra["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17", "-DDEBIAS_WITH_CUDA"]
 

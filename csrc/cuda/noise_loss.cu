@@ -1,0 +1,810 @@
+// CUDA kernels of the noise_loss op: the loss side of a diffusion training step, with the
+// semantics of the CPU kernels (csrc/noise_loss.cpp). T, P, E are storage types (float32,
+// float64, bfloat16, float16); C is the compute type (double for float64 data, else float).
+//
+//   _philox_normal_kernel  out_i = rnd_T(normal_i)
+//       writes N * sizeof(T)                                                   bytes 1T
+//   _add_noise_kernel      x_t_i = rnd_T(rnd_T(a_b * x0_i) + rnd_T(s_b * eps_i))
+//       reads x0 (+ noise), writes x_t                                    bytes 2T (3T)
+//   _noise_loss_kernel     y_i = eps_i | a_b eps_i - s_b x0_i | x0_i,  d_i = pred_i - y_i
+//       forward:  loss_b = (sum_i d_i^2 / D) * w_b,  total = loss_scale * sum_b loss_b,
+//                 grad_i = rnd_P(g_b * d_i),  g_b = 2 w_b grad_scale / D  (need_grad)
+//       backward: grad_i = rnd_P((g_b * go_b) * d_i), go_b from the grad_output tensor
+//       reads pred (+ noise) (+ x0), writes grad               bytes P + P (+ E) (+ E)
+// eps_i is noise_i or rnd_E(normal_i), where normal_i is the Philox stream of philox.h,
+// regenerated in registers instead of stored: with the stream and the epsilon target a
+// training step moves 2 elements per element for the loss side, eager torch about ten.
+// a_b, s_b, w_b are the tables at t_b; a t_b outside [0, steps) is never used as an index:
+// that sample's loss, grad and x_t become NaN.
+//
+// Design. One block per tile (sample b, piece j of kTileElems elements of the sample) so the
+// per-sample values (t_b, tables, factors) are read once per block. A thread works on items of
+// kItem consecutive flat elements starting at a multiple of kItem: kItem / 4 whole Philox
+// groups (one philox4x32_10 call per 4 elements, as the stream is defined on the flat index)
+// and 16 bytes of the narrowest type (kItem = 8 with a 16-bit type, else 4). A round gives
+// each thread 16 elements (8 with float64 data) in items blockDim apart (coalesced); the
+// thread issues all the round's 16-byte loads before it generates the normals, so the
+// Philox arithmetic overlaps the memory latency: 64 bytes of each fp32 array (32 of 16-bit
+// data) in flight per thread. Items wholly inside the tile with 16-byte aligned pointers take
+// this vector path; the items at the tile's edges (a sample need not start on an item
+// boundary) and those of unaligned tensors take a masked scalar path.
+//
+// The loss reduction is deterministic in one launch: each thread sums its elements in C in a
+// fixed order, the block adds the threads' sums in double in a fixed tree (warp shuffles, then
+// warp 0 over the warps); a sample of one tile is done there, otherwise the block stores its
+// partial, fences, and counts itself in counter[b]; the block that completes sample b adds
+// the sample's partials in index order (thread-strided, then the same tree) and writes
+// loss_b; the block that completes the batch (counter[B]) adds loss_0..loss_{B-1} likewise
+// into total. The order of every addition depends on B, D and the dtypes only, never on the
+// schedule, so equal inputs give equal bits.
+//
+// Arithmetic on data uses round-to-nearest IEEE operations written as PTX (no contraction, no
+// flush of subnormals) because setup.py compiles with --use_fast_math, whose -fmad and -ftz
+// would otherwise change the bits: add_noise equals torch's `a * x0 + s * noise` bit for bit,
+// grad has the CPU kernel's bits for the same eps, and the stream is the CPU's AVX2+FMA
+// path's (philox.h; its own fused operations meet no subnormals).
+//
+// Launch configuration: grid = B * ceil(D / kTileElems) blocks (1-D, tiles strided past
+// 2^31 - 1), 256 threads (fewer, in whole warps, when a sample is smaller than a tile), at
+// least 2 (loss) or 4 (elementwise) resident blocks per SM. A tile of 8192 elements is 2
+// rounds of 256 threads (4 for float64). Smaller tiles would spend more of each block in its
+// epilogue (a block reduction, a fence and an atomic); larger ones would leave SMs idle on
+// the batches diffusion training actually uses: B = 64 latents of 4 x 64 x 64 already make
+// only 128 tiles, about one per SM of an H100, while a 64 MiB fp32 tensor makes 2048, eight
+// waves at 2 blocks per SM, so the last wave's imbalance is small. A tiny D (well under a
+// tile) wastes most of each block: correct, not fast.
+//
+// Cost of the stream: one philox4x32_10 and two Box-Muller pairs per 4 elements, about 70
+// instructions per element (PTX count). Where eps comes from the stream, that arithmetic,
+// not memory, bounds the kernels with 16-bit data: 4 bytes of traffic per element cannot
+// keep an H100's HBM busy at that cost.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <limits.h>
+#include <stdint.h>
+
+#include <type_traits>
+
+#include "noise_loss.cuh"
+#include "philox.h"
+
+namespace debias {
+namespace cuda {
+namespace {
+
+constexpr int kMaxThreads = 256;
+// Resident blocks per SM the register allocation must allow. Without a minimum ptxas trades
+// spills for occupancy on its own. 2 blocks (at most 128 registers) is the most that every
+// loss instantiation fits without spilling; 16 warps per SM still keep more than twice the
+// bytes in flight that HBM latency needs. The elementwise kernels fit 64 registers.
+constexpr int kLossMinBlocks = 2;
+constexpr int kElementwiseMinBlocks = 4;
+
+enum Target : int32_t { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+// kLoss: forward without gradient; kLossGrad: forward; kGradOnly: backward.
+enum Mode : int { kLoss, kLossGrad, kGradOnly };
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename T>
+using compute_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+constexpr bool kIs16Bit = sizeof(T) == 2;
+
+// Elements per item: 16 bytes of the narrowest of the types, and whole Philox groups.
+template <typename A, typename B = A>
+constexpr int kItemOf = (kIs16Bit<A> || kIs16Bit<B>) ? 8 : 4;
+
+// Elements per thread per round: 64 bytes of each 4-byte array in flight, or of each 8-byte
+// one (with half as many elements, so float64 data does not hold twice the registers).
+template <typename A, typename B = A>
+constexpr int kRoundOf = (sizeof(A) == 8 || sizeof(B) == 8) ? 8 : 16;
+
+// ---- IEEE arithmetic, immune to --use_fast_math ----------------------------------------------
+
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float sub_rn(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float fma_rn(float a, float b, float c) {
+  float r;
+  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
+  return r;
+}
+__device__ __forceinline__ float div_rn(float a, float b) {
+  float r;
+  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double fma_rn(double a, double b, double c) {
+  return __fma_rn(a, b, c);
+}
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+
+__device__ __forceinline__ double widen(float v) {
+  double r;
+  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(v));
+  return r;
+}
+__device__ __forceinline__ double widen(double v) { return v; }
+
+__device__ __forceinline__ float narrow(double v) {
+  float r;
+  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(v));
+  return r;
+}
+
+// A float or double value as C (exact, or rounded to nearest for double -> float).
+template <typename C>
+__device__ __forceinline__ C to_c(float v) {
+  if constexpr (std::is_same_v<C, float>) {
+    return v;
+  } else {
+    return widen(v);
+  }
+}
+template <typename C>
+__device__ __forceinline__ C to_c(double v) {
+  if constexpr (std::is_same_v<C, double>) {
+    return v;
+  } else {
+    return narrow(v);
+  }
+}
+
+template <typename C>
+__device__ __forceinline__ C int_to_c(int64_t v) {
+  if constexpr (std::is_same_v<C, double>) {
+    return __ll2double_rn(v);
+  } else {
+    return __ll2float_rn(v);
+  }
+}
+
+template <typename C>
+__device__ __forceinline__ C quiet_nan() {
+  if constexpr (std::is_same_v<C, double>) {
+    return __longlong_as_double(0x7ff8000000000000LL);
+  } else {
+    return __uint_as_float(0x7fc00000u);
+  }
+}
+
+// ---- storage types ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits) {
+  return __uint_as_float(bits << 16);
+}
+__device__ __forceinline__ float f16_bits_to_float(uint32_t bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+// Round to nearest even; NaN stays NaN (the canonical one, as torch's CUDA kernels write).
+__device__ __forceinline__ uint32_t float_to_bf16_bits(float v) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ uint32_t float_to_f16_bits(float v) {
+  return __half_as_ushort(__float2half_rn(v));
+}
+
+// rnd_T: v rounded to storage type T, in C. Identity for float and double: a float value
+// is a double value, and C is double only for double T.
+template <typename T, typename C>
+__device__ __forceinline__ C round_to(C v) {
+  static_assert(!(std::is_same_v<T, float> && std::is_same_v<C, double>), "rnd_float(double)");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return bf16_bits_to_float(float_to_bf16_bits(v));
+  } else if constexpr (std::is_same_v<T, __half>) {
+    return f16_bits_to_float(float_to_f16_bits(v));
+  } else {
+    return v;
+  }
+}
+
+// One element of T as C.
+template <typename T, typename C>
+__device__ __forceinline__ C load1(const T* p) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return to_c<C>(__ldg(p));
+  } else {
+    const uint32_t bits = __ldg(reinterpret_cast<const unsigned short*>(p));
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      return to_c<C>(bf16_bits_to_float(bits));
+    } else {
+      return to_c<C>(f16_bits_to_float(bits));
+    }
+  }
+}
+
+// One element of T from C = compute_t<T>, rounded to nearest even.
+template <typename T, typename C>
+__device__ __forceinline__ void store1(T* p, C v) {
+  static_assert(std::is_same_v<C, compute_t<T>>, "stores round from the compute type");
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    *p = v;
+  } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(float_to_bf16_bits(v));
+  } else {
+    *reinterpret_cast<unsigned short*>(p) = static_cast<unsigned short>(float_to_f16_bits(v));
+  }
+}
+
+// N elements of T from a 16-byte aligned address, as C, in 16-byte loads.
+template <typename T, int N, typename C>
+__device__ __forceinline__ void load_vec(const T* p, C (&out)[N]) {
+  static_assert(N * sizeof(T) % 16 == 0, "whole 16-byte vectors");
+  constexpr int kPer = 16 / sizeof(T);
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int v = 0; v < N / kPer; ++v) {
+    const uint4 w4 = __ldg(q + v);
+    const uint32_t w[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (std::is_same_v<T, float>) {
+        out[v * kPer + k] = to_c<C>(__uint_as_float(w[k]));
+      } else if constexpr (std::is_same_v<T, double>) {
+        if (k < 2) {
+          out[v * kPer + k] = to_c<C>(__hiloint2double(static_cast<int>(w[2 * k + 1]),
+                                                       static_cast<int>(w[2 * k])));
+        }
+      } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        out[v * kPer + 2 * k] = to_c<C>(bf16_bits_to_float(w[k] & 0xffffu));
+        out[v * kPer + 2 * k + 1] = to_c<C>(__uint_as_float(w[k] & 0xffff0000u));
+      } else {
+        out[v * kPer + 2 * k] = to_c<C>(f16_bits_to_float(w[k] & 0xffffu));
+        out[v * kPer + 2 * k + 1] = to_c<C>(f16_bits_to_float(w[k] >> 16));
+      }
+    }
+  }
+}
+
+// N elements of T to a 16-byte aligned address from C = compute_t<T>, in 16-byte stores.
+template <typename T, int N, typename C>
+__device__ __forceinline__ void store_vec(T* p, const C (&in)[N]) {
+  static_assert(N * sizeof(T) % 16 == 0, "whole 16-byte vectors");
+  static_assert(std::is_same_v<C, compute_t<T>>, "stores round from the compute type");
+  constexpr int kPer = 16 / sizeof(T);
+  uint4* q = reinterpret_cast<uint4*>(p);
+#pragma unroll
+  for (int v = 0; v < N / kPer; ++v) {
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (std::is_same_v<T, float>) {
+        w[k] = __float_as_uint(in[v * kPer + k]);
+      } else if constexpr (std::is_same_v<T, double>) {
+        const double d = in[v * kPer + k / 2];
+        w[k] = static_cast<uint32_t>(k % 2 == 0 ? __double2loint(d) : __double2hiint(d));
+      } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+        w[k] = float_to_bf16_bits(in[v * kPer + 2 * k]) |
+               (float_to_bf16_bits(in[v * kPer + 2 * k + 1]) << 16);
+      } else {
+        w[k] = float_to_f16_bits(in[v * kPer + 2 * k]) |
+               (float_to_f16_bits(in[v * kPer + 2 * k + 1]) << 16);
+      }
+    }
+    q[v] = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+// eps of one item from the stream, (C) rnd_E(normal_i): kItem / 4 groups from group g0.
+template <typename E, int kItem, typename C>
+__device__ __forceinline__ void stream_item(uint64_t seed, uint64_t offset, uint64_t g0,
+                                            C (&eps)[kItem]) {
+#pragma unroll
+  for (int q = 0; q < kItem / 4; ++q) {
+    float n[4];
+    philox::normal4<true>(seed, offset, g0 + q, n);
+#pragma unroll
+    for (int l = 0; l < 4; ++l) eps[4 * q + l] = to_c<C>(round_to<E>(n[l]));
+  }
+}
+
+// ---- geometry --------------------------------------------------------------------------------
+
+// Tile `tile` of B samples of D elements, kTileElems per piece: sample b, flat [begin, end).
+// Items are kItem flat elements from a multiple of kItem; within the tile, items and elements
+// are counted from item0 in int32 (a tile spans at most kTileElems / kItem + 2 items). A flat
+// range of n elements is the case chunks = number of tiles, D = n.
+template <int kItem>
+struct Tile {
+  int64_t b;
+  int64_t item0;     // the first item that meets the tile
+  int32_t head;      // begin - item0 * kItem, in [0, kItem)
+  int32_t len;       // end - begin
+  int32_t items;     // items that meet the tile
+  int32_t full_lo;   // local items [full_lo, full_end) lie wholly inside the tile
+  int32_t full_end;
+
+  __device__ __forceinline__ Tile(int64_t tile, int64_t chunks, int64_t D) {
+    b = tile / chunks;
+    const int64_t offset = (tile - b * chunks) * kTileElems;
+    const int64_t begin = b * D + offset;
+    len = static_cast<int32_t>(D - offset < kTileElems ? D - offset : kTileElems);
+    len = len > 0 ? len : 0;
+    item0 = begin / kItem;
+    head = static_cast<int32_t>(begin - item0 * kItem);
+    items = len > 0 ? (head + len + kItem - 1) / kItem : 0;
+    full_lo = head > 0 ? 1 : 0;
+    full_end = (head + len) / kItem;
+  }
+
+  // Whether local element le (counted from item0 * kItem) lies in the tile.
+  __device__ __forceinline__ bool holds(int32_t le) const {
+    return static_cast<uint32_t>(le - head) < static_cast<uint32_t>(len);
+  }
+
+  // The Philox group of local item lk's first element.
+  __device__ __forceinline__ uint64_t group(int32_t lk) const {
+    return static_cast<uint64_t>(item0 + lk) * (kItem / 4);
+  }
+};
+
+// Calls round(lk0, vec_items) for each round of the tile; lk0 is the thread's first local
+// item of the round, its others are blockDim.x apart, and bit u of vec_items says whether item
+// u lies wholly inside the tile with 16-byte aligned pointers (vector path) or not (masked
+// scalar path: the tile's edges, unaligned tensors, items past the tile).
+template <int kUnroll, int kItem, typename F>
+__device__ __forceinline__ void for_each_round(const Tile<kItem>& tl, bool vec, F&& round) {
+  const int32_t stride = static_cast<int32_t>(blockDim.x);
+  for (int32_t base = 0; base < tl.items; base += kUnroll * stride) {
+    const int32_t lk0 = base + static_cast<int32_t>(threadIdx.x);
+    uint32_t vec_items = 0;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int32_t lk = lk0 + u * stride;
+      vec_items |= static_cast<uint32_t>(vec && lk >= tl.full_lo && lk < tl.full_end) << u;
+    }
+    round(lk0, vec_items);
+  }
+}
+
+// Sum over the block in a fixed order (a shuffle tree in each warp, then warp 0 over the
+// warps' sums); the result is in thread 0. blockDim.x is a multiple of 32. Ends synchronised.
+__device__ __forceinline__ double block_sum(double v, double* s_warp) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (lane == 0) s_warp[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < static_cast<int>(blockDim.x >> 5) ? s_warp[lane] : 0.0;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  }
+  __syncthreads();
+  return v;
+}
+
+// ---- kernels ---------------------------------------------------------------------------------
+
+template <typename T>
+__global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
+    _philox_normal_kernel(T* __restrict__ out,  // [n] output
+                          int64_t n, uint64_t seed, uint64_t offset,
+                          int64_t tiles,  // ceil(n / kTileElems)
+                          bool vec) {     // out is 16-byte aligned
+  using C = compute_t<T>;
+  constexpr int kItem = kItemOf<T>;
+  constexpr int kUnroll = kRoundOf<T> / kItem;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const Tile<kItem> tl(tile, tiles, n);
+    T* out_t = out + tl.item0 * kItem;
+    for_each_round<kUnroll>(tl, vec, [&](int32_t lk0, uint32_t vec_items) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
+        if (lk >= tl.items) continue;
+        C v[kItem];
+        stream_item<T>(seed, offset, tl.group(lk), v);
+        if (vec_items >> u & 1) {
+          store_vec(out_t + lk * kItem, v);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kItem; ++e) {
+            if (tl.holds(lk * kItem + e)) store1(out_t + lk * kItem + e, v[e]);
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+struct AddNoiseParams {
+  using C = compute_t<T>;
+  const T* __restrict__ x0;       // [B * D]
+  const int64_t* __restrict__ t;  // [B]
+  const C* __restrict__ coef_a;   // [steps]
+  const C* __restrict__ coef_b;   // [steps]
+  const T* __restrict__ noise;    // [B * D], unused with the stream
+  T* __restrict__ x_t;            // [B * D] output
+  uint64_t seed, offset;
+  int64_t B, D, steps, chunks;
+  bool vec;  // x0, noise and x_t are 16-byte aligned
+};
+
+template <typename T, bool kStream>
+__global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
+    _add_noise_kernel(const AddNoiseParams<T> prm) {
+  using C = compute_t<T>;
+  constexpr int kItem = kItemOf<T>;
+  constexpr int kUnroll = kRoundOf<T> / kItem;
+  const int64_t tiles = prm.B * prm.chunks;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const Tile<kItem> tl(tile, prm.chunks, prm.D);
+    const int64_t tb = __ldg(prm.t + tl.b);
+    C a = quiet_nan<C>(), s = quiet_nan<C>();
+    if (tb >= 0 && tb < prm.steps) {
+      a = __ldg(prm.coef_a + tb);
+      s = __ldg(prm.coef_b + tb);
+    }
+    const T* x0_t = prm.x0 + tl.item0 * kItem;
+    const T* noise_t = prm.noise + tl.item0 * kItem;
+    T* x_t_t = prm.x_t + tl.item0 * kItem;
+    // x_t of one element: rnd_T(rnd_T(a * x) + rnd_T(s * eps)), the last rounding by the store.
+    auto noised = [&](C x, C eps) {
+      return add_rn(round_to<T>(mul_rn(a, x)), round_to<T>(mul_rn(s, eps)));
+    };
+    for_each_round<kUnroll>(tl, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
+      C x[kUnroll][kItem], eps[kUnroll][kItem];
+      // Every vector load of the round first; the normals are generated while they are in
+      // flight.
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (vec_items >> u & 1) {
+          const int32_t le0 = (lk0 + u * static_cast<int32_t>(blockDim.x)) * kItem;
+          load_vec(x0_t + le0, x[u]);
+          if constexpr (!kStream) load_vec(noise_t + le0, eps[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
+        if (lk >= tl.items) continue;
+        if constexpr (kStream) stream_item<T>(prm.seed, prm.offset, tl.group(lk), eps[u]);
+        if (vec_items >> u & 1) {
+          C out[kItem];
+#pragma unroll
+          for (int e = 0; e < kItem; ++e) out[e] = noised(x[u][e], eps[u][e]);
+          store_vec(x_t_t + lk * kItem, out);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kItem; ++e) {
+            const int32_t le = lk * kItem + e;
+            if (!tl.holds(le)) continue;
+            if constexpr (!kStream) eps[u][e] = load1<T, C>(noise_t + le);
+            store1(x_t_t + le, noised(load1<T, C>(x0_t + le), eps[u][e]));
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename P, typename E>
+struct LossParams {
+  using C = compute_t<P>;
+  const P* __restrict__ pred;         // [B * D]
+  const int64_t* __restrict__ t;      // [B]
+  const C* __restrict__ weight;       // [steps]
+  const C* __restrict__ coef_a;       // [steps]
+  const C* __restrict__ coef_b;       // [steps]
+  const E* __restrict__ noise;        // [B * D], unused with the stream
+  const E* __restrict__ x0;           // [B * D] or nullptr (epsilon target)
+  const C* __restrict__ grad_output;  // kGradOnly: [go_numel]
+  int64_t go_numel;                   // 1 or B
+  C* loss;                            // [B], forward
+  C* total;                           // [], forward
+  P* __restrict__ grad;               // [B * D], with a gradient
+  double* partial;                    // [B * chunks] when chunks > 1, forward
+  int32_t* counter;                   // [B + 1] zeroed, forward
+  uint64_t seed, offset;
+  double grad_scale, loss_scale;
+  int64_t B, D, steps, chunks;
+  int32_t target;
+  bool vec;  // every tensor read or written per element is 16-byte aligned
+};
+
+// loss_b = (sum / D) * w_b in double, as the CPU kernel computes it.
+template <typename C>
+__device__ __forceinline__ C sample_loss(double sum, int64_t D, C w) {
+  return to_c<C>(__dmul_rn(__ddiv_rn(sum, __ll2double_rn(D)), widen(w)));
+}
+
+template <typename P, typename E, bool kStream, int kMode>
+__global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
+    _noise_loss_kernel(const LossParams<P, E> prm) {
+  using C = compute_t<P>;
+  constexpr int kItem = kItemOf<P, E>;
+  constexpr int kUnroll = kRoundOf<P, E> / kItem;
+  constexpr bool kLossOut = kMode != kGradOnly;
+  constexpr bool kGradOut = kMode != kLoss;
+  __shared__ double s_warp[kMaxThreads / 32];
+  __shared__ int s_sample_done, s_all_done;
+
+  const int32_t target = prm.target;
+  const bool load_noise = !kStream && target != kSample;
+  const bool load_x0 = target != kEpsilon;
+  const int64_t tiles = prm.B * prm.chunks;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const Tile<kItem> tl(tile, prm.chunks, prm.D);
+    const int64_t tb = __ldg(prm.t + tl.b);
+    C w = quiet_nan<C>(), a = quiet_nan<C>(), s = quiet_nan<C>();
+    if (tb >= 0 && tb < prm.steps) {
+      w = __ldg(prm.weight + tb);
+      if (target == kVPrediction) {
+        a = __ldg(prm.coef_a + tb);
+        s = __ldg(prm.coef_b + tb);
+      }
+    }
+    // The CPU's factor: C(2) * w * C(grad_scale) / C(D), left to right.
+    C scale = div_rn(mul_rn(mul_rn(C(2), w), to_c<C>(prm.grad_scale)), int_to_c<C>(prm.D));
+    if constexpr (kMode == kGradOnly) {
+      scale = mul_rn(scale, __ldg(prm.grad_output + (prm.go_numel == 1 ? 0 : tl.b)));
+    }
+    const int64_t first = tl.item0 * kItem;  // flat index of local element 0
+    const P* pred_t = prm.pred + first;
+    const E* noise_t = prm.noise + first;
+    const E* x0_t = prm.x0 + first;
+    P* grad_t = prm.grad + first;
+    C acc = C(0);
+
+    // pred - y of one element; eps and x are read only when the target needs them.
+    auto diff = [&](C p, const C& eps, const C& x) {
+      C y;
+      if (target == kEpsilon) {
+        y = eps;
+      } else if (target == kVPrediction) {
+        y = sub_rn(mul_rn(a, eps), mul_rn(s, x));
+      } else {
+        y = x;
+      }
+      return sub_rn(p, y);
+    };
+    for_each_round<kUnroll>(tl, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
+      C p[kUnroll][kItem], eps[kUnroll][kItem], x[kUnroll][kItem];
+      // Every vector load of the round first; the normals are generated while they are in
+      // flight.
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (vec_items >> u & 1) {
+          const int32_t le0 = (lk0 + u * static_cast<int32_t>(blockDim.x)) * kItem;
+          load_vec(pred_t + le0, p[u]);
+          if (load_noise) load_vec(noise_t + le0, eps[u]);
+          if (load_x0) load_vec(x0_t + le0, x[u]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
+        if (lk >= tl.items) continue;
+        if constexpr (kStream) {
+          if (target != kSample) stream_item<E>(prm.seed, prm.offset, tl.group(lk), eps[u]);
+        }
+        if (vec_items >> u & 1) {
+          C g[kItem];
+#pragma unroll
+          for (int e = 0; e < kItem; ++e) {
+            const C d = diff(p[u][e], eps[u][e], x[u][e]);
+            if constexpr (kLossOut) acc = fma_rn(d, d, acc);
+            g[e] = mul_rn(scale, d);
+          }
+          if constexpr (kGradOut) store_vec(grad_t + lk * kItem, g);
+        } else {
+#pragma unroll
+          for (int e = 0; e < kItem; ++e) {
+            const int32_t le = lk * kItem + e;
+            if (!tl.holds(le)) continue;
+            if (load_noise) eps[u][e] = load1<E, C>(noise_t + le);
+            if (load_x0) x[u][e] = load1<E, C>(x0_t + le);
+            const C d = diff(load1<P, C>(pred_t + le), eps[u][e], x[u][e]);
+            if constexpr (kLossOut) acc = fma_rn(d, d, acc);
+            if constexpr (kGradOut) store1(grad_t + le, mul_rn(scale, d));
+          }
+        }
+      }
+    });
+
+    if constexpr (kLossOut) {
+      const double tile_sum = block_sum(widen(acc), s_warp);
+      if (threadIdx.x == 0) {
+        bool done = true;
+        if (prm.chunks > 1) {
+          prm.partial[tile] = tile_sum;
+          __threadfence();
+          done = atomicAdd(prm.counter + tl.b, 1) == prm.chunks - 1;
+        }
+        s_sample_done = done;
+      }
+      __syncthreads();
+      const bool sample_done = s_sample_done;
+      if (sample_done) {
+        double sum = tile_sum;
+        if (prm.chunks > 1) {
+          __threadfence();  // the other blocks' partials, seen through their fences
+          const double* part = prm.partial + tl.b * prm.chunks;
+          double v = 0.0;
+          for (int64_t j = threadIdx.x; j < prm.chunks; j += blockDim.x) v += __ldcg(part + j);
+          sum = block_sum(v, s_warp);
+        }
+        if (threadIdx.x == 0) {
+          prm.loss[tl.b] = sample_loss(sum, prm.D, w);
+          __threadfence();
+          s_all_done = atomicAdd(prm.counter + prm.B, 1) == prm.B - 1;
+        }
+      }
+      __syncthreads();
+      if (sample_done && s_all_done) {
+        __threadfence();
+        double v = 0.0;
+        for (int64_t b = threadIdx.x; b < prm.B; b += blockDim.x) v += widen(__ldcg(prm.loss + b));
+        v = block_sum(v, s_warp);
+        if (threadIdx.x == 0) *prm.total = to_c<C>(__dmul_rn(prm.loss_scale, v));
+      }
+      __syncthreads();  // the flags and s_warp are reused by the next tile
+    }
+  }
+}
+
+// ---- launchers -------------------------------------------------------------------------------
+
+template <typename F>
+cudaError_t with_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(Tag<float>{});
+    case DType::kFloat64:
+      return f(Tag<double>{});
+    case DType::kBFloat16:
+      return f(Tag<__nv_bfloat16>{});
+    case DType::kFloat16:
+      return f(Tag<__half>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Threads per block: enough for a tile's items in rounds of `round` elements per thread, in
+// whole warps, at most kMaxThreads; fewer only when a sample is smaller than a tile.
+int threads_for(int64_t D, int item, int round) {
+  const int64_t elems = D < kTileElems ? D : kTileElems;
+  const int64_t items = elems / item + 2;  // a tile need not start or end on an item boundary
+  const int64_t per_thread = round / item;
+  int64_t threads = (items + per_thread - 1) / per_thread;
+  threads = (threads + 31) / 32 * 32;
+  return static_cast<int>(threads < kMaxThreads ? threads : kMaxThreads);
+}
+
+unsigned grid_for(int64_t tiles) {
+  return static_cast<unsigned>(tiles < INT_MAX ? tiles : INT_MAX);
+}
+
+template <int kMode>
+cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
+  if (a.B <= 0) return cudaSuccess;
+  return with_type(a.pred_dtype, [&](auto ptag) {
+    return with_type(a.eps_dtype, [&](auto etag) {
+      using P = typename decltype(ptag)::type;
+      using E = typename decltype(etag)::type;
+      using C = compute_t<P>;
+      LossParams<P, E> prm;
+      prm.pred = static_cast<const P*>(a.pred);
+      prm.t = a.t;
+      prm.weight = static_cast<const C*>(a.weight);
+      prm.coef_a = static_cast<const C*>(a.coef_a);
+      prm.coef_b = static_cast<const C*>(a.coef_b);
+      prm.noise = static_cast<const E*>(a.noise);
+      prm.x0 = static_cast<const E*>(a.x0);
+      prm.grad_output = static_cast<const C*>(a.grad_output);
+      prm.go_numel = a.grad_output_numel;
+      prm.loss = static_cast<C*>(a.loss);
+      prm.total = static_cast<C*>(a.total);
+      prm.grad = static_cast<P*>(a.grad);
+      prm.partial = a.partial;
+      prm.counter = a.counter;
+      prm.seed = a.seed;
+      prm.offset = a.offset;
+      prm.grad_scale = a.grad_scale;
+      prm.loss_scale = a.loss_scale;
+      prm.B = a.B;
+      prm.D = a.D;
+      prm.steps = a.steps;
+      prm.chunks = tiles_per_sample(a.D);
+      prm.target = a.target;
+      const bool uses_noise = a.noise != nullptr && a.target != kSample;
+      const bool uses_x0 = a.target != kEpsilon;
+      prm.vec = aligned16(a.pred) && (!uses_noise || aligned16(a.noise)) &&
+                (!uses_x0 || aligned16(a.x0)) && (a.grad == nullptr || aligned16(a.grad));
+      const unsigned grid = grid_for(a.B * prm.chunks);
+      const int threads = threads_for(a.D, kItemOf<P, E>, kRoundOf<P, E>);
+      if (a.noise == nullptr) {
+        _noise_loss_kernel<P, E, true, kMode><<<grid, threads, 0, stream>>>(prm);
+      } else {
+        _noise_loss_kernel<P, E, false, kMode><<<grid, threads, 0, stream>>>(prm);
+      }
+      return cudaGetLastError();
+    });
+  });
+}
+
+}  // namespace
+
+cudaError_t add_noise(DType dtype, const void* x0, const int64_t* t, const void* coef_a,
+                      const void* coef_b, const void* noise, uint64_t seed, uint64_t offset,
+                      void* x_t, int64_t B, int64_t D, int64_t steps, cudaStream_t stream) {
+  if (B <= 0 || D <= 0) return cudaSuccess;
+  return with_type(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    using C = compute_t<T>;
+    AddNoiseParams<T> prm;
+    prm.x0 = static_cast<const T*>(x0);
+    prm.t = t;
+    prm.coef_a = static_cast<const C*>(coef_a);
+    prm.coef_b = static_cast<const C*>(coef_b);
+    prm.noise = static_cast<const T*>(noise);
+    prm.x_t = static_cast<T*>(x_t);
+    prm.seed = seed;
+    prm.offset = offset;
+    prm.B = B;
+    prm.D = D;
+    prm.steps = steps;
+    prm.chunks = tiles_per_sample(D);
+    prm.vec = aligned16(x0) && aligned16(x_t) && (noise == nullptr || aligned16(noise));
+    const unsigned grid = grid_for(B * prm.chunks);
+    const int threads = threads_for(D, kItemOf<T>, kRoundOf<T>);
+    if (noise == nullptr) {
+      _add_noise_kernel<T, true><<<grid, threads, 0, stream>>>(prm);
+    } else {
+      _add_noise_kernel<T, false><<<grid, threads, 0, stream>>>(prm);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t noise_loss_fwd(const NoiseLossArgs& args, cudaStream_t stream) {
+  return args.grad != nullptr ? launch_noise_loss<kLossGrad>(args, stream)
+                              : launch_noise_loss<kLoss>(args, stream);
+}
+
+cudaError_t noise_loss_bwd(const NoiseLossArgs& args, cudaStream_t stream) {
+  return launch_noise_loss<kGradOnly>(args, stream);
+}
+
+cudaError_t philox_normal(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset,
+                          cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  return with_type(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const int64_t tiles = (n + kTileElems - 1) / kTileElems;
+    const int threads = threads_for(n, kItemOf<T>, kRoundOf<T>);
+    _philox_normal_kernel<T><<<grid_for(tiles), threads, 0, stream>>>(
+        static_cast<T*>(out), n, seed, offset, tiles, aligned16(out));
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace cuda
+}  // namespace debias

@@ -1,0 +1,84 @@
+// Launchers of the CUDA kernels of the noise_loss op (csrc/cuda/noise_loss.cu). No torch
+// headers: the .cu compiles with plain nvcc and the torch-facing glue
+// (csrc/cuda/noise_loss_glue.cpp) includes this with any C++17 compiler.
+//
+// Every pointer is a device pointer to contiguous data; tables and outputs are in the compute
+// type C (double for float64 data, float otherwise). Flat indices and sizes are int64.
+// Each launcher enqueues its work on `stream` and returns the launch's cudaError_t.
+
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+namespace debias {
+namespace cuda {
+
+// The storage types the kernels take.
+enum class DType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
+
+// Elements of one sample that one CUDA block covers (the last tile of a sample is shorter).
+// The loss is summed per tile, so the cut, and with it the bits of the loss, depend on B, D
+// and the dtypes only.
+constexpr int64_t kTileElems = 8192;
+
+inline int64_t tiles_per_sample(int64_t D) {
+  return D <= kTileElems ? 1 : (D + kTileElems - 1) / kTileElems;
+}
+
+// Workspace of noise_loss_fwd: doubles for the per-tile partial sums (none when a sample fits
+// one tile) and int32 counters, zeroed before the launch.
+inline int64_t noise_loss_partials(int64_t B, int64_t D) {
+  return tiles_per_sample(D) > 1 ? B * tiles_per_sample(D) : 0;
+}
+inline int64_t noise_loss_counters(int64_t B) { return B + 1; }
+
+// x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * eps_i)), a = coef_a[t_b], s = coef_b[t_b];
+// eps_i = noise[i], or rnd_T(normal_i) of the stream (seed, offset) when noise is nullptr.
+// A sample whose t is outside [0, steps) gets NaN.
+cudaError_t add_noise(DType dtype,            // T of x0, noise and x_t
+                      const void* x0,         // [B * D] T
+                      const int64_t* t,       // [B]
+                      const void* coef_a,     // [steps] C
+                      const void* coef_b,     // [steps] C
+                      const void* noise,      // [B * D] T, or nullptr: the stream
+                      uint64_t seed, uint64_t offset,
+                      void* x_t,              // [B * D] T, output
+                      int64_t B, int64_t D, int64_t steps, cudaStream_t stream);
+
+// The loss side of a training step; see noise_loss.cu for the formulas.
+struct NoiseLossArgs {
+  DType pred_dtype;           // P
+  DType eps_dtype;            // E: of noise and x0, and the rounding of the stream
+  const void* pred;           // [B * D] P
+  const int64_t* t;           // [B]
+  const void* weight;         // [steps] C, loss weight per timestep
+  const void* coef_a;         // [steps] C, sqrt(abar) (v_prediction only)
+  const void* coef_b;         // [steps] C, sqrt(1 - abar) (v_prediction only)
+  const void* noise;          // [B * D] E, or nullptr: the stream (seed, offset)
+  const void* x0;             // [B * D] E, or nullptr (epsilon target)
+  int32_t target;             // 0 epsilon, 1 v_prediction, 2 sample
+  uint64_t seed, offset;
+  double grad_scale;          // d (reduced loss) / d loss_b
+  double loss_scale;          // total = loss_scale * sum_b loss_b
+  const void* grad_output;    // backward: C, 1 or B values
+  int64_t grad_output_numel;  // 1 (one value for every sample) or B
+  void* loss;                 // forward: [B] C, output
+  void* total;                // forward: [] C, output
+  void* grad;                 // [B * D] P, output; nullptr: forward without gradient
+  double* partial;            // forward: noise_loss_partials(B, D) doubles of workspace
+  int32_t* counter;           // forward: noise_loss_counters(B) int32, zeroed
+  int64_t B, D, steps;
+};
+
+// loss, total and (when grad is not nullptr) grad.
+cudaError_t noise_loss_fwd(const NoiseLossArgs& args, cudaStream_t stream);
+// grad only, each sample's factor times grad_output.
+cudaError_t noise_loss_bwd(const NoiseLossArgs& args, cudaStream_t stream);
+
+// out[i] = rnd_T(normal_i) of the stream (seed, offset), i in [0, n).
+cudaError_t philox_normal(DType dtype, void* out, int64_t n, uint64_t seed, uint64_t offset,
+                          cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace debias
