@@ -1,21 +1,26 @@
 """The loss side of one diffusion training step — noising, weighted loss, backward — per
-provider, on the same inputs.
+provider, on the same inputs; and one training step of a small UNet around it.
 
     pytest benchmarks/bench_noise_loss.py --benchmark-json=bench.json
     python benchmarks/report.py bench.json
 
 Providers: ``eager`` is debias.reference, the code trainers run today; ``compile`` is
-torch.compile of that same function; the others are debias' fused ops on one backend. Before a
-provider is timed, its x_t, loss and gradient are checked against eager on the same inputs
-and the same noise; a provider that disagrees fails its test and is never timed.
+torch.compile of that same function; the others are debias' fused ops on one backend, and on
+a GPU in each of the two gradient designs (``GRAD_IN_FORWARD``, below). Before a provider is
+timed, its x_t, loss and gradient are checked against eager on the same inputs and the same
+noise; a provider that disagrees fails its test and is never timed.
 
 Runs on CUDA when there is a GPU, else on the CPU; DEBIAS_BENCH_DEVICE=cpu|cuda forces one.
+On the CPU pytest-benchmark times each case (host clock). On CUDA the times come from CUDA
+events (triton.testing.do_bench) and are stored in each result's extra_info; pytest-benchmark
+then runs the step once, only so that the case lands in --benchmark-json.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
 import os
 import platform
 import shlex
@@ -34,21 +39,35 @@ from torch._C._profiler import _EventType
 import debias
 from debias import reference
 from debias.ops import _backend
+from debias.ops import noise_loss as noise_loss_ops
 
 DEVICE = torch.device(
     os.environ.get("DEBIAS_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 )
+ON_GPU = DEVICE.type == "cuda"
 # Every core this process may run on (2 on the reference machine); recorded with each result.
 THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-SHAPES = ((128, 3, 32, 32), (32, 4, 64, 64), (8, 4, 128, 128))
+CPU_SHAPES = ((128, 3, 32, 32), (32, 4, 64, 64), (8, 4, 128, 128))
+# On a GPU, from launch-bound to bandwidth-bound: the last two have fp32 tensors of 64 and
+# 96 MiB, far beyond the L2 cache; the report checks the performance targets on those.
+GPU_SHAPES = ((128, 3, 32, 32), (256, 3, 64, 64), (64, 4, 64, 64), (256, 4, 128, 128),
+              (32, 3, 512, 512))  # fmt: skip
+SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
+TRAIN_SHAPE = (128, 3, 32, 32)  # CIFAR-10 sized batch for the training-step measurement
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # assert_close's rtol per dtype; atol is rtol times the reference's largest magnitude, since
 # the gradient's scale (w(t) / numel) is far below any fixed atol.
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
-COPY_BYTES = 256 * 2**20
+# Copy bandwidth: 256 MiB per tensor on the CPU, 1 GiB on a GPU (20x its L2 cache).
+COPY_BYTES = 2**30 if ON_GPU else 256 * 2**20
+# CUDA-event timing: milliseconds of warm-up calls, then of timed calls (do_bench's units).
+WARMUP_MS, REP_MS = 25, 200
 # glibc mallopt parameters and the values the suite pins them to (see malloc_config).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 * 2**20, 2**30
+# The gradient design of each GPU backend as this build ships it, before any provider forces
+# one: True computes the gradient in forward and keeps it, False recomputes it in backward.
+DEFAULT_DESIGNS = dict(getattr(noise_loss_ops, "GRAD_IN_FORWARD", None) or {})
 
 # Every (dtype, shape) case compiles two graphs (noise drawn inside, noise given for the
 # check); dynamo's default of 8 graphs per function would fall back to eager mid-suite.
@@ -69,32 +88,40 @@ class Case:
 
     @classmethod
     def make(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Case:
-        gen = torch.Generator().manual_seed(0)
+        # Drawn on the device: on a GPU the large cases would spend seconds in CPU randn.
+        gen = torch.Generator(device=device).manual_seed(0)
         schedule = debias.NoiseSchedule.linear(1000)
         return cls(
-            x0=torch.randn(shape, generator=gen).to(device, dtype),
-            t=torch.randint(0, 1000, (shape[0],), generator=gen).to(device),
-            pred=torch.randn(shape, generator=gen).to(device, dtype).requires_grad_(),
+            x0=torch.randn(shape, generator=gen, device=device).to(dtype),
+            t=torch.randint(0, 1000, (shape[0],), generator=gen, device=device),
+            pred=torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_(),
             schedule=schedule,
             # float32, as diffusers' scheduler keeps it; reference.add_noise casts per call.
-            abar=schedule.alphas_cumprod.float(),
-            weights=debias.weight_table(schedule, "debias").float(),
+            abar=schedule.alphas_cumprod.float().to(device),
+            weights=debias.weight_table(schedule, "debias").float().to(device),
         )
 
 
 Forward = Callable[[Case], tuple[torch.Tensor, torch.Tensor]]
 Checked = Callable[[Case], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+Train = Callable[[Case, torch.nn.Module], torch.Tensor]
 
 
 @dataclass(frozen=True)
 class Provider:
     """``forward`` is the timed code (returns x_t and the loss); ``checked`` runs the same
-    code and also returns the noise it used, as a tensor. ``backend`` is the debias backend
-    the provider needs (None: plain torch, runs anywhere)."""
+    code and also returns the noise it used, as a tensor; ``train`` runs the same ops around a
+    network (returns the loss; None: not part of the training-step measurement).
+    ``backend`` is the debias backend the provider needs (None: plain torch, runs anywhere);
+    ``grad_in_forward`` the gradient design it forces through GRAD_IN_FORWARD (None: leaves
+    the build's own); ``devices`` the device types it is measured on."""
 
     backend: str | None
     forward: Forward
     checked: Checked | None
+    train: Train | None = None
+    grad_in_forward: bool | None = None
+    devices: tuple[str, ...] = ("cpu", "cuda")
 
 
 def loss_side(
@@ -120,6 +147,12 @@ def _eager(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return loss_side(case.x0, case.t, case.pred, case.abar, case.weights)
 
 
+def _eager_train(case: Case, model: torch.nn.Module) -> torch.Tensor:
+    noise = torch.randn_like(case.x0)
+    x_t = reference.add_noise(case.x0, case.t, case.abar, noise)
+    return reference.noise_loss(model(x_t, case.t), noise, case.t, case.weights)
+
+
 def _compiled(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
     return _compiled_loss_side(case.x0, case.t, case.pred, case.abar, case.weights)
 
@@ -132,12 +165,10 @@ def _compiled_checked(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return x_t, loss, noise
 
 
-def _fused(backend: str) -> Provider:
+def _fused(
+    backend: str, grad_in_forward: bool | None = None, devices: tuple[str, ...] = ("cpu", "cuda")
+) -> Provider:
     """debias' ops on ``backend``, noise drawn in the kernel (Philox), as a trainer calls them."""
-
-    def forward(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-        x_t, loss, _ = run(case)
-        return x_t, loss
 
     def run(case: Case) -> tuple[torch.Tensor, torch.Tensor, debias.PhiloxNoise]:
         x_t, noise = debias.add_noise(case.x0, case.t, case.schedule, backend=backend)
@@ -146,30 +177,61 @@ def _fused(backend: str) -> Provider:
         )
         return x_t, loss, noise
 
+    def forward(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
+        x_t, loss, _ = run(case)
+        return x_t, loss
+
     def checked(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x_t, loss, noise = run(case)
         return x_t, loss, noise.materialize()
 
-    return Provider(backend, forward, checked)
+    def train(case: Case, model: torch.nn.Module) -> torch.Tensor:
+        x_t, noise = debias.add_noise(case.x0, case.t, case.schedule, backend=backend)
+        return debias.fused_loss(
+            model(x_t, case.t), noise, case.t, case.schedule, weighting="debias", backend=backend
+        )
+
+    return Provider(backend, forward, checked, train, grad_in_forward, devices)
 
 
-# The order here is the order of the report's columns. A GPU backend is one more line
-# (`"triton": _fused("triton"),`); providers whose backend cannot run on DEVICE are skipped.
+# The order here is the order of the report's columns. Providers that cannot run on DEVICE
+# are skipped with the reason. The GPU backends run in both gradient designs: `triton` and
+# `cuda` keep the gradient computed in forward (backward scales it by grad_output),
+# `-recompute` computes the loss alone in forward and the gradient in backward, regenerating
+# the noise. The Triton interpreter can run `triton` on CPU tensors, but only as a test
+# backend, so the GPU providers are measured on CUDA alone.
+_GPU = ("cuda",)
 PROVIDERS: dict[str, Provider] = {
-    "eager": Provider(None, _eager, None),
+    "eager": Provider(None, _eager, None, _eager_train),
     "compile": Provider(None, _compiled, _compiled_checked),
-    "cpu": _fused("cpu"),
+    "cpu": _fused("cpu", devices=("cpu",)),
+    "triton": _fused("triton", grad_in_forward=True, devices=_GPU),
+    "triton-recompute": _fused("triton", grad_in_forward=False, devices=_GPU),
+    "cuda": _fused("cuda", grad_in_forward=True, devices=_GPU),
+    "cuda-recompute": _fused("cuda", grad_in_forward=False, devices=_GPU),
 }
 
 
-def fused_bytes(numel: int, itemsize: int) -> int:
-    """Bytes the fused design moves for one step, the numerator of every provider's GB/s:
-    add_noise reads x0 and writes x_t, the loss reads pred and writes the gradient (kept for
-    backward), backward reads that gradient and writes pred's; the noise never reaches memory.
-    That is the GPU design. The cpu backend, bound by computing the noise rather than by
-    memory, keeps the noise it generates (PhiloxNoise.values) and skips the backward pass when
-    grad_output is 1, so on the CPU this is a common yardstick, not the bytes it moved."""
-    return 6 * numel * itemsize
+def design_name(grad_in_forward: bool | None) -> str:
+    return {True: "kept", False: "recompute"}.get(grad_in_forward, "")
+
+
+def fused_bytes(numel: int, itemsize: int, grad_in_forward: bool | None = True) -> int:
+    """Bytes the fused design must move for one step, the numerator of a provider's GB/s
+    (N = numel * itemsize; epsilon target, as benchmarked):
+
+        add_noise                     read x0, write x_t                          2N
+        kept (grad_in_forward=True)   loss: read pred, write the gradient it keeps 2N
+                                      backward: read it, write pred.grad           2N  = 6N
+        recompute (False)             loss: read pred                              N
+                                      backward: read pred, write pred.grad         2N  = 5N
+
+    The noise never reaches memory; a v or x0 target adds a read of x0 to each pass over pred
+    (+N kept, +2N recompute). eager, compile and cpu are measured against the kept design's
+    6N, a common yardstick rather than the bytes they move: eager moves several times more
+    (noise, float copies, temporaries), and the compute-bound cpu backend keeps the noise it
+    generates (PhiloxNoise.values) and skips the backward pass when grad_output is 1."""
+    return (5 if grad_in_forward is False else 6) * numel * itemsize
 
 
 def _sync(device: torch.device) -> None:
@@ -177,14 +239,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(provider: Provider, case: Case) -> Callable[[], torch.Tensor]:
-    """One timed loss side. Returns x_t so that nothing is skipped for being unused."""
+def _step(provider: Provider, case: Case, sync: bool = True) -> Callable[[], torch.Tensor]:
+    """One loss side. Returns x_t so that nothing is skipped for being unused. ``sync``
+    waits for the device, for host clocks; CUDA events need no wait, and one would idle the
+    GPU between calls."""
 
     def step() -> torch.Tensor:
         case.pred.grad = None  # as optimizer.zero_grad(set_to_none=True) leaves it
         x_t, loss = provider.forward(case)
         loss.backward()
-        _sync(DEVICE)
+        if sync:
+            _sync(DEVICE)
         return x_t
 
     return step
@@ -215,10 +280,11 @@ def _check(provider: Provider, case: Case) -> None:
 
 
 def _peak_memory(
-    step: Callable[[], torch.Tensor], pred: torch.Tensor, device: torch.device
+    step: Callable[[], Any], reset: Callable[[], None], device: torch.device
 ) -> tuple[int, str]:
     """Peak bytes of tensor memory that one step allocates and holds at once, above what was
-    live before it (x_t and the new pred.grad count; the inputs do not), and how it was read.
+    live before it (x_t and the new gradients count; the inputs do not), and how it was read.
+    ``reset`` frees the gradients of the step before, outside the measured step.
 
     CUDA: the caching allocator's peak counter. CPU: torch keeps no CPU allocator statistics,
     but under ``profile_memory`` each allocation and free reports a running total of allocated
@@ -228,11 +294,13 @@ def _peak_memory(
     threads, if any, are not seen.
     """
     step()  # warm: lazy initialisation and compiled graphs are not part of a step
-    pred.grad = None  # freed here, not inside the measured step
+    reset()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
+        torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
@@ -253,6 +321,92 @@ def _peak_memory(
     return peak, "torch.profiler total_allocated"
 
 
+def _event_times_ms(fn: Callable[[], Any], warmup_ms: float, rep_ms: float) -> list[float]:
+    """do_bench's loop without Triton: CUDA events around each call, L2 flushed before it."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=DEVICE)
+    fn()
+    torch.cuda.synchronize(DEVICE)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize(DEVICE)
+    estimate = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    pairs = [
+        (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+        for _ in range(max(1, int(rep_ms / estimate)))
+    ]
+    for start, end in pairs:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(DEVICE)
+    return [start.elapsed_time(end) for start, end in pairs]
+
+
+def _times(fn: Callable[[], Any]) -> tuple[list[float], str]:
+    """Seconds per call of ``fn`` over many calls, and how they were taken.
+
+    CUDA: CUDA events through triton.testing.do_bench (one call, an estimate from five, 25 ms
+    of warm-up calls, then 200 ms of calls, each between its own pair of events with the L2
+    cache flushed before it), or the same loop by hand without Triton. ``fn`` must not wait
+    for the device. CPU: the host clock, 2 warm-up calls, then at least 5 calls and up to 2 s
+    (used by the training step; the loss side on the CPU is timed by pytest-benchmark)."""
+    if ON_GPU:
+        ms, timer = None, "cuda events"
+        if importlib.util.find_spec("triton") is not None:
+            from triton.testing import do_bench
+
+            try:
+                ms = do_bench(fn, warmup=WARMUP_MS, rep=REP_MS, return_mode="all")
+                timer = "cuda events (triton.testing.do_bench)"
+            except AssertionError:  # a Triton older than return_mode="all"
+                pass
+        if ms is None:
+            ms = _event_times_ms(fn, WARMUP_MS, REP_MS)
+        return [m / 1e3 for m in ms], timer
+    for _ in range(2):
+        fn()
+    times: list[float] = []
+    begin = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - begin < 2.0:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times, "host clock"
+
+
+def _summary(times: list[float]) -> dict[str, Any]:
+    """Median, 20th and 80th percentiles (seconds) and the number of timed calls."""
+    if len(times) == 1:
+        return dict(median_s=times[0], q20_s=times[0], q80_s=times[0], rounds=1)
+    q = statistics.quantiles(times, n=5, method="inclusive")
+    return dict(median_s=statistics.median(times), q20_s=q[0], q80_s=q[3], rounds=len(times))
+
+
+def _prepare(provider: Provider, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip a provider that cannot run here; force its gradient design for this test only
+    (monkeypatch restores GRAD_IN_FORWARD afterwards)."""
+    if DEVICE.type not in provider.devices:
+        pytest.skip(f"this provider is measured on {'/'.join(provider.devices)} only")
+    if provider.backend is not None and provider.backend not in _backend.available(DEVICE):
+        pytest.skip(
+            f"debias backend {provider.backend!r} cannot run on {DEVICE.type} in this build "
+            f"(available: {_backend.available(DEVICE)})"
+        )
+    if provider.grad_in_forward is not None:
+        table = getattr(noise_loss_ops, "GRAD_IN_FORWARD", None)
+        if not isinstance(table, dict) or provider.backend not in table:
+            pytest.skip(
+                f"debias.ops.noise_loss.GRAD_IN_FORWARD has no switch for {provider.backend!r}"
+            )
+        monkeypatch.setitem(table, provider.backend, provider.grad_in_forward)
+
+
 def _cpu_ticks() -> tuple[int, int] | None:
     """(busy clock ticks of the whole machine, ticks of this process), or None without /proc."""
     try:
@@ -270,8 +424,9 @@ def _other_cpu(
     before: tuple[int, int] | None, after: tuple[int, int] | None, seconds: float
 ) -> float | None:
     """Share of the machine's CPU time that other processes used while a case was timed.
-    Anything above a few percent competes with the OpenMP threads and skews the numbers."""
-    if before is None or after is None:
+    Anything above a few percent competes with the OpenMP threads (or, on a GPU, with the
+    thread launching the kernels) and skews the numbers."""
+    if before is None or after is None or seconds <= 0:
         return None
     other = (after[0] - before[0]) - (after[1] - before[1])
     return max(0.0, other / (seconds * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)))
@@ -295,6 +450,32 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return ""
+
+
+def _shape_id(shape: tuple[int, ...]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _common_info(name: str, provider: Provider, copy: dict[str, Any], malloc: str) -> dict:
+    """extra_info fields every result carries."""
+    return dict(
+        provider=name,
+        backend=provider.backend or "",
+        design=design_name(provider.grad_in_forward),
+        default_designs=", ".join(
+            f"{b}={design_name(v)}" for b, v in DEFAULT_DESIGNS.items() if b in ("triton", "cuda")
+        ),
+        check="reference" if provider.checked is None else "passed",
+        copy_gbps=copy["gbps"],
+        copy_method=copy["method"],
+        device=device_name(DEVICE),
+        device_type=DEVICE.type,
+        threads=torch.get_num_threads(),
+        malloc=malloc,
+        torch=str(torch.__version__),
+        triton=_version("triton"),
+        command=shlex.join(["pytest", *sys.argv[1:]]),
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -324,24 +505,27 @@ def malloc_config() -> str:
 
 
 @pytest.fixture(scope="session")
-def copy_gbps(_threads: None) -> float:
-    """This machine's copy bandwidth in GB/s: ``dst.copy_(src)`` on 256 MiB float32 tensors,
-    read + write, median of 10 after 2 warm-up copies."""
+def copy_bandwidth(_threads: None) -> dict[str, Any]:
+    """This machine's copy bandwidth in GB/s, read + write: ``dst.copy_(src)`` on float32
+    tensors of COPY_BYTES each. CPU: host clock, median of 10 copies after 2 warm-up ones.
+    CUDA: median of the CUDA-event times (see _times), a device-to-device copy."""
     src = torch.ones(COPY_BYTES // 4, device=DEVICE)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(12):
-        _sync(DEVICE)
-        start = time.perf_counter()
-        dst.copy_(src)
-        _sync(DEVICE)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return 2 * COPY_BYTES / statistics.median(times) / 1e9
-
-
-def _shape_id(shape: tuple[int, ...]) -> str:
-    return "x".join(map(str, shape))
+    size = f"{COPY_BYTES >> 20} MiB"
+    if ON_GPU:
+        times, timer = _times(lambda: dst.copy_(src))
+        seconds = statistics.median(times)
+        method = f"dst.copy_(src), {size} each, median of {len(times)}, {timer}"
+    else:
+        times = []
+        for i in range(12):
+            start = time.perf_counter()
+            dst.copy_(src)
+            if i >= 2:
+                times.append(time.perf_counter() - start)
+        seconds = statistics.median(times)
+        method = f"dst.copy_(src), {size} each, median of 10, host clock"
+    return dict(gbps=2 * COPY_BYTES / seconds / 1e9, method=method)
 
 
 CASES = [
@@ -356,51 +540,177 @@ CASES = [
 @pytest.mark.parametrize(("dtype", "shape", "name"), CASES)
 def test_noise_loss(
     benchmark: Any,
-    copy_gbps: float,
+    copy_bandwidth: dict[str, Any],
     malloc_config: str,
+    monkeypatch: pytest.MonkeyPatch,
     dtype: str,
     shape: tuple[int, ...],
     name: str,
 ) -> None:
     provider = PROVIDERS[name]
-    if provider.backend is not None and provider.backend not in _backend.available(DEVICE):
-        pytest.skip(
-            f"debias backend {provider.backend!r} cannot run on {DEVICE.type} in this build "
-            f"(available: {_backend.available(DEVICE)})"
-        )
+    _prepare(provider, monkeypatch)
     torch.manual_seed(0)
     case = Case.make(shape, DTYPES[dtype], DEVICE)
     if provider.checked is not None:
         _check(provider, case)
     step = _step(provider, case)
-    peak, peak_method = _peak_memory(step, case.pred, DEVICE)  # also compiles and warms the step
+
+    def reset() -> None:
+        case.pred.grad = None
+
+    peak, peak_method = _peak_memory(step, reset, DEVICE)  # also compiles and warms the step
 
     benchmark.group = f"{dtype}-{_shape_id(shape)}"
     info = benchmark.extra_info
+    info.update(_common_info(name, provider, copy_bandwidth, malloc_config))
     info.update(
-        provider=name,
-        backend=provider.backend or "",
+        kind="loss_side",
         shape=_shape_id(shape),
         dtype=dtype,
         numel=case.x0.numel(),
-        bytes=fused_bytes(case.x0.numel(), case.x0.element_size()),
+        bytes=fused_bytes(case.x0.numel(), case.x0.element_size(), provider.grad_in_forward),
         peak_mem_bytes=peak,
         peak_mem_method=peak_method,
-        check="reference" if provider.checked is None else "passed",
-        copy_gbps=copy_gbps,
-        device=device_name(DEVICE),
-        device_type=DEVICE.type,
-        threads=torch.get_num_threads(),
-        malloc=malloc_config,
-        torch=str(torch.__version__),
-        triton=_version("triton"),
-        command=shlex.join(["pytest", *sys.argv[1:]]),
     )
     before = _cpu_ticks()
     start = time.perf_counter()
+    if ON_GPU:
+        times, timer = _times(_step(provider, case, sync=False))
+        info.update(timer=timer, **_summary(times))
+        info["other_cpu"] = _other_cpu(before, _cpu_ticks(), time.perf_counter() - start)
+        benchmark.pedantic(step, rounds=1, iterations=1)  # the result's times are info's
+        return
     benchmark(step)
     info["other_cpu"] = _other_cpu(before, _cpu_ticks(), time.perf_counter() - start)
+    info["timer"] = "pytest-benchmark (host clock)"
     if benchmark.stats is not None:  # None under --benchmark-disable
         # pytest-benchmark keeps quartiles only; the raw per-round times give the 20/80 ones.
         q = statistics.quantiles(benchmark.stats.stats.data, n=5, method="inclusive")
         info.update(q20_s=q[0], q80_s=q[3])
+
+
+# ---- one training step --------------------------------------------------------------------
+
+
+class SmallConvNet(torch.nn.Module):
+    """A stand-in for the UNet where diffusers is not installed: a timestep embedding and
+    four residual GroupNorm-SiLU-conv blocks at full resolution, ``width`` channels."""
+
+    def __init__(self, channels: int = 3, width: int = 64, timesteps: int = 1000) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(timesteps, width)
+        self.inp = torch.nn.Conv2d(channels, width, 3, padding=1)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(
+                torch.nn.GroupNorm(8, width),
+                torch.nn.SiLU(),
+                torch.nn.Conv2d(width, width, 3, padding=1),
+            )
+            for _ in range(4)
+        )
+        self.out = torch.nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x) + self.embed(t)[:, :, None, None]
+        for block in self.blocks:
+            h = h + block(h)
+        return self.out(h)
+
+
+class _Sample(torch.nn.Module):
+    """diffusers' UNet2DModel returning its ``.sample`` tensor, as trainers use it."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.unet(x, t).sample
+
+
+UNET_CONFIG = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(64, 128, 128),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+)
+
+
+def make_model(device: torch.device) -> tuple[torch.nn.Module, str]:
+    """A small DDPM-style UNet (diffusers' UNet2DModel, UNET_CONFIG), or SmallConvNet where
+    diffusers cannot be imported; and a name for the report."""
+    torch.manual_seed(0)  # the same weights for every provider
+    try:
+        from diffusers import UNet2DModel
+    except Exception as err:  # not installed, or broken against this torch
+        reason = f"{type(err).__name__}: {err}".splitlines()[0][:80]
+        return SmallConvNet().to(device), f"SmallConvNet(width=64) (no diffusers: {reason})"
+    channels = "-".join(map(str, UNET_CONFIG["block_out_channels"]))
+    name = f"diffusers UNet2DModel({channels}, 1 layer/block, attention at 16 and 8 px)"
+    return _Sample(UNet2DModel(**UNET_CONFIG)).to(device), name
+
+
+TRAIN_PROVIDERS = [name for name, p in PROVIDERS.items() if p.train is not None]
+
+
+@pytest.mark.parametrize("name", TRAIN_PROVIDERS)
+def test_train_step(
+    benchmark: Any,
+    copy_bandwidth: dict[str, Any],
+    malloc_config: str,
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+) -> None:
+    """One fp32 training step on TRAIN_SHAPE: noising, the network's forward, the loss and the
+    whole backward; no optimizer step (gradients only, zeroed with set_to_none before each
+    step). The loss side alone (the same ops with pred a leaf, as in test_noise_loss) is timed
+    the same way, and the report gives its share of the step."""
+    if not ON_GPU and not os.environ.get("DEBIAS_BENCH_TRAIN_STEP"):
+        pytest.skip(
+            "a GPU measurement: on the CPU the network takes seconds per step and the loss "
+            "side is lost in it (DEBIAS_BENCH_TRAIN_STEP=1 runs it anyway)"
+        )
+    provider = PROVIDERS[name]
+    _prepare(provider, monkeypatch)
+    torch.manual_seed(0)
+    case = Case.make(TRAIN_SHAPE, torch.float32, DEVICE)
+    if provider.checked is not None:
+        _check(provider, case)
+    model, model_name = make_model(DEVICE)
+
+    def train_step() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        loss = provider.train(case, model)
+        loss.backward()
+        return loss
+
+    def reset() -> None:
+        model.zero_grad(set_to_none=True)
+
+    peak, peak_method = _peak_memory(train_step, reset, DEVICE)
+    before = _cpu_ticks()
+    start = time.perf_counter()
+    step_times, timer = _times(train_step)
+    loss_times, _ = _times(_step(provider, case, sync=False))
+    other = _other_cpu(before, _cpu_ticks(), time.perf_counter() - start)
+
+    benchmark.group = f"train-step-{_shape_id(TRAIN_SHAPE)}"
+    info = benchmark.extra_info
+    info.update(_common_info(name, provider, copy_bandwidth, malloc_config))
+    info.update(
+        kind="train_step",
+        shape=_shape_id(TRAIN_SHAPE),
+        dtype="fp32",
+        numel=case.x0.numel(),
+        model=model_name,
+        peak_mem_bytes=peak,
+        peak_mem_method=peak_method,
+        timer=timer,
+        other_cpu=other,
+        loss_side_median_s=statistics.median(loss_times),
+        **_summary(step_times),
+    )
+    benchmark.pedantic(lambda: (train_step(), _sync(DEVICE)), rounds=1, iterations=1)

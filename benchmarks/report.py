@@ -2,9 +2,11 @@
 
     python benchmarks/report.py bench.json [--out-dir benchmarks/results]
 
-Writes ``noise_loss_<device>.csv`` (one row per case and provider) and ``noise_loss_<device>.md``
-(one line per case, providers side by side), and prints the Markdown. A provider whose
-correctness check did not pass is left out: no speed-up is reported for a wrong answer.
+Writes ``noise_loss_<device>.csv`` (one row per case and provider, and per provider of the
+training step) and ``noise_loss_<device>.md`` (providers side by side, then one line per case
+and provider with its bandwidth, memory and, on a GPU, the performance targets), and prints
+the Markdown. A provider whose correctness check did not pass is left out: no speed-up is
+reported for a wrong answer.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import shlex
 import sys
@@ -22,10 +25,18 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECKED = ("passed", "reference")  # what the bench writes in extra_info["check"]
 BUSY = 0.05  # share of CPU time used by other processes above which a result is flagged
+# Targets for the fused GPU providers, on the cases whose fp32 tensors are at least 64 MiB
+# (bandwidth-bound; smaller ones are bound by launches): a share of the measured copy
+# bandwidth, and speed-ups over eager and over torch.compile.
+TARGET_MIN_FP32_BYTES = 64 * 2**20
+TARGET_COPY, TARGET_EAGER, TARGET_COMPILE = 0.85, 4.0, 1.3
+GPU_BACKENDS = ("triton", "cuda")
 COLUMNS = (
-    "device", "threads", "malloc", "torch", "triton", "git_sha", "date", "shape", "dtype",
-    "provider", "median_ms", "q20_ms", "q80_ms", "rounds", "elements_per_s", "gb_per_s",
-    "copy_gb_per_s", "copy_fraction", "vs_eager", "vs_compile", "peak_mem_mib", "other_cpu",
+    "device", "device_type", "threads", "malloc", "torch", "triton", "git_sha", "date",
+    "kind", "shape", "dtype", "provider", "design", "model", "timer", "median_ms", "q20_ms",
+    "q80_ms", "rounds", "elements_per_s", "bytes_per_step", "gb_per_s", "copy_gb_per_s",
+    "copy_fraction", "vs_eager", "vs_compile", "peak_mem_mib", "targets", "loss_side_ms",
+    "loss_share", "other_cpu",
 )  # fmt: skip
 
 
@@ -35,9 +46,33 @@ def slug(name: str) -> str:
 
 
 def git_sha(commit: dict[str, Any]) -> str:
-    """Short sha of the benchmarked tree; "-dirty" when it had uncommitted changes."""
-    sha = (commit.get("id") or "")[:7]
-    return f"{sha}-dirty" if sha and commit.get("dirty") else sha
+    """Short sha of the benchmarked tree; "-dirty" when it had uncommitted changes. Where
+    pytest-benchmark found no git (a copy of the tree without .git: id "unversioned"),
+    DEBIAS_GIT_SHA."""
+    sha = commit.get("id") or ""
+    if sha in ("", "unversioned"):
+        return os.environ.get("DEBIAS_GIT_SHA", "")
+    sha = sha[:7]
+    return f"{sha}-dirty" if commit.get("dirty") else sha
+
+
+def _targets(r: dict[str, Any]) -> str | None:
+    """ "met", or "missed: ..." naming each target missed; None where no target applies."""
+    if not (r["device_type"] == "cuda" and r["kind"] == "loss_side"):
+        return None
+    if r["backend"] not in GPU_BACKENDS or r["numel"] * 4 < TARGET_MIN_FP32_BYTES:
+        return None
+    missed = []
+    for name, value, goal in (
+        ("copy", r["copy_fraction"], TARGET_COPY),
+        ("eager", r["vs_eager"], TARGET_EAGER),
+        ("compile", r["vs_compile"], TARGET_COMPILE),
+    ):
+        if value is None:
+            missed.append(f"{name} not measured")
+        elif value < goal:
+            missed.append(f"{name} {value:.2f} < {goal:g}")
+    return "missed: " + "; ".join(missed) if missed else "met"
 
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -50,38 +85,59 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         if info.get("check") not in CHECKED:
             print(f"not reported: {bench['name']} (check: {info.get('check')})", file=sys.stderr)
             continue
-        median = stats["median"]
-        gbps = info["bytes"] / median / 1e9
-        out.append(
-            {
-                "device": info["device"],
-                "threads": info["threads"],
-                "malloc": info.get("malloc", ""),
-                "torch": info["torch"],
-                "triton": info["triton"],
-                "git_sha": sha,
-                "date": date,
-                "shape": info["shape"],
-                "dtype": info["dtype"],
-                "provider": info["provider"],
-                "median_ms": median * 1e3,
-                "q20_ms": info["q20_s"] * 1e3,
-                "q80_ms": info["q80_s"] * 1e3,
-                "rounds": stats["rounds"],
-                "elements_per_s": round(info["numel"] / median),
-                "gb_per_s": gbps,
-                "copy_gb_per_s": info["copy_gbps"],
-                "copy_fraction": gbps / info["copy_gbps"],
-                "peak_mem_mib": info["peak_mem_bytes"] / 2**20,
-                "other_cpu": info.get("other_cpu"),
-            }
-        )
+        # CUDA results carry their own (CUDA-event) times; on the CPU pytest-benchmark's.
+        median = info.get("median_s", stats["median"])
+        kind = info.get("kind", "loss_side")
+        row = {
+            "device": info["device"],
+            "device_type": info.get("device_type", "cpu"),
+            "threads": info["threads"],
+            "malloc": info.get("malloc", ""),
+            "torch": info["torch"],
+            "triton": info["triton"],
+            "git_sha": sha,
+            "date": date,
+            "kind": kind,
+            "shape": info["shape"],
+            "dtype": info["dtype"],
+            "provider": info["provider"],
+            "backend": info.get("backend", ""),
+            "design": info.get("design", ""),
+            "default_designs": info.get("default_designs", ""),
+            "model": info.get("model", ""),
+            "timer": info.get("timer", "pytest-benchmark (host clock)"),
+            "numel": info["numel"],
+            "median_ms": median * 1e3,
+            "q20_ms": info["q20_s"] * 1e3,
+            "q80_ms": info["q80_s"] * 1e3,
+            "rounds": info.get("rounds", stats["rounds"]),
+            "elements_per_s": round(info["numel"] / median),
+            "bytes_per_step": None,
+            "gb_per_s": None,
+            "copy_gb_per_s": info["copy_gbps"],
+            "copy_method": info.get("copy_method", ""),
+            "copy_fraction": None,
+            "peak_mem_mib": info["peak_mem_bytes"] / 2**20,
+            "loss_side_ms": None,
+            "loss_share": None,
+            "other_cpu": info.get("other_cpu"),
+            "command": info["command"],
+        }
+        if kind == "loss_side":
+            row["bytes_per_step"] = info["bytes"]
+            row["gb_per_s"] = info["bytes"] / median / 1e9
+            row["copy_fraction"] = row["gb_per_s"] / info["copy_gbps"]
+        else:  # train_step: the network dominates; the question is the loss side's share
+            row["loss_side_ms"] = info["loss_side_median_s"] * 1e3
+            row["loss_share"] = info["loss_side_median_s"] / median
+        out.append(row)
     # Ratios are times: a baseline's median over this provider's, same case (>1 is faster).
-    medians = {(r["dtype"], r["shape"], r["provider"]): r["median_ms"] for r in out}
+    medians = {(r["kind"], r["dtype"], r["shape"], r["provider"]): r["median_ms"] for r in out}
     for r in out:
         for base in ("eager", "compile"):
-            ref = medians.get((r["dtype"], r["shape"], base))
+            ref = medians.get((r["kind"], r["dtype"], r["shape"], base))
             r[f"vs_{base}"] = ref / r["median_ms"] if ref else None
+        r["targets"] = _targets(r)
     return out
 
 
@@ -103,25 +159,17 @@ def _ratio(value: float | None, base: str) -> str | None:
     return None if value is None else f"{value:.2f}× {base}"
 
 
-def markdown(table: list[dict[str, Any]], bench_command: str, report_command: str) -> str:
+def _num(value: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _side_by_side(loss: list[dict[str, Any]]) -> list[str]:
     """One line per case: M elements/s of each provider, with its speed-up over eager and
     compile in brackets."""
-    first = table[0]
-    providers = list(dict.fromkeys(r["provider"] for r in table))
-    cases = list(dict.fromkeys((r["dtype"], r["shape"]) for r in table))
-    by_key = {(r["dtype"], r["shape"], r["provider"]): r for r in table}
+    providers = list(dict.fromkeys(r["provider"] for r in loss))
+    cases = list(dict.fromkeys((r["dtype"], r["shape"]) for r in loss))
+    by_key = {(r["dtype"], r["shape"], r["provider"]): r for r in loss}
     lines = [
-        f"# noise_loss on {first['device']} ({first['threads']} threads)",
-        "",
-        f"torch {first['torch']}"
-        + (f", triton {first['triton']}" if first["triton"] else "")
-        + f", git {first['git_sha'] or 'unknown'}, {first['date']} UTC;"
-        + f" malloc: {first['malloc'] or 'default'};"
-        + f" measured copy bandwidth {first['copy_gb_per_s']:.1f} GB/s. Produced by:",
-        "",
-        f"    {bench_command}",
-        f"    {report_command}",
-        "",
         "Million elements per second for one loss side (noising + weighted loss + backward),"
         " median; in brackets the speed-up over eager and over compile.",
         "",
@@ -144,6 +192,106 @@ def markdown(table: list[dict[str, Any]], bench_command: str, report_command: st
             cell = f"{r['elements_per_s'] / 1e6:.1f}"
             cells.append(cell + (f" ({', '.join(ratios)})" if ratios else ""))
         lines.append(f"| {dtype} {shape} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _details(loss: list[dict[str, Any]]) -> list[str]:
+    """One line per case and provider: time, bandwidth, memory, targets."""
+    with_targets = any(r["targets"] is not None for r in loss)
+    lines = [
+        "Per case and provider: median time with the 20th–80th percentiles; GB/s of the bytes"
+        " the fused design must move (kept gradient 6N, recompute 5N, N = numel × itemsize;"
+        " eager, compile and cpu against 6N); the share of the copy bandwidth; peak memory"
+        " one step allocates.",
+        "",
+        "| case | provider | design | median ms (q20–q80) | GB/s | of copy | vs eager"
+        " | vs compile | peak MiB |" + (" targets |" if with_targets else ""),
+        "|---|---|---|---:|---:|---:|---:|---:|---:|" + ("---|" if with_targets else ""),
+    ]
+    for r in loss:
+        cells = [
+            f"{r['dtype']} {r['shape']}",
+            r["provider"],
+            r["design"] or "—",
+            f"{r['median_ms']:.4g} ({r['q20_ms']:.4g}–{r['q80_ms']:.4g})",
+            f"{r['gb_per_s']:.1f}",
+            f"{r['copy_fraction']:.0%}",
+            _num(r["vs_eager"], ".2f", "×"),
+            _num(r["vs_compile"], ".2f", "×"),
+            f"{r['peak_mem_mib']:.1f}",
+        ]
+        if with_targets:
+            cells.append(r["targets"] or "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _target_summary(loss: list[dict[str, Any]]) -> list[str]:
+    graded = [r for r in loss if r["targets"] is not None]
+    if not graded:
+        return []
+    shapes = ", ".join(dict.fromkeys(r["shape"] for r in graded))
+    met = [f"{r['provider']} {r['dtype']} {r['shape']}" for r in graded if r["targets"] == "met"]
+    return [
+        f"Targets, fused GPU providers on the cases whose fp32 tensors are at least"
+        f" {TARGET_MIN_FP32_BYTES >> 20} MiB ({shapes}): at least {TARGET_COPY:.0%} of the"
+        f" copy bandwidth, {TARGET_EAGER:g}× eager and {TARGET_COMPILE:g}× compile."
+        f" All three met on {len(met)} of {len(graded)}: {', '.join(met) or 'none'}.",
+    ]
+
+
+def _train_table(train: list[dict[str, Any]]) -> list[str]:
+    first = train[0]
+    return [
+        f"## One training step, {first['dtype']} {first['shape']}",
+        "",
+        f"Model: {first['model']}. A step is noising, the network's forward, the loss and the"
+        " whole backward, no optimizer step (gradients only, set to None before each step);"
+        " the loss side is the same ops with the network's output replaced by a leaf tensor,"
+        " timed the same way. Share: loss side over step, medians. eager is the loss as"
+        " trainers write it today (before), the fused providers are after.",
+        "",
+        "| provider | design | step ms (q20–q80) | loss side ms | loss share | vs eager |"
+        " peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['provider']} | {r['design'] or '—'} | {r['median_ms']:.4g}"
+            f" ({r['q20_ms']:.4g}–{r['q80_ms']:.4g}) | {r['loss_side_ms']:.4g}"
+            f" | {r['loss_share']:.1%} | {_num(r['vs_eager'], '.2f', '×')}"
+            f" | {r['peak_mem_mib']:.1f} |"
+            for r in train
+        ),
+    ]
+
+
+def markdown(table: list[dict[str, Any]], bench_command: str, report_command: str) -> str:
+    first = table[0]
+    loss = [r for r in table if r["kind"] == "loss_side"]
+    train = [r for r in table if r["kind"] == "train_step"]
+    on_gpu = first["device_type"] == "cuda"
+    title = first["device"] if on_gpu else f"{first['device']} ({first['threads']} threads)"
+    provenance = (
+        f"torch {first['torch']}"
+        + (f", triton {first['triton']}" if first["triton"] else "")
+        + f", git {first['git_sha'] or 'unknown'}, {first['date']} UTC;"
+        + ("" if on_gpu else f" malloc: {first['malloc'] or 'default'};")
+        + f" measured copy bandwidth {first['copy_gb_per_s']:.1f} GB/s"
+        + (f" ({first['copy_method']})" if first["copy_method"] else "")
+        + f"; timer: {first['timer']}."
+    )
+    if first["default_designs"]:
+        provenance += (
+            f" Gradient design of each GPU backend by default: {first['default_designs']}."
+        )
+    lines = [f"# noise_loss on {title}", "", provenance + " Produced by:", "",
+             f"    {bench_command}", f"    {report_command}", ""]  # fmt: skip
+    if loss:
+        lines += [*_side_by_side(loss), "", *_details(loss)]
+        summary = _target_summary(loss)
+        if summary:
+            lines += ["", *summary]
+    if train:
+        lines += ["", *_train_table(train)]
     busy = [r for r in table if (r["other_cpu"] or 0.0) > BUSY]
     if busy:
         worst = max(r["other_cpu"] for r in busy)
@@ -168,8 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     name = f"noise_loss_{slug(table[0]['device'])}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.out_dir / f"{name}.csv")
-    bench_command = data["benchmarks"][0]["extra_info"]["command"]
-    text = markdown(table, bench_command, shlex.join(["python", *sys.argv]))
+    text = markdown(table, table[0]["command"], shlex.join(["python", *sys.argv]))
     (args.out_dir / f"{name}.md").write_text(text)
     print(text, end="")
 

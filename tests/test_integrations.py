@@ -246,3 +246,60 @@ def test_loss_weight_matches_diffusers(prediction_type):
     want = diffusers_weights(noise_scheduler, timesteps, prediction_type)
     assert got.dtype == torch.float32 and got.shape == (T,)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+# ---- on a GPU -----------------------------------------------------------------------------
+
+CUDA = torch.device("cuda")
+# The two steps run the same UNet in fp32 (no TF32) with deterministic cuDNN kernels, so they
+# differ only in the loss side; the looser bounds cover reductions summed in another order on
+# the GPU, carried through the network's backward.
+RTOL_CUDA, ATOL_CUDA = 1e-4, 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("grad_in_forward", [True, False], ids=["kept", "recomputed"])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("gpu_backend", ["triton", "cuda"])
+def test_min_snr_step_matches_diffusers_on_cuda(
+    gpu_backend, prediction_type, grad_in_forward, monkeypatch
+):
+    """The drop-in on CUDA tensors, for each GPU backend in both gradient designs
+    (GRAD_IN_FORWARD): the example's step and debias' give the same noisy latents, loss and
+    parameter gradients."""
+    if gpu_backend not in debias.ops._backend.available(CUDA):
+        pytest.skip(f"backend {gpu_backend!r} is not built or cannot run on cuda here")
+    monkeypatch.setitem(debias.ops.noise_loss.GRAD_IN_FORWARD, gpu_backend, grad_in_forward)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=T, prediction_type=prediction_type)
+    unet = make_unet().to(CUDA)
+    latents, noise, timesteps = (x.to(CUDA) for x in make_batch())
+
+    noisy_latents, want_loss = diffusers_step(
+        unet, noise_scheduler, latents, noise, timesteps, prediction_type
+    )
+    want_grads = take_grads(unet)
+
+    noisy, returned = debias.add_noise(
+        latents, timesteps, noise_scheduler, noise=noise, backend=gpu_backend
+    )
+    assert returned is noise
+    torch.testing.assert_close(noisy, noisy_latents, rtol=1e-6, atol=1e-6)
+    loss = debias.fused_loss(
+        unet(noisy, timesteps).sample,
+        noise,
+        timesteps,
+        noise_scheduler,
+        weighting="min_snr",
+        x0=latents,
+        backend=gpu_backend,
+        gamma=SNR_GAMMA,
+    )
+    loss.backward()
+
+    assert loss.dtype == torch.float32 and loss.dim() == 0 and loss.device.type == "cuda"
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=RTOL_CUDA, atol=ATOL_CUDA)
+    assert_grads_close(take_grads(unet), want_grads, rtol=RTOL_CUDA, atol=ATOL_CUDA)

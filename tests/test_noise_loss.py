@@ -615,3 +615,309 @@ def test_compiled_kernels_are_built_in_ci():
         pytest.skip("only enforced in CI")
     assert "cpu" in _backend.available(torch.device("cpu"))
     assert "triton" in _backend.available(torch.device("cpu"))
+
+
+# ---- on a GPU -----------------------------------------------------------------------------
+#
+# The contracts above on CUDA tensors, for every GPU backend in both gradient designs
+# (debias.ops.noise_loss.GRAD_IN_FORWARD: True keeps the gradient computed in forward, False
+# recomputes it in backward from the regenerated noise). Skipped without a GPU. Each
+# parametrization draws its own inputs, and outputs land in NaN-poisoned memory.
+
+CUDA = torch.device("cuda")
+GPU_BACKENDS = ("triton", "cuda")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_backend(request) -> str:
+    skip_unless_backend(request.param, CUDA)
+    return request.param
+
+
+@pytest.fixture(params=[True, False], ids=["kept", "recomputed"])
+def gpu_design(request, gpu_backend, monkeypatch) -> bool:
+    """GRAD_IN_FORWARD[gpu_backend] for this test only."""
+    monkeypatch.setitem(debias.ops.noise_loss.GRAD_IN_FORWARD, gpu_backend, request.param)
+    return request.param
+
+
+@pytest.fixture
+def gpu_seed(request) -> int:
+    """A seed of its own for every parametrization, the same from run to run."""
+    import zlib
+
+    return zlib.crc32(request.node.nodeid.encode())
+
+
+@pytest.fixture
+def poisoned():
+    """Every tensor torch allocates without initialising it (torch.empty, in Python or C++)
+    holds NaN during the test (integers: their maximum), so an output element that a kernel
+    never writes fails the finiteness checks. torch does this only in deterministic mode;
+    warn_only keeps ops without a deterministic kernel running."""
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def _poison_cache(*nbytes: int, copies: int = 3) -> None:
+    """Leave NaN bytes (0xFF: NaN in every float type, -1 in every integer type) in the
+    blocks the CUDA caching allocator hands out next for these sizes, which also covers
+    memory taken from the allocator without torch.empty's fill."""
+    blocks = [
+        torch.full((n,), 0xFF, dtype=torch.uint8, device=CUDA)
+        for n in nbytes
+        for _ in range(copies)
+    ]
+    del blocks
+
+
+def _cuda_inputs(shape, dtype, seed):
+    return tuple(x.to(CUDA) for x in _inputs(shape, dtype, seed))
+
+
+def _oracle(x0, eps, t, prediction):
+    """x_t and the training target in float64, from the coefficients the op is defined with:
+    sqrt(abar) and sqrt(1 - abar) as diffusers computes them for x0's dtype (the float32
+    table cast to it, the roots taken in it). Their rounding (2^-9 in bfloat16) is part of the
+    definition, so the float64 oracle measures the kernels' arithmetic alone."""
+    abar = _abar(x0.dtype).to(x0.dtype).to(x0.device)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    a = (abar**0.5).double()[t].view(shape)
+    s = ((1 - abar) ** 0.5).double()[t].view(shape)
+    x0, eps = x0.double(), eps.double()
+    target = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[prediction]
+    return a * x0 + s * eps, target
+
+
+def _assert_finite(**tensors: torch.Tensor) -> None:
+    for name, x in tensors.items():
+        bad = (~torch.isfinite(x)).sum().item()
+        assert bad == 0, f"{name}: {bad} of {x.numel()} elements are not finite (never written?)"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+def test_gpu_philox_stream_matches_cpu(dtype):
+    """add_noise(noise=None) draws the same stream on the CPU and on each GPU backend for the
+    same key: a few float32 ulp apart (log, sin and cos round differently), in bfloat16 at most
+    one rounding step apart; and all of them match reference.philox_normal."""
+    backends = [b for b in GPU_BACKENDS if b in _backend.available(CUDA)]
+    if not backends:
+        pytest.skip(f"no GPU backend is built here (available: {_backend.available(CUDA)})")
+    shape = (3, 5, 67, 129)  # 129645 normals: odd, many Philox groups and kernel blocks
+
+    def stream(backend, device):
+        x0 = torch.randn(shape, device=device).to(dtype)
+        t = torch.randint(0, 1000, (shape[0],), device=device)
+        gen = torch.Generator().manual_seed(1234)
+        _, noise = debias.add_noise(x0, t, SCHEDULE, generator=gen, backend=backend)
+        eps = noise.materialize()
+        assert eps.shape == shape and eps.dtype == dtype and eps.device.type == device.type
+        return noise.key, eps.cpu().float()
+
+    key, cpu = stream(_backend.available(CPU)[0], CPU)
+    seed, offset = key.tolist()
+    spec = reference.philox_normal(seed, offset, cpu.numel()).view(shape).to(dtype).float()
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-5)
+    for backend in backends:
+        gpu_key, gpu = stream(backend, CUDA)
+        assert torch.equal(gpu_key, key)
+        torch.testing.assert_close(gpu, cpu, **tol, msg=lambda m, b=backend: f"{b} vs cpu: {m}")
+        torch.testing.assert_close(gpu, spec, **tol, msg=lambda m, b=backend: f"{b} vs spec: {m}")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gpu_add_noise_equals_diffusers_bitwise(gpu_backend, shape, dtype, gpu_seed, poisoned):
+    """With the noise given, x_t is diffusers' add_noise in x0's dtype, bit for bit (as the
+    docstring promises), on the GPU too."""
+    x0, noise, _, t = _cuda_inputs(shape, dtype, gpu_seed)
+    _poison_cache(x0.numel() * x0.element_size())
+    x_t, returned = debias.add_noise(x0, t, SCHEDULE, noise=noise, backend=gpu_backend)
+    assert returned is noise
+    _assert_finite(x_t=x_t)
+    want = reference.add_noise(x0, t, _abar(dtype), noise)
+    assert torch.equal(x_t, want), f"max abs err {_max_err(x_t, want):.3g}"
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("weighting, opts", WEIGHTINGS, ids=[w for w, _ in WEIGHTINGS])
+def test_gpu_matches_fp64_reference(
+    gpu_backend, gpu_design, weighting, opts, prediction, shape, dtype, gpu_seed, poisoned
+):
+    """Philox noise drawn in the kernel, then x_t, the loss and pred.grad against
+    debias.reference on float64 copies (noise: PhiloxNoise.materialize()), with the error
+    allowance of _assert_within; every output element written."""
+    x0, _, pred, t = _cuda_inputs(shape, dtype, gpu_seed)
+    nbytes = x0.numel() * x0.element_size()
+    w64 = debias.weight_table(SCHEDULE, weighting, prediction, **opts)
+
+    _poison_cache(nbytes)
+    gen = torch.Generator().manual_seed(gpu_seed)
+    x_t, noise = debias.add_noise(x0, t, SCHEDULE, generator=gen, backend=gpu_backend)
+    p = pred.clone().requires_grad_(True)
+    _poison_cache(nbytes, 4 * shape[0])
+    loss = debias.fused_loss(
+        p, noise, t, SCHEDULE, weighting, prediction, x0=x0, backend=gpu_backend, **opts
+    )
+    _poison_cache(nbytes)
+    loss.backward()
+    _poison_cache(nbytes)
+    eps = noise.materialize()
+    _assert_finite(x_t=x_t, loss=loss, grad=p.grad, noise=eps)
+
+    # the reference in the input precision, as users run it (the baseline) ...
+    x_t_base = reference.add_noise(x0, t, _abar(dtype), eps)
+    pred_ref = pred.clone().requires_grad_(True)
+    base = reference.noise_loss(pred_ref, eps, t, w64.float(), x0, _abar(dtype), prediction)
+    base.backward()
+    # ... and in float64 on the same (rounded) inputs: the oracle. w64 is the table of
+    # `prediction`'s space, so the float64 target goes in as an epsilon-space "noise".
+    x_t_oracle, target = _oracle(x0, eps, t, prediction)
+    pred_64 = pred.double().requires_grad_(True)
+    oracle = reference.noise_loss(pred_64, target, t, w64)
+    oracle.backward()
+
+    assert x_t.dtype == dtype and loss.dtype == torch.float32 and loss.shape == ()
+    assert p.grad.dtype == dtype
+    _assert_within("x_t", x_t, x_t_oracle, x_t_base, dtype)
+    _assert_within("loss", loss, oracle, base, torch.float32)
+    _assert_within("grad", p.grad, pred_64.grad, pred_ref.grad, dtype)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gpu_upstream_gradient(gpu_backend, gpu_design, reduction, gpu_seed):
+    """A random upstream gradient on the device (per sample for "none", a loss scale
+    otherwise) reaches pred.grad without a host round trip; a second backward accumulates, a
+    scaled loss scales."""
+    torch.manual_seed(gpu_seed)
+    x0, _, pred, t = _cuda_inputs((5, 3, 9, 7), torch.float32, gpu_seed)
+    gen = torch.Generator().manual_seed(gpu_seed)
+    _, noise = debias.add_noise(x0, t, SCHEDULE, generator=gen, backend=gpu_backend)
+    eps = noise.materialize()
+    w = debias.weight_table(SCHEDULE, "debias").float()
+    p, q = pred.clone().requires_grad_(True), pred.clone().requires_grad_(True)
+    loss = debias.fused_loss(p, noise, t, SCHEDULE, reduction=reduction, backend=gpu_backend)
+    ref = reference.noise_loss(q, eps, t, w, reduction=reduction)
+    assert loss.shape == ref.shape
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+
+    grad_out = torch.rand(loss.shape, device=CUDA) + 0.5
+    loss.backward(grad_out, retain_graph=True)
+    ref.backward(grad_out)
+    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    once = p.grad.clone()
+    loss.backward(grad_out)
+    torch.testing.assert_close(p.grad, 2 * once, rtol=1e-6, atol=1e-12)
+    p.grad = None
+    loss = debias.fused_loss(p, noise, t, SCHEDULE, reduction=reduction, backend=gpu_backend)
+    (3 * loss).backward(grad_out)
+    torch.testing.assert_close(p.grad, 3 * once, rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_compile_fullgraph(gpu_backend, gpu_design, monkeypatch):
+    """A CUDA step (noising, model, fused loss) compiles with Inductor without a graph break
+    and gives eager's loss and gradients; the Philox path traces too."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # both runs in fp32
+    model = torch.nn.Conv2d(3, 3, 3, padding=1).to(CUDA)
+    x0 = torch.randn(4, 3, 8, 8, device=CUDA)
+    t = torch.randint(0, 1000, (4,), device=CUDA)
+    noise = torch.randn_like(x0)
+
+    def step(x0, t, noise):
+        x_t, noise = debias.add_noise(x0, t, SCHEDULE, noise=noise, backend=gpu_backend)
+        return debias.fused_loss(model(x_t), noise, t, SCHEDULE, "min_snr", backend=gpu_backend)
+
+    eager = step(x0, t, noise)
+    eager.backward()
+    eager_grad = model.weight.grad.clone()
+    model.weight.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)(x0, t, noise)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.weight.grad, eager_grad, rtol=1e-4, atol=1e-6)
+
+    def philox_step(x0, t):
+        x_t, noise = debias.add_noise(x0, t, SCHEDULE, backend=gpu_backend)
+        return debias.fused_loss(model(x_t), noise, t, SCHEDULE, backend=gpu_backend)
+
+    model.weight.grad = None
+    torch._dynamo.reset()
+    loss = torch.compile(philox_step, fullgraph=True, backend="aot_eager")(x0, t)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(model.weight.grad).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@needs_cuda
+def test_gpu_beyond_2_31_elements(gpu_backend, gpu_design, poisoned):
+    """More than 2^31 elements, so every flat index needs 64 bits: 32768 samples of 65539
+    bfloat16 values, sample 32766 straddling element 2^31 and sample 32767 wholly past it.
+    x_t, the per-sample losses and pred.grad of those two samples are checked against the
+    reference run on them alone, with their noise from reference.philox_normal(start=...)
+    (element i of the stream depends only on the key and i)."""
+    B, D, dtype = 32768, 65539, torch.bfloat16
+    numel = B * D
+    assert (B - 2) * D < 2**31 < (B - 1) * D
+    # x0, pred, x_t, the kept gradient, pred.grad, one bool mask, and room to spare
+    need = 7 * numel * 2
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(CUDA)
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} free")
+    gen = torch.Generator(device=CUDA).manual_seed(0)
+    x0 = torch.randn(B, D, device=CUDA, generator=gen, dtype=dtype)
+    pred = torch.randn(B, D, device=CUDA, generator=gen, dtype=dtype).requires_grad_(True)
+    t = torch.randint(0, 1000, (B,), device=CUDA, generator=gen)
+    t[-2:] = torch.tensor([0, 999], device=CUDA)
+    grad_out = torch.rand(B, device=CUDA, generator=gen) + 0.5
+    prediction, w64 = "v_prediction", debias.weight_table(SCHEDULE, "debias", "v_prediction")
+
+    key_gen = torch.Generator().manual_seed(7)
+    x_t, noise = debias.add_noise(x0, t, SCHEDULE, generator=key_gen, backend=gpu_backend)
+    loss = debias.fused_loss(
+        pred, noise, t, SCHEDULE, "debias", prediction, x0=x0, reduction="none",
+        backend=gpu_backend,
+    )  # fmt: skip
+    loss.backward(grad_out)
+    _assert_finite(x_t=x_t, loss=loss, grad=pred.grad)
+
+    rows = slice(B - 2, B)
+    seed, offset = noise.key.tolist()
+    eps = reference.philox_normal(seed, offset, 2 * D, CUDA, start=(B - 2) * D)
+    eps = eps.view(2, D).to(dtype)
+    x0_s, t_s, go_s = x0[rows], t[rows], grad_out[rows]
+    x_t_base = reference.add_noise(x0_s, t_s, _abar(dtype), eps)
+    x_t_oracle, target = _oracle(x0_s, eps, t_s, prediction)
+    _assert_within("x_t", x_t[rows], x_t_oracle, x_t_base, dtype)
+
+    p_ref = pred.detach()[rows].clone().requires_grad_(True)
+    base = reference.noise_loss(p_ref, eps, t_s, w64.float(), x0_s, _abar(dtype), prediction,
+                                "none")  # fmt: skip
+    base.backward(go_s)
+    p_64 = pred.detach()[rows].double().requires_grad_(True)
+    oracle = reference.noise_loss(p_64, target, t_s, w64, reduction="none")
+    oracle.backward(go_s.double())
+    _assert_within("loss", loss.detach()[rows], oracle, base, torch.float32)
+    _assert_within("grad", pred.grad[rows], p_64.grad, p_ref.grad, dtype)
