@@ -195,16 +195,18 @@ def _fused(
 
 
 # The order here is the order of the report's columns. Providers that cannot run on DEVICE
-# are skipped with the reason. The GPU backends run in both gradient designs: `triton` and
-# `cuda` keep the gradient computed in forward (backward scales it by grad_output),
-# `-recompute` computes the loss alone in forward and the gradient in backward, regenerating
-# the noise. The Triton interpreter can run `triton` on CPU tensors, but only as a test
+# are skipped with the reason. The fused backends run in both gradient designs: `cpu`,
+# `triton` and `cuda` keep the gradient computed in forward (backward scales it by
+# grad_output, or on the CPU hands it over when grad_output is 1), `-recompute` computes the
+# loss alone in forward and the gradient in backward, regenerating the noise (on the CPU,
+# reading the noise add_noise kept). The Triton interpreter can run `triton` on CPU tensors, but only as a test
 # backend, so the GPU providers are measured on CUDA alone.
 _GPU = ("cuda",)
 PROVIDERS: dict[str, Provider] = {
     "eager": Provider(None, _eager, None, _eager_train),
     "compile": Provider(None, _compiled, _compiled_checked),
-    "cpu": _fused("cpu", devices=("cpu",)),
+    "cpu": _fused("cpu", grad_in_forward=True, devices=("cpu",)),
+    "cpu-recompute": _fused("cpu", grad_in_forward=False, devices=("cpu",)),
     "triton": _fused("triton", grad_in_forward=True, devices=_GPU),
     "triton-recompute": _fused("triton", grad_in_forward=False, devices=_GPU),
     "cuda": _fused("cuda", grad_in_forward=True, devices=_GPU),

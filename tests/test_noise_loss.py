@@ -433,13 +433,15 @@ print(json.dumps({key: {"/".join(k): v for k, v in c.items()} for key, c in out.
 """
 
 
-def test_triton_kernels_compile_for_hopper():
+def test_triton_kernels_compile_for_hopper(tmp_path):
     """Without a GPU, the kernels still compile for sm_90 (Triton's own ptxas), and every
     bulk load and store is a 16-byte vector when D is a multiple of 16."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Run outside the source tree, which has debias/ but not debias/triton_kernels/: the
+    # installed package maps triton_kernels/ there.
     run = subprocess.run([sys.executable, "-c", _HOPPER_BUILD], env=env, capture_output=True,
-                         text=True, timeout=600)  # fmt: skip
+                         text=True, timeout=600, cwd=tmp_path)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     for kernel, count in counts.items():
