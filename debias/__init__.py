@@ -1,9 +1,12 @@
-"""debias: fused kernels for unbiased diffusion training losses.
+"""debias: fused kernels for unbiased diffusion training losses, and exact nearest
+neighbours for measuring memorization.
 
 x_t, noise = debias.add_noise(x0, t, scheduler)          # noise drawn inside the kernel
 loss = debias.fused_loss(model(x_t, t), noise, t, scheduler, weighting="debias")
+dist, idx = debias.knn(samples, train_images, k=2)       # exact, without the n x m matrix
 """
 
+from debias.ops.knn import knn
 from debias.ops.noise_loss import PhiloxNoise, add_noise, fused_loss
 from debias.schedules import NoiseSchedule
 from debias.weighting import WEIGHTINGS, loss_weight, weight_table
@@ -16,6 +19,7 @@ __all__ = [
     "PhiloxNoise",
     "add_noise",
     "fused_loss",
+    "knn",
     "loss_weight",
     "weight_table",
 ]

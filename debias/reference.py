@@ -137,3 +137,43 @@ def noise_loss(
     if reduction == "none":
         return loss
     return loss.sum() if reduction == "sum" else loss.mean()
+
+
+# ---- nearest neighbours -------------------------------------------------------------------
+
+
+def knn_features(x: torch.Tensor, metric: str) -> torch.Tensor:
+    """The float64 vectors ``[n, d]`` a metric compares, from ``x [n, ...]``: the flattened data
+    ("l2"), unit vectors ("cosine"), or ("standardized", the biased-generalization measure)
+    each channel of each sample (dim 1 of ``[n, C, ...]``; 2-D data is one channel) shifted to
+    mean 0 and scaled to standard deviation 1, a constant channel to 0, then the whole
+    sample to a unit vector."""
+    v = x.reshape(x.shape[0], -1).double()
+    if metric == "standardized":
+        per_channel = x.reshape(x.shape[0], x.shape[1] if x.dim() > 2 else 1, -1).double()
+        mean = per_channel.mean(-1, keepdim=True)
+        std = per_channel.std(-1, unbiased=False, keepdim=True)
+        v = ((per_channel - mean) / torch.where(std > 0, std, 1.0)).reshape(x.shape[0], -1)
+    if metric in ("cosine", "standardized"):
+        v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    return v
+
+
+def knn_distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """Exact float64 distances between feature rows ``a [..., d]`` and ``b [..., d]``
+    (broadcast): ``||a - b||`` for "l2", ``1 - a . b`` for the unit vectors of "cosine" and
+    "standardized"."""
+    if metric == "l2":
+        return (a - b).square().sum(-1).sqrt()
+    return 1.0 - (a * b).sum(-1)
+
+
+def knn(
+    queries: torch.Tensor, database: torch.Tensor, k: int, metric: str = "l2"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Brute force in float64: ``(distances [n, k] float64, indices [n, k] int64)``, ascending,
+    ties broken by the lower index. Builds the whole n x m x d difference: small inputs only."""
+    q, db = knn_features(queries, metric), knn_features(database, metric)
+    dist = knn_distance(q[:, None, :], db[None, :, :], metric)
+    dist, order = torch.sort(dist, dim=1, stable=True)  # stable: equal distances by index
+    return dist[:, :k], order[:, :k]

@@ -74,18 +74,28 @@ def _triton() -> bool:
 def _cuda_kernels() -> bool:
     """debias._C was built with its CUDA kernels (an extension built against CPU torch has
     none)."""
-    return compiled() is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "debias_C::add_noise", "CUDA"
-    )
+    return has_kernel("add_noise", "CUDA")
 
 
-def resolve(backend: str | None, device: torch.device) -> str:
-    """The backend to run on ``device``: ValueError naming ``backend`` if it cannot run."""
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """``torch.ops.debias_C.<op>`` is built and has a kernel for ``dispatch_key``."""
+    if compiled() is None or not hasattr(torch.ops.debias_C, op):
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"debias_C::{op}", dispatch_key)
+
+
+def resolve(
+    backend: str | None, device: torch.device, supported: tuple[str, ...] = BACKENDS
+) -> str:
+    """The backend to run on ``device``: ValueError naming ``backend`` if it cannot run.
+    ``supported``: the backends the op has (default: all)."""
     source = "backend"
     if backend is None:
         backend = os.environ.get("DEBIAS_BACKEND") or None
         source = "DEBIAS_BACKEND"
-    choices = available(device)
+        if backend in BACKENDS and backend not in supported:
+            backend = None  # a process-wide choice; an op without that backend keeps its default
+    choices = tuple(b for b in available(device) if b in supported)
     if backend is None:
         return choices[0]
     if backend not in BACKENDS:

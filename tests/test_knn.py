@@ -1,0 +1,216 @@
+"""debias.knn against the float64 brute force (debias.reference.knn) on data built to break the
+fast pass: duplicates, ties, near-duplicates, a large common offset, tiny and odd dimensions,
+streamed and memory-mapped databases."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import CPU, skip_unless_backend
+
+import debias
+from debias import reference
+from debias.ops import knn as knn_ops
+
+KNN_BACKENDS = ("torch", "cpu")
+METRICS = ("l2", "cosine", "standardized")
+
+
+@pytest.fixture(params=KNN_BACKENDS)
+def backend(request):
+    if request.param not in knn_ops._supported(CPU):
+        pytest.skip(f"backend {request.param!r} has no knn kernel in this build")
+    return request.param
+
+
+def _check(queries, database, k, metric="l2", backend=None, **kwargs):
+    got_d, got_i = debias.knn(queries, database, k, metric, backend=backend, **kwargs)
+    want_d, want_i = reference.knn(queries, database, k, metric)
+    assert got_i.dtype == torch.int64 and got_d.dtype == torch.float64
+    assert torch.equal(got_i, want_i), (got_i, want_i)
+    torch.testing.assert_close(got_d, want_d, rtol=1e-12, atol=1e-12)
+    return got_d, got_i
+
+
+def _hard(n, m, d, seed=0, offset=0.0):
+    """Random data plus exact duplicates, a query copied into the database, a near-duplicate
+    one ulp away and an exact tie (two points at the same distance)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(n, d, generator=g) + offset
+    db = torch.randn(m, d, generator=g) + offset
+    db[m // 2] = db[1]  # duplicate rows: the lower index comes first
+    db[m - 1] = q[0]  # a query's exact copy, last in the database
+    db[2] = torch.nextafter(q[1], torch.full_like(q[1], np.inf))  # one ulp from a query
+    db[3] = 2 * q[2] - db[4]  # db[3] and db[4] mirror each other about q[2]: a tie (l2)
+    return q, db
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize(
+    "n, m, d, k", [(7, 50, 3, 3), (5, 301, 33, 5), (9, 40, 1, 4), (4, 129, 17, 1), (3, 25, 6, 25)]
+)
+def test_matches_float64_brute_force(backend, metric, n, m, d, k):
+    if metric != "l2" and d == 1:
+        pytest.skip("one value per sample has no direction to compare")
+    q, db = _hard(n, m, d)
+    if metric == "standardized":
+        q, db = q.view(n, 1, d), db.view(m, 1, d)
+    _check(q, db, k, metric, backend)
+
+
+def test_large_common_offset_breaks_the_expansion_not_the_answer(backend):
+    """||x||^2 + ||y||^2 - 2 x.y at an offset of 1e4 cancels catastrophically in float32."""
+    q, db = _hard(16, 400, 24, offset=1e4)
+    dist, _ = _check(q, db, 6, backend=backend)
+    assert (dist >= 0).all()
+    naive = (q.square().sum(1)[:, None] + db.square().sum(1)[None] - 2 * q @ db.T).clamp(min=0)
+    naive_i = naive.sqrt().topk(6, largest=False).indices
+    assert not torch.equal(naive_i, reference.knn(q, db, 6)[1])  # the naive pass does fail
+
+
+def test_many_exact_duplicates_fall_back_to_the_exhaustive_search(backend):
+    """More copies of the nearest point than the fast pass keeps candidates: the bound cannot
+    separate them, so the query is searched exhaustively; the lowest indices win."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 8, generator=g)
+    db = torch.randn(200, 8, generator=g)
+    db[50:90] = q[0]
+    d, i = _check(q, db, 2, backend=backend)
+    assert i[0].tolist() == [50, 51] and d[0].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("k", [1, 7, 96])
+def test_streamed_chunks_equal_one_tensor(backend, monkeypatch, k):
+    """Chunks of a few rows (the chunk size forced down) and an iterable of uneven chunks."""
+    q, db = _hard(6, 96, 10)
+    monkeypatch.setattr(knn_ops, "_CHUNK_BYTES", 8 * 10 * 13)  # 13 rows per chunk
+    _check(q, db, k, backend=backend)
+    pieces = [db[:5], db[5:5], db[5:60], db[60:]]
+    got = debias.knn(q, iter(pieces), k, backend=backend)
+    want = reference.knn(q, db, k)
+    assert torch.equal(got[1], want[1])
+
+
+def test_memory_mapped_npy(backend, tmp_path, monkeypatch):
+    q, db = _hard(5, 70, 12)
+    path = tmp_path / "train.npy"
+    np.save(path, db.numpy())
+    monkeypatch.setattr(knn_ops, "_CHUNK_BYTES", 8 * 12 * 16)
+    got = debias.knn(q, str(path), 3, backend=backend)
+    assert torch.equal(got[1], reference.knn(q, db, 3)[1])
+    assert torch.equal(debias.knn(q, path, 3, backend=backend)[1], got[1])  # a Path works too
+
+
+def test_low_precision_and_float64_inputs(backend):
+    q, db = _hard(6, 80, 9)
+    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+        _check(q.to(dtype), db.to(dtype), 4, backend=backend)
+
+
+def test_exclude_self(backend):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(40, 5, generator=g)
+    x[7] = x[30]  # a duplicate pair: each finds the other at distance 0
+    d, i = debias.knn(x, x, 3, exclude_self=True, backend=backend)
+    assert not (i == torch.arange(40)[:, None]).any()
+    assert i[7, 0] == 30 and i[30, 0] == 7 and d[7, 0] == 0
+    _, full_i = reference.knn(x, x, 4)
+    for row in range(40):
+        keep = full_i[row] != row
+        assert torch.equal(i[row], full_i[row][keep][:3])
+    x[:5] = x[5]  # six copies: row 0's own index is among the first k + 1, row 5's is not
+    d, i = debias.knn(x, x, 2, exclude_self=True, backend=backend)
+    assert i[0].tolist() == [1, 2] and i[5].tolist() == [0, 1]
+
+
+def test_repeatable_and_independent_of_threads(backend):
+    q, db = _hard(30, 500, 40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = debias.knn(q, db, 5, backend=backend)
+        torch.set_num_threads(2)
+        two = debias.knn(q, db, 5, backend=backend)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+# ---- bad input ----------------------------------------------------------------------------
+
+
+def _bad_cases():
+    q, db = torch.randn(4, 6), torch.randn(10, 6)
+    nan_db = db.clone()
+    nan_db[3, 2] = float("nan")
+    inf_q = q.clone()
+    inf_q[1, 0] = float("inf")
+    return [
+        ("dim-mismatch", dict(queries=q, database=torch.randn(10, 7), k=2), ValueError, "database"),
+        ("k-zero", dict(queries=q, database=db, k=0), ValueError, "k must be at least 1"),
+        ("k-too-big", dict(queries=q, database=db, k=11), ValueError, "k must be at most"),
+        (
+            "k-too-big-stream",
+            dict(queries=q, database=iter([db[:5], db[5:]]), k=11),
+            ValueError,
+            "k must be at most",
+        ),
+        ("k-float", dict(queries=q, database=db, k=2.0), TypeError, "k must be an int"),
+        ("empty-queries", dict(queries=q[:0], database=db, k=1), ValueError, "queries"),
+        ("empty-database", dict(queries=q, database=iter([]), k=1), ValueError, "database"),
+        ("nan-database", dict(queries=q, database=nan_db, k=2), ValueError, "database row 3"),
+        ("inf-queries", dict(queries=inf_q, database=db, k=2), ValueError, "queries row 1"),
+        ("int-database", dict(queries=q, database=db.long(), k=2), TypeError, "database"),
+        ("int-queries", dict(queries=q.long(), database=db, k=2), TypeError, "queries"),
+        ("numpy-queries", dict(queries=q.numpy(), database=db, k=2), TypeError, "queries"),
+        ("metric", dict(queries=q, database=db, k=2, metric="l1"), ValueError, "metric"),
+        (
+            "zero-vector-cosine",
+            dict(queries=q, database=torch.zeros(3, 6), k=1, metric="cosine"),
+            ValueError,
+            "database row 0 is zero",
+        ),
+        (
+            "constant-standardized",
+            dict(
+                queries=torch.ones(2, 1, 6),
+                database=torch.randn(3, 1, 6),
+                k=1,
+                metric="standardized",
+            ),
+            ValueError,
+            "queries row 0",
+        ),
+        ("not-npy", dict(queries=q, database="train.txt", k=1), ValueError, ".npy"),
+        ("bad-source", dict(queries=q, database=3, k=1), TypeError, "database"),
+        (
+            "exclude-self-other",
+            dict(queries=q, database=db, k=2, exclude_self=True),
+            ValueError,
+            "exclude_self",
+        ),
+        ("backend", dict(queries=q, database=db, k=2, backend="triton"), ValueError, "backend"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_rejects_bad_input(case):
+    _, kwargs, err, match = case
+    with pytest.raises(err, match=match):
+        debias.knn(**kwargs)
+
+
+def test_environment_backend_without_a_knn_kernel_is_ignored(monkeypatch):
+    """DEBIAS_BACKEND=triton chooses the loss kernels' backend; knn, which has none, keeps
+    its default instead of failing."""
+    monkeypatch.setenv("DEBIAS_BACKEND", "triton")
+    q, db = _hard(3, 30, 4)
+    assert torch.equal(debias.knn(q, db, 2)[1], reference.knn(q, db, 2)[1])
+
+
+def test_cpu_backend_is_the_default_when_built():
+    skip_unless_backend("cpu")
+    if "cpu" not in knn_ops._supported(CPU):
+        pytest.skip("this build has no knn_candidates kernel")
+    from debias.ops import _backend
+
+    assert _backend.resolve(None, CPU, supported=knn_ops._supported(CPU)) == "cpu"
