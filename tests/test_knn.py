@@ -214,3 +214,74 @@ def test_cpu_backend_is_the_default_when_built():
     from debias.ops import _backend
 
     assert _backend.resolve(None, CPU, supported=knn_ops._supported(CPU)) == "cpu"
+
+
+# ---- several processes --------------------------------------------------------------------
+
+_SHARD_WORKER = r"""
+import os, sys
+import torch
+import torch.distributed as dist
+import debias
+
+rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=sys.argv[4], rank=rank, world_size=world)
+data = torch.load(sys.argv[5])
+q, db = data["queries"], data["database"]
+bounds = data["bounds"]
+shard = db[bounds[rank]:bounds[rank + 1]]
+# rank 1 streams its shard in pieces: the shards need not share a source type
+source = shard if rank == 0 else iter(shard.split(7))
+result = {
+    "plain": debias.knn(q, source, 5, sharded=True),
+    "self": debias.knn(db, db[bounds[rank]:bounds[rank + 1]], 3, sharded=True,
+                       exclude_self=True),
+}
+torch.save(result, f"{out}.{rank}")
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("bounds", [[0, 37, 90], [0, 3, 90]], ids=["even", "short-shard"])
+def test_sharded_over_two_processes_with_gloo(tmp_path, bounds):
+    """Two ranks, each holding a shard (the second one streamed, and in one case shorter
+    than k): both get the whole database's answer."""
+    import subprocess
+    import sys
+
+    q, db = _hard(6, 90, 8)
+    db[60] = db[2]  # a duplicate across the shards: the lower (rank 0) index wins
+    data = tmp_path / "data.pt"
+    torch.save({"queries": q, "database": db, "bounds": bounds}, data)
+    script = tmp_path / "worker.py"
+    script.write_text(_SHARD_WORKER)
+    out = tmp_path / "result"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(r), "2", str(out), init, str(data)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        for r in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    want = reference.knn(q, db, 5)
+    full_i = reference.knn(db, db, 4)[1]
+    for r in range(2):
+        got = torch.load(f"{out}.{r}")
+        assert torch.equal(got["plain"][1], want[1])
+        torch.testing.assert_close(got["plain"][0], want[0], rtol=1e-12, atol=1e-12)
+        for row in range(db.shape[0]):
+            keep = full_i[row] != row
+            assert torch.equal(got["self"][1][row], full_i[row][keep][:3])
+
+
+def test_sharded_needs_torch_distributed():
+    q, db = _hard(3, 20, 4)
+    with pytest.raises(ValueError, match=r"sharded=True needs torch\.distributed"):
+        debias.knn(q, db, 2, sharded=True)

@@ -60,6 +60,8 @@ def knn(
     exclude_self: bool = False,
     backend: str | None = None,
     progress: bool = False,
+    sharded: bool = False,
+    group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k nearest database rows of each query, exactly.
 
@@ -77,6 +79,10 @@ def knn(
             row i (train-vs-train baselines).
         backend: "cpu" or "torch" (default: the fastest available).
         progress: a progress bar over the database chunks.
+        sharded: with torch.distributed initialised, ``database`` is this rank's shard of
+            the whole, the shards in rank order (rank 0 holds rows 0..m_0 - 1, and so on);
+            every rank passes the same queries and receives the same answer, in the whole
+            database's indices. ``group``: the process group (default: the world).
 
     Returns:
         ``(distances [n, k] float64, indices [n, k] int64)`` on the queries' device,
@@ -90,9 +96,11 @@ def knn(
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if sharded and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("sharded=True needs torch.distributed initialised (one shard per rank)")
     rows = getattr(database, "shape", (None,))[0] if not isinstance(database, str) else None
     want = k + 1 if exclude_self else k
-    if rows is not None and want > rows:
+    if rows is not None and want > rows and not sharded:
         raise ValueError(f"k must be at most the database's {rows} rows, got {k}")
     device = queries.device
     backend = _backend.resolve(backend, device, supported=_supported(device))
@@ -100,18 +108,44 @@ def knn(
     chunks = _chunks(database, queries, metric)
     for start, chunk in tqdm(chunks, desc="knn", unit="chunk", disable=not progress):
         search.add(start, chunk)
-    if search.seen < want:
-        if search.seen == 0:
+    dist, index, seen = search.dist, search.index, search.seen
+    if sharded:
+        dist, index, seen = _merge_shards(dist, index, seen, want, group)
+    if seen < want:
+        if seen == 0:
             raise ValueError("database is empty")
-        raise ValueError(f"k must be at most the database's {search.seen} rows, got {k}")
+        raise ValueError(f"k must be at most the database's {seen} rows, got {k}")
     if exclude_self:
-        if search.seen != queries.shape[0]:
+        if seen != queries.shape[0]:
             raise ValueError(
                 f"exclude_self needs the queries themselves as the database, got "
-                f"{queries.shape[0]} queries and {search.seen} database rows"
+                f"{queries.shape[0]} queries and {seen} database rows"
             )
-        return _drop_self(search.dist, search.index, k)
-    return search.dist, search.index
+        return _drop_self(dist, index, k)
+    return dist, index
+
+
+def _merge_shards(
+    dist: torch.Tensor, index: torch.Tensor, rows: int, k: int, group: Any
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's top k merged into the whole database's: shard sizes first (each rank's
+    indices shift by the rows of the ranks before it), then the lists, padded to k."""
+    dist_mod = torch.distributed
+    world = dist_mod.get_world_size(group)
+    rank = dist_mod.get_rank(group)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dist.device) for _ in range(world)]
+    dist_mod.all_gather(sizes, torch.tensor([rows], device=dist.device), group=group)
+    sizes = [int(s) for s in sizes]
+    offset = sum(sizes[:rank])
+    index = torch.where(index == _NO_INDEX, index, index + offset)
+    dists = [torch.empty_like(dist) for _ in range(world)]
+    indices = [torch.empty_like(index) for _ in range(world)]
+    dist_mod.all_gather(dists, dist.contiguous(), group=group)
+    dist_mod.all_gather(indices, index.contiguous(), group=group)
+    merged_d, merged_i = dists[0], indices[0]
+    for d, i in zip(dists[1:], indices[1:], strict=True):
+        merged_d, merged_i = _merge(merged_d, merged_i, d, i, k)
+    return merged_d, merged_i, sum(sizes)
 
 
 def _supported(device: torch.device) -> tuple[str, ...]:
