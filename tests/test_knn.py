@@ -285,3 +285,17 @@ def test_sharded_needs_torch_distributed():
     q, db = _hard(3, 20, 4)
     with pytest.raises(ValueError, match=r"sharded=True needs torch\.distributed"):
         debias.knn(q, db, 2, sharded=True)
+
+
+def test_reduced_precision_products_widen_the_bound(backend):
+    """With float32 products allowed to round their inputs (TF32 / bf16), the bound widens
+    and the answer stays exact."""
+    q, db = _hard(8, 300, 40, offset=3.0)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert knn_ops._dot_unit(backend, torch.float32) == 2.0**-7
+        _check(q, db, 4, backend=backend)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert knn_ops._dot_unit(backend, torch.float32) == 0.0

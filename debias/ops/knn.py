@@ -148,6 +148,18 @@ def _merge_shards(
     return merged_d, merged_i, sum(sizes)
 
 
+def _dot_unit(backend: str, dtype: torch.dtype) -> float:
+    """Relative error of one product term in the fast pass's dot products beyond fp32
+    rounding: the inputs' rounding when float32 matrix products may run in TF32 or bf16
+    (torch.set_float32_matmul_precision "high" / "medium", or allow_tf32)."""
+    if dtype == torch.float64:
+        return 0.0
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if torch.get_float32_matmul_precision() != "highest" or tf32:
+        return 2.0**-7  # bf16 inputs, the coarsest a float32 product may use; covers TF32
+    return 0.0
+
+
 def _supported(device: torch.device) -> tuple[str, ...]:
     if device.type == "cpu" and _backend.has_kernel("knn_candidates", "CPU"):
         return ("cpu", "torch")
@@ -261,6 +273,7 @@ class _Search:
         # the queries' mean (rounded to that dtype: any centre serves, if the same for both).
         self.fast_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
         self.unit = 2.0**-53 if self.fast_dtype == torch.float64 else 2.0**-24
+        self.dot_unit = _dot_unit(backend, self.fast_dtype)
         self.center = self.exact.mean(dim=0).to(self.fast_dtype)
         self.fast_q, self.q_sq = self._fast(self.exact)
         n = queries.shape[0]
@@ -344,7 +357,8 @@ class _Search:
         is within (3 gamma_d + 4u) (|a~| + |b~|)^2 of ||a~ - b~||^2 (e2): the error bound
         gamma_d |a~| |b~| of a dot product summed in any order, gamma_d = d u / (1 - d u),
         gamma_d (|a~|^2 + |b~|^2) for the two squared norms, and the rounding of the two
-        additions. |b~| is bounded by the chunk's largest norm; the computed norms are within
+        additions; plus dot_unit (|a~| + |b~|)^2 where the product rounds its inputs first
+        (TF32, bf16). |b~| is bounded by the chunk's largest norm; the computed norms are within
         gamma_d of the true ones, hence the (1 + gamma_d) on the span, and a float64 term
         covers the features' own rounding.
         """
@@ -353,7 +367,7 @@ class _Search:
         gamma = d * u / (1 - d * u)
         norms = self.q_sq.double().sqrt() + db_sq_max.double().sqrt()
         span = (norms * (1 + gamma) * (1 + 4 * u))[:, None]
-        e2 = (3 * gamma + 4 * u) * span.square()
+        e2 = (3 * gamma + 4 * u + self.dot_unit) * span.square()
         e1 = (u + 2.0**-50) * span
         score = score.double()
         low = ((score - e2).clamp(min=0).sqrt() - e1).clamp(min=0)
