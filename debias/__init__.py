@@ -4,8 +4,10 @@ neighbours for measuring memorization.
 x_t, noise = debias.add_noise(x0, t, scheduler)          # noise drawn inside the kernel
 loss = debias.fused_loss(model(x_t, t), noise, t, scheduler, weighting="debias")
 dist, idx = debias.knn(samples, train_images, k=2)       # exact, without the n x m matrix
+gu = debias.memorization.gu_ratio(samples, train_images)  # memorized fraction, bootstrap CI
 """
 
+from debias import memorization
 from debias.ops.knn import knn
 from debias.ops.noise_loss import PhiloxNoise, add_noise, fused_loss
 from debias.schedules import NoiseSchedule
@@ -21,5 +23,6 @@ __all__ = [
     "fused_loss",
     "knn",
     "loss_weight",
+    "memorization",
     "weight_table",
 ]
