@@ -227,7 +227,7 @@ def _chunks(
         for lo in range(0, part.shape[0], rows_per_chunk):
             piece = part[lo : lo + rows_per_chunk]
             if isinstance(piece, np.ndarray):
-                piece = torch.from_numpy(np.ascontiguousarray(piece))
+                piece = torch.from_numpy(np.array(piece))  # a copy: memory maps are read-only
             piece = piece.to(queries.device)
             _check_rows("database", piece, start)
             yield start, piece
