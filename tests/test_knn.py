@@ -299,3 +299,176 @@ def test_reduced_precision_products_widen_the_bound(backend):
     finally:
         torch.set_float32_matmul_precision(previous)
     assert knn_ops._dot_unit(backend, torch.float32) == 0.0
+
+
+# ---- the Triton kernel
+
+
+def _triton_knn():
+    """debias.triton_kernels.knn and the device it runs on: a GPU, or the interpreter on CPU
+    (TRITON_INTERPRET, set by conftest); a skip otherwise."""
+    from debias.ops import _backend
+
+    if torch.cuda.is_available() and _backend._triton():
+        device = torch.device("cuda")
+    elif _backend.triton_interpreted():
+        device = CPU
+    else:
+        pytest.skip("Triton is not installed, or runs neither on a GPU nor in its interpreter")
+    from debias.triton_kernels import knn as kernels
+
+    return kernels, device
+
+
+def _fast_scores(q, db, qn, dn):
+    """The kernel's score r_ij = qn_i + dn_j - 2 q_i.y_j in float64, and its rows ordered by
+    (r, j)."""
+    r = (qn.double()[:, None] + dn.double()[None, :]) - 2 * (q.double() @ db.double().T)
+    return r, torch.argsort(r, dim=1, stable=True)
+
+
+def _small_ints(shape, seed, dtype, device):
+    """Values in -3..3: every product, norm and score is exact in fp32 and tf32 (d < 50), and
+    scores tie often."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-3, 4, shape, generator=g).to(dtype).to(device)
+
+
+_TRITON_EXACT = [
+    # n, m, d, count, splits
+    (5, 70, 3, 4, None),
+    (3, 37, 1, 1, None),  # d = 1, count 1
+    (4, 13, 7, 13, None),  # count = m
+    (17, 50, 33, 16, None),  # odd d over two BLOCK_D slices, queries over two blocks
+    (1, 300, 5, 9, 6),  # one query, the database in 6 splits merged
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize(
+    "n, m, d, count, splits",
+    [pytest.param(*c, id="n{}-m{}-d{}-c{}-s{}".format(*c)) for c in _TRITON_EXACT],
+)
+def test_triton_candidates_exact_on_small_integers(n, m, d, count, splits, dtype):
+    """Exact scores: the list is the float64 order by (r, j), ties to the lower index; rows
+    whose squared norm overflowed (+inf) come last, by index."""
+    kernels, device = _triton_knn()
+    q = _small_ints((n, d), 1, dtype, device)
+    db = _small_ints((m, d), 2, dtype, device)
+    qn, dn = q.square().sum(1), db.square().sum(1)
+    dn[[0, m // 2]] = torch.inf
+    score, index = kernels.candidates(q, db, qn, dn, count, splits=splits)
+    r, order = _fast_scores(q.cpu(), db.cpu(), qn.cpu(), dn.cpu())
+    assert index.dtype == torch.int64 and score.dtype == dtype
+    assert torch.equal(index.cpu(), order[:, :count])
+    assert torch.equal(score.cpu().double(), r.gather(1, order[:, :count]))
+
+
+def test_triton_candidates_duplicate_rows_lower_index_first():
+    """Copies of one row (and of a query) tie exactly: they come in index order, also across
+    tiles and splits."""
+    kernels, device = _triton_knn()
+    g = torch.Generator().manual_seed(3)
+    db = torch.randn(90, 6, generator=g)
+    db[[7, 40, 41, 85]] = db[63].clone()
+    q = torch.cat((db[63:64], torch.randn(2, 6, generator=g)))
+    q, db = q.to(device), db.to(device)
+    qn, dn = q.square().sum(1), db.square().sum(1)
+    for splits in (1, 3):
+        score, index = kernels.candidates(q, db, qn, dn, 6, splits=splits)
+        assert index[0, :5].tolist() == [7, 40, 41, 63, 85]
+        assert torch.equal(score[0, :5], score[0, :1].expand(5))
+        s, i = score.cpu().double(), index.cpu()
+        ordered = (s[:, 1:] > s[:, :-1]) | ((s[:, 1:] == s[:, :-1]) & (i[:, 1:] > i[:, :-1]))
+        assert bool(ordered.all())
+
+
+def test_triton_candidates_random_floats_within_the_rounding_bound():
+    """Floats (tf32 products on a GPU): each score is within the documented bound of the
+    float64 score of its row, and no row left out beats the list by more than twice that."""
+    kernels, device = _triton_knn()
+    n, m, d, count = 9, 201, 21, 5
+    g = torch.Generator().manual_seed(4)
+    q, db = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
+    qn, dn = q.square().sum(1), db.square().sum(1)
+    score, index = kernels.candidates(q.to(device), db.to(device), qn.to(device),
+                                      dn.to(device), count)  # fmt: skip
+    score, index = score.cpu().double(), index.cpu()
+    r, order = _fast_scores(q, db, qn, dn)
+    u = 2.0**-24
+    gamma = d * u / (1 - d * u)
+    span = (qn.double().sqrt() + dn.double().sqrt().max())[:, None] ** 2
+    tol = (kernels.dot_unit(d, torch.float32) + gamma + 4 * u) * 2 * span
+    assert bool(((score - r.gather(1, index)).abs() <= tol).all())
+    assert bool((r.gather(1, order[:, count - 1 : count]) >= score[:, -1:] - 2 * tol).all())
+    assert kernels.dot_unit(d, torch.float64) == 0.0
+    assert kernels.dot_unit(16000, torch.float32) <= kernels.DOT_UNIT
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(count=0), "count"),
+        (dict(count=11), "count"),
+        (dict(queries=torch.ones(3, 4, dtype=torch.float16)), "queries"),
+        (dict(database=torch.ones(10, 5)), "database"),
+        (dict(database=torch.ones(10, 4, dtype=torch.float64)), "database"),
+        (dict(query_sqnorms=torch.ones(4)), "query_sqnorms"),
+        (dict(database_sqnorms=torch.ones(10, dtype=torch.float64)), "database_sqnorms"),
+        (dict(queries=torch.ones(4, 3).T), "queries"),
+    ],
+)
+def test_triton_candidates_rejects_bad_input(change, match):
+    kernels, _ = _triton_knn()
+    args = dict(queries=torch.ones(3, 4), database=torch.ones(10, 4),
+                query_sqnorms=torch.ones(3), database_sqnorms=torch.ones(10), count=2)  # fmt: skip
+    args.update(change)
+    with pytest.raises(ValueError, match=match):
+        kernels.candidates(**args)
+
+
+_KNN_HOPPER_BUILD = r"""
+import json, re
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+from debias.triton_kernels import knn as k
+
+out = {}
+for count, dt in ((14, torch.float32), (128, torch.float32), (128, torch.float64)):
+    cfg = k._blocks(count, dt, torch.device("cuda"))
+    warps = cfg.pop("num_warps")
+    t = "fp32" if dt == torch.float32 else "fp64"
+    sig = {"q_ptr": f"*{t}", "db_ptr": f"*{t}", "qn_ptr": f"*{t}", "dn_ptr": f"*{t}",
+           "score_ptr": f"*{t}", "index_ptr": "*i64", "n": "i32", "m": "i32", "d": "i32",
+           "split_rows": "i32"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(sig.values())
+             if ty.startswith("*")}
+    fn = k._knn_keys_kernel if dt == torch.float32 else k._knn_pairs_kernel
+    consts = dict(cfg, COUNT=count, PRECISION="tf32" if dt == torch.float32 else "ieee")
+    src = ASTSource(fn, sig, consts, attrs)
+    opts = {"num_warps": warps, "enable_fp_fusion": False}
+    ptx = compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
+    out[f"{t}-{count}"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]*", ptx)))
+print(json.dumps(out))
+"""
+
+
+def test_triton_knn_kernels_compile_for_hopper(tmp_path):
+    """Without a GPU, both kernels compile for sm_90 in the launcher's configurations, and the
+    tile product is a tensor-core instruction: tf32 wgmma / mma.sync for float32, the fp64
+    mma.sync for float64."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _KNN_HOPPER_BUILD], env=env, capture_output=True,
+                         text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    for name, instructions in found.items():
+        want = ".f64.f64.f64.f64" if name.startswith("fp64") else ".f32.tf32.tf32"
+        assert any(want in i for i in instructions), (name, instructions)
