@@ -77,7 +77,8 @@ def knn(
             standardisation and normalisation).
         exclude_self: the database is the queries themselves (m = n): query i never gets
             row i (train-vs-train baselines).
-        backend: "cpu" or "torch" (default: the fastest available).
+        backend: "cpu", "cuda", "triton" or "torch" (default: the kernel built for the
+            queries' device, then torch).
         progress: a progress bar over the database chunks.
         sharded: with torch.distributed initialised, ``database`` is this rank's shard of
             the whole, the shards in rank order (rank 0 holds rows 0..m_0 - 1, and so on);
@@ -148,12 +149,15 @@ def _merge_shards(
     return merged_d, merged_i, sum(sizes)
 
 
-def _dot_unit(backend: str, dtype: torch.dtype) -> float:
+def _dot_unit(backend: str, dtype: torch.dtype, d: int = 1) -> float:
     """Relative error of one product term in the fast pass's dot products beyond fp32
-    rounding: the inputs' rounding when float32 matrix products may run in TF32 or bf16
+    rounding: the Triton kernel's TF32 tensor-core products (its own bound), or the inputs'
+    rounding when torch's float32 matrix products may run in TF32 or bf16
     (torch.set_float32_matmul_precision "high" / "medium", or allow_tf32)."""
     if dtype == torch.float64:
         return 0.0
+    if backend == "triton":
+        return _triton_knn().dot_unit(d, dtype)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     if torch.get_float32_matmul_precision() != "highest" or tf32:
         return 2.0**-7  # bf16 inputs, the coarsest a float32 product may use; covers TF32
@@ -161,9 +165,21 @@ def _dot_unit(backend: str, dtype: torch.dtype) -> float:
 
 
 def _supported(device: torch.device) -> tuple[str, ...]:
-    if device.type == "cpu" and _backend.has_kernel("knn_candidates", "CPU"):
-        return ("cpu", "torch")
-    return ("torch",)
+    """The knn backends built for ``device``: the kernels of knn_candidates, then torch (on
+    the CPU, Triton only in its interpreter, as a test backend)."""
+    kernel = device.type == "cpu" and _backend.has_kernel("knn_candidates", "CPU")
+    kernel = kernel or (device.type == "cuda" and _backend.has_kernel("knn_candidates", "CUDA"))
+    found = ("cpu" if device.type == "cpu" else "cuda",) if kernel else ()
+    if device.type == "cuda" or _backend.triton_interpreted():
+        found += ("triton",)
+    return (*found, "torch")
+
+
+def _triton_knn():
+    """triton_kernels/knn.py, imported on first use (importing Triton takes a second)."""
+    from debias.triton_kernels import knn
+
+    return knn
 
 
 # ---- input --------------------------------------------------------------------------------
@@ -273,7 +289,7 @@ class _Search:
         # the queries' mean (rounded to that dtype: any centre serves, if the same for both).
         self.fast_dtype = torch.float64 if queries.dtype == torch.float64 else torch.float32
         self.unit = 2.0**-53 if self.fast_dtype == torch.float64 else 2.0**-24
-        self.dot_unit = _dot_unit(backend, self.fast_dtype)
+        self.dot_unit = _dot_unit(backend, self.fast_dtype, self.exact.shape[1])
         self.center = self.exact.mean(dim=0).to(self.fast_dtype)
         self.fast_q, self.q_sq = self._fast(self.exact)
         n = queries.shape[0]
@@ -330,11 +346,13 @@ class _Search:
         self, fast_db: torch.Tensor, db_sq: torch.Tensor, count: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``count`` best fast scores per query, ascending, and their chunk rows."""
-        if self.backend == "cpu":
-            return torch.ops.debias_C.knn_candidates(
-                self.fast_q.contiguous(), fast_db.contiguous(), self.q_sq, db_sq, count
-            )
-        # torch: the expansion through a matrix product, a block of queries at a time.
+        args = (self.fast_q.contiguous(), fast_db.contiguous(), self.q_sq, db_sq, count)
+        if self.backend in ("cpu", "cuda"):
+            return torch.ops.debias_C.knn_candidates(*args)
+        if self.backend == "triton" and count <= _triton_knn().MAX_COUNT:
+            return _triton_knn().candidates(*args)
+        # torch (and triton beyond its MAX_COUNT list): the expansion through a matrix
+        # product, a block of queries at a time.
         block = max(1, _CHUNK_BYTES // (4 * fast_db.shape[0]))
         scores, rows = [], []
         for lo in range(0, self.fast_q.shape[0], block):
