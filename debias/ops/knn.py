@@ -49,6 +49,9 @@ _RERANK_BYTES = 32 * 2**20
 # would otherwise send a query to the exhaustive search.
 _MARGIN = 8
 _NO_INDEX = torch.iinfo(torch.int64).max
+# The longest list the CUDA kernel keeps per query (kKnnMaxK, csrc/cuda/knn.cuh); its products
+# are plain float32 FMA, so it needs no dot_unit.
+_CUDA_MAX_COUNT = 128
 
 
 def knn(
@@ -347,11 +350,11 @@ class _Search:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``count`` best fast scores per query, ascending, and their chunk rows."""
         args = (self.fast_q.contiguous(), fast_db.contiguous(), self.q_sq, db_sq, count)
-        if self.backend in ("cpu", "cuda"):
+        if self.backend == "cpu" or (self.backend == "cuda" and count <= _CUDA_MAX_COUNT):
             return torch.ops.debias_C.knn_candidates(*args)
         if self.backend == "triton" and count <= _triton_knn().MAX_COUNT:
             return _triton_knn().candidates(*args)
-        # torch (and triton beyond its MAX_COUNT list): the expansion through a matrix
+        # torch (and cuda, triton beyond their longest lists): the expansion through a matrix
         # product, a block of queries at a time.
         block = max(1, _CHUNK_BYTES // (4 * fast_db.shape[0]))
         scores, rows = [], []
