@@ -159,8 +159,8 @@ struct TopK {
 // r_j = (qn + yn[j]) - 2 * p[j], the product p from BLAS. Until the top-k is full every score
 // enters; afterwards a chunk of kScanChunk scores is tested against thr at once and only a
 // chunk with a winner is walked score by score. This is the portable version: GCC does not
-// vectorise the chunk test well (measured: the whole n=4000, m=50000, d=64 search took 0.53 s
-// with it, 0.20 s with the AVX2 version below).
+// vectorise the chunk test well (the whole n=4000, m=50000, d=64, k=10 search, 2 threads,
+// idle machine: 0.27 s with it, 0.20 s with the AVX2 version below).
 template <typename T, bool kSorted>
 void _knn_scan_row_portable(const T* p,   // [W] products <q_i, y_j> of the tile
                             const T* yn,  // [W] database squared norms of the tile
@@ -319,6 +319,9 @@ Tiles pick_tiles(int64_t n, int64_t m, int64_t elem) {
 //   n=1000  m=20000 d=3072 k=2:   this 0.79-0.81 s, MKL-threaded 0.79 s  (mm alone 0.88 s)
 //   n=4000  m=50000 d=64   k=10:  this 0.19-0.20 s, MKL-threaded 0.19-0.20 s  (mm alone 0.46 s)
 // Equal speed; this split needs no synchronisation and keeps each product single-threaded.
+// Later, idle machine, medians of 5: 0.837 s (mm alone 0.858 s, cdist + topk 1.069 s) and
+// 0.201 s (mm alone 0.445 s, cdist + topk 0.723 s). The first shape is the sgemm: 147 GFLOP/s
+// of the 2 cores' ~190 peak, so 2x cdist + topk (0.53 s) is out of reach in float32.
 template <typename T, bool kSorted>
 void _knn_candidates_kernel(const at::Tensor& queries,  // [n, d]
                             const at::Tensor& database, // [m, d]
