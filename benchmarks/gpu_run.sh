@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine is for, in one call: build debias with its CUDA kernels, the
-# kernels' resource usage, the GPU tests, the benchmark and its report, then the CPU tests
-# with whatever time is left. From the repository root:
+# kernels' resource usage, the GPU tests, the noise_loss benchmark and its report, the knn
+# benchmark and its report, then the CPU tests with whatever time is left. From the repository
+# root:
 #
 #     OUT=/some/dir bash benchmarks/gpu_run.sh
 #
@@ -11,8 +12,10 @@
 #   resource_usage.txt  nvcc --resource-usage for sm_90, per kernel of csrc/cuda/*.cu
 #   bench.json          pytest-benchmark's JSON (CUDA-event times in extra_info)
 #   noise_loss_<gpu>.csv, noise_loss_<gpu>.md   the report (also in benchmarks/results/)
-#   logs.tar.gz         every stage's full log
-#   summary.txt         each stage's exit status (124: out of time) and the elapsed time
+#   logs.tar.gz         every stage's full log, and the knn benchmark's knn.json and its
+#                       report knn_<gpu>.csv/.md (also in benchmarks/results/)
+#   summary.txt         each stage's exit status (124: out of time), the elapsed time and the
+#                       knn report's Markdown
 # Settings: PYTHON (python3), DEBIAS_GPU_BUDGET (seconds for the whole run, 500),
 # DEBIAS_GPU_XDIST (pytest-xdist workers for the GPU tests, 4; 0 runs them in one process),
 # DEBIAS_GIT_SHA (recorded in the report where the tree has no .git).
@@ -23,8 +26,11 @@ PY=${PYTHON:-python3}
 # One device call may run 10 minutes; the stages share this budget, leaving time for the
 # files to be copied back.
 BUDGET=${DEBIAS_GPU_BUDGET:-500}
-# Kept back for the benchmark and its report while the tests run before it.
+# Kept back for the noise_loss benchmark and its report while the tests run before it, and
+# for the knn benchmark and its report while both run before it (the knn stage then also gets
+# whatever the noise_loss benchmark leaves, before the CPU tests get the rest).
 BENCH_RESERVE=210
+KNN_RESERVE=90
 XDIST_WORKERS=${DEBIAS_GPU_XDIST:-4}
 export PYTHONUNBUFFERED=1
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -123,15 +129,15 @@ if ((XDIST_WORKERS > 0)) && "$PY" -c "import xdist" 2>/dev/null; then
   XDIST=(-n "$XDIST_WORKERS")
 fi
 # Up to ten failures rather than -x: one lease should show as many problems as it can.
-TEE=1 run_stage gpu-tests $((BUDGET - SECONDS - BENCH_RESERVE - 50)) \
+TEE=1 run_stage gpu-tests $((BUDGET - SECONDS - BENCH_RESERVE - KNN_RESERVE - 50)) \
   "${PYTEST[@]}" tests -m "gpu and not slow" --maxfail=10 ${XDIST[@]+"${XDIST[@]}"}
 # The tests of more than 2^31 elements take ~25 GB each: one at a time, in one process.
-TEE=1 run_stage gpu-tests-large $((BUDGET - SECONDS - BENCH_RESERVE)) \
+TEE=1 run_stage gpu-tests-large $((BUDGET - SECONDS - BENCH_RESERVE - KNN_RESERVE)) \
   "${PYTEST[@]}" tests -m "gpu and slow" --maxfail=4
 
 # ---- benchmark and report ------------------------------------------------------------------
-run_stage bench $((BUDGET - SECONDS - 30)) \
-  "${PYTEST[@]}" benchmarks/ --benchmark-json="$OUT/bench.json"
+run_stage bench $((BUDGET - SECONDS - KNN_RESERVE - 30)) \
+  "${PYTEST[@]}" benchmarks/bench_noise_loss.py --benchmark-json="$OUT/bench.json"
 tail -n 25 "$LOGS/bench.log" || true
 if [[ -s $OUT/bench.json ]]; then
   TEE=1 run_stage report 60 "$PY" benchmarks/report.py "$OUT/bench.json" \
@@ -141,6 +147,24 @@ if [[ -s $OUT/bench.json ]]; then
     newest=$(ls -t benchmarks/results/noise_loss_*."$ext" 2>/dev/null | head -n 1 || true)
     if [[ -n $newest ]]; then
       cp "$newest" "$OUT/"
+    fi
+  done
+fi
+
+# ---- knn benchmark and report: into the logs tarball (the file count in $OUT stays 7) -------
+# Cases in order of priority (bench_knn.GPU_CASES): cut short at its limit, pytest still writes
+# the JSON of the cases it finished.
+run_stage knn-bench $((BUDGET - SECONDS - 30)) \
+  "${PYTEST[@]}" benchmarks/bench_knn.py --benchmark-json="$LOGS/knn.json"
+tail -n 25 "$LOGS/knn-bench.log" || true
+if [[ -s $LOGS/knn.json ]]; then
+  TEE=1 run_stage knn-report 30 "$PY" benchmarks/report.py "$LOGS/knn.json" \
+    --out-dir benchmarks/results
+  # the newest two are this run's, if the report ran (the CPU ones are in the repository)
+  for ext in csv md; do
+    newest=$(ls -t benchmarks/results/knn_*."$ext" 2>/dev/null | head -n 1 || true)
+    if [[ ${RC[knn-report]} == 0 && -n $newest ]]; then
+      cp "$newest" "$LOGS/"
     fi
   done
 fi
@@ -165,6 +189,12 @@ cat "$LOGS"/*.log | grep -E '^(FAILED|ERROR) ' >"$LOGS/failures.txt" || true
   echo "failed tests: $(wc -l <"$LOGS/failures.txt")"
   head -n 30 "$LOGS/failures.txt"
   echo "elapsed ${SECONDS}s of a ${BUDGET}s budget"
+  for md in "$LOGS"/knn_*.md; do
+    if [[ -e $md ]]; then
+      echo
+      cat "$md"
+    fi
+  done
 } | tee "$OUT/summary.txt"
 tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
 exit "$status"

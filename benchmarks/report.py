@@ -2,6 +2,9 @@
 
     python benchmarks/report.py bench.json [--out-dir benchmarks/results]
 
+bench_knn.py's results (extra_info ``op == "knn"``, in the same JSON or their own) go to
+report_knn.py, which writes ``knn_<device>.csv/.md`` the same way.
+
 Writes ``noise_loss_<device>.csv`` (one row per case and provider, and per provider of the
 training step) and ``noise_loss_<device>.md`` (providers side by side, then one line per case
 and provider with its bandwidth, memory and, on a GPU, the performance targets), and prints
@@ -310,13 +313,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     data = json.loads(args.json.read_text())
-    table = rows(data)
+    report_command = shlex.join(["python", *sys.argv])
+    # One JSON may hold both suites (`pytest benchmarks/`): knn results carry op="knn".
+    by_op: dict[str, list[dict[str, Any]]] = {}
+    for bench in data["benchmarks"]:
+        by_op.setdefault(bench["extra_info"].get("op", "noise_loss"), []).append(bench)
+    if "knn" in by_op:
+        import report_knn  # beside this file: its directory is sys.path[0] for a script
+
+        print(report_knn.write({**data, "benchmarks": by_op["knn"]}, args.out_dir,
+                               report_command), end="")  # fmt: skip
+    if "noise_loss" not in by_op:
+        return
+    table = rows({**data, "benchmarks": by_op["noise_loss"]})
     if not table:
         sys.exit(f"{args.json}: no benchmark passed its check; nothing to report")
     name = f"noise_loss_{slug(table[0]['device'])}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.out_dir / f"{name}.csv")
-    text = markdown(table, table[0]["command"], shlex.join(["python", *sys.argv]))
+    text = markdown(table, table[0]["command"], report_command)
     (args.out_dir / f"{name}.md").write_text(text)
     print(text, end="")
 
