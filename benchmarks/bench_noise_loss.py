@@ -199,8 +199,8 @@ def _fused(
 # `triton` and `cuda` keep the gradient computed in forward (backward scales it by
 # grad_output, or on the CPU hands it over when grad_output is 1), `-recompute` computes the
 # loss alone in forward and the gradient in backward, regenerating the noise (on the CPU,
-# reading the noise add_noise kept). The Triton interpreter can run `triton` on CPU tensors, but only as a test
-# backend, so the GPU providers are measured on CUDA alone.
+# reading the noise add_noise kept). The Triton interpreter can run `triton` on CPU tensors,
+# but only as a test backend, so the GPU providers are measured on CUDA alone.
 _GPU = ("cuda",)
 PROVIDERS: dict[str, Provider] = {
     "eager": Provider(None, _eager, None, _eager_train),
