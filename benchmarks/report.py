@@ -65,16 +65,24 @@ def _targets(r: dict[str, Any]) -> str | None:
         return None
     if r["backend"] not in GPU_BACKENDS or r["numel"] * 4 < TARGET_MIN_FP32_BYTES:
         return None
+    return verdict(
+        (
+            ("copy", r["copy_fraction"], TARGET_COPY),
+            ("eager", r["vs_eager"], TARGET_EAGER),
+            ("compile", r["vs_compile"], TARGET_COMPILE),
+        )
+    )
+
+
+def verdict(checks: Any, unit: str = "") -> str:
+    """ "met", or "missed: ..." naming each (name, measured, goal) whose measurement is
+    missing or below its goal."""
     missed = []
-    for name, value, goal in (
-        ("copy", r["copy_fraction"], TARGET_COPY),
-        ("eager", r["vs_eager"], TARGET_EAGER),
-        ("compile", r["vs_compile"], TARGET_COMPILE),
-    ):
+    for name, value, goal in checks:
         if value is None:
             missed.append(f"{name} not measured")
         elif value < goal:
-            missed.append(f"{name} {value:.2f} < {goal:g}")
+            missed.append(f"{name} {value:.2f}{unit} < {goal:g}{unit}")
     return "missed: " + "; ".join(missed) if missed else "met"
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from report import BUSY, _fmt, git_sha, slug
+from report import BUSY, _fmt, git_sha, slug, verdict
 
 # Targets for the `debias` provider (the C++ CPU backend) on the in-memory CPU cases.
 TARGET_FAISS, TARGET_CDIST = 1.5, 2.0
@@ -32,14 +32,8 @@ def _targets(r: dict[str, Any]) -> str | None:
     """ "met", or "missed: ..." naming each target missed; None where no target applies."""
     if r["device_type"] != "cpu" or r["streamed"] or r["provider"] != "debias":
         return None
-    missed = []
-    for name, value, goal in (("faiss", r["vs_faiss"], TARGET_FAISS),
-                              ("cdist+topk", r["vs_cdist"], TARGET_CDIST)):  # fmt: skip
-        if value is None:
-            missed.append(f"{name} not measured")
-        elif value < goal:
-            missed.append(f"{name} {value:.2f}× < {goal:g}×")
-    return "missed: " + "; ".join(missed) if missed else "met"
+    checks = (("faiss", r["vs_faiss"], TARGET_FAISS), ("cdist+topk", r["vs_cdist"], TARGET_CDIST))
+    return verdict(checks, "×")
 
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
