@@ -49,6 +49,7 @@
 
 #include <type_traits>
 
+#include "ieee.cuh"
 #include "knn.cuh"
 
 namespace debias {
@@ -90,28 +91,7 @@ constexpr size_t merge_smem_bytes(int k) {
   return static_cast<size_t>(kMergeWarps) * k * (sizeof(T) + sizeof(uint32_t));
 }
 
-// ---- IEEE arithmetic, immune to --use_fast_math ----------------------------------------------
-
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  float r;
-  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-  return r;
-}
-__device__ __forceinline__ float add_rn(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float sub_rn(float a, float b) {
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ double fma_rn(double a, double b, double c) {
-  return __fma_rn(a, b, c);
-}
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+// ---- IEEE compares (arithmetic: ieee.cuh) -----------------------------------------------
 
 // Compares that do not flush subnormals (--use_fast_math makes plain float compares .ftz, which
 // would tie a subnormal score with 0 and order it unlike the CPU).

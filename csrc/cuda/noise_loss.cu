@@ -67,6 +67,7 @@
 
 #include <type_traits>
 
+#include "ieee.cuh"
 #include "noise_loss.cuh"
 #include "philox.h"
 
@@ -106,40 +107,7 @@ constexpr int kItemOf = (kIs16Bit<A> || kIs16Bit<B>) ? 8 : 4;
 template <typename A, typename B = A>
 constexpr int kRoundOf = (sizeof(A) == 8 || sizeof(B) == 8) ? 8 : 16;
 
-// ---- IEEE arithmetic, immune to --use_fast_math ----------------------------------------------
-
-__device__ __forceinline__ float add_rn(float a, float b) {
-  float r;
-  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float sub_rn(float a, float b) {
-  float r;
-  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float mul_rn(float a, float b) {
-  float r;
-  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ float fma_rn(float a, float b, float c) {
-  float r;
-  asm("fma.rn.f32 %0, %1, %2, %3;" : "=f"(r) : "f"(a), "f"(b), "f"(c));
-  return r;
-}
-__device__ __forceinline__ float div_rn(float a, float b) {
-  float r;
-  asm("div.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
-__device__ __forceinline__ double fma_rn(double a, double b, double c) {
-  return __fma_rn(a, b, c);
-}
-__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+// ---- conversions, immune to --use_fast_math (arithmetic: ieee.cuh) ---------------------------
 
 __device__ __forceinline__ double widen(float v) {
   double r;
