@@ -278,6 +278,255 @@ def _add_score(sub) -> None:
     score.set_defaults(func=_score)
 
 
+# ---- train / sample / evaluate --------------------------------------------------------------
+
+# Help for each TrainConfig field; the `train` options are generated from the dataclass so the
+# command line and the stored config can never drift apart.
+_TRAIN_HELP = {
+    "data": "digits (bundled, default), gmm (Gaussian mixture), a folder of images, .npy/.npz, "
+    "or a CIFAR-10 python folder",
+    "image_size": "resize images to this side (default: the source's)",
+    "classes": "keep only these labels, e.g. 0,1",
+    "proportions": "class fractions after --classes, e.g. 0.9,0.1",
+    "held_out": "fraction held out for the held-out loss and the monitor",
+    "split": "train on the whole training split (full) or one of two disjoint halves (a, b)",
+    "two_models": "also train a second model on the disjoint half B (biased generalization)",
+    "train_size": "use only the first n training images",
+    "base_channels": "UNet width",
+    "channel_mult": "width multiplier per resolution level",
+    "num_res_blocks": "depth: residual blocks per level",
+    "attention_resolutions": "image sides with self-attention",
+    "dropout": "dropout in the residual blocks",
+    "schedule": "noise schedule",
+    "num_timesteps": "diffusion steps T",
+    "prediction": "what the network predicts",
+    "weighting": "loss weighting, defined in epsilon space",
+    "steps": "training steps",
+    "batch_size": "global batch size (split across processes)",
+    "lr": "AdamW learning rate (after a linear warm-up)",
+    "warmup": "linear learning-rate warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "gradient-norm clip (0: none)",
+    "ema_decay": "EMA decay of the weights used for sampling and evaluation",
+    "seed": "random seed",
+    "log_every": "steps per metrics row",
+    "eval_every": "steps between held-out losses (0: never)",
+    "eval_size": "held-out images in the held-out loss",
+    "sample_every": "steps between sample grids (0: never)",
+    "sample_steps": "sampler steps for grids and the monitor",
+    "checkpoint_every": "steps between checkpoints (0: only at the end)",
+    "monitor_every": "steps between memorization measurements (0: never)",
+    "monitor_samples": "samples the monitor draws and scores",
+    "stop_on_memorization": "stop when samples start drifting toward their training images",
+}
+
+
+def _comma_list(kind):
+    def parse(text: str) -> list:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s") from err
+
+    return parse
+
+
+def _add_train(sub) -> None:
+    import dataclasses
+    import typing
+
+    from debias.pipeline.train import TrainConfig
+
+    train = sub.add_parser(
+        "train",
+        help="train a diffusion model with the fused loss (default: digits, debias weighting)",
+        description="Trains an ADM-style UNet with debias.add_noise / debias.fused_loss, AdamW, "
+        "EMA and gradient clipping; writes checkpoints (safetensors), metrics, sample grids and "
+        "the memorization monitor's report to OUT/NAME/. Ctrl-C saves a checkpoint; --resume "
+        "continues exactly. Under torchrun it trains with DDP.",
+    )
+    defaults = TrainConfig()
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        text = _TRAIN_HELP[f.name]
+        hint = str(hints[f.name])
+        # Defaults are None here: a resumed run must tell given options from defaults.
+        if hint == "<class 'bool'>":
+            train.add_argument(flag, action="store_true", default=None, help=text)
+            continue
+        if "list[int]" in hint:
+            kind, shown = _comma_list(int), ",".join(map(str, default or [])) or "all"
+        elif "list[float]" in hint:
+            kind, shown = _comma_list(float), ",".join(map(str, default or [])) or "as loaded"
+        elif "int" in hint:
+            kind, shown = int, default
+        elif "float" in hint:
+            kind, shown = float, default
+        else:
+            kind, shown = str, default
+        choices = {
+            "weighting": WEIGHTINGS, "split": ("full", "a", "b"),
+            "schedule": ("linear", "cosine"), "prediction": ("epsilon", "v_prediction", "sample"),
+        }.get(f.name)  # fmt: skip
+        train.add_argument(
+            flag, type=kind, default=None, choices=choices, help=f"{text} (default: {shown})"
+        )
+    train.add_argument("--out", default="runs", help="parent folder of runs (default: runs)")
+    train.add_argument("--name", help="run name (default: <data>-<weighting>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
+    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
+    train.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True,
+        help="progress bar on stderr (default: on)",
+    )  # fmt: skip
+    train.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from debias.pipeline import checkpoint as ckpt
+    from debias.pipeline.train import NonFiniteLoss, TrainConfig, Trainer
+
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(args, f.name) is not None
+    }
+    if args.resume:
+        run_dir = Path(args.resume)
+        _, meta = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.LAST)
+        config = TrainConfig.from_dict({**meta["config"], **given})
+    else:
+        config = TrainConfig(**given)
+        stem = Path(config.data).stem if config.data not in ("digits", "gmm") else config.data
+        name = args.name or f"{stem}-{config.weighting}" + ("-ab" if config.two_models else "")
+        run_dir = Path(args.out) / name
+    trainer = Trainer(
+        config, run_dir, resume=bool(args.resume), device=args.device, progress=args.progress
+    )
+    try:
+        summary = trainer.run()
+    except NonFiniteLoss as err:
+        print(f"debias train: {err}", file=sys.stderr)
+        return 1
+    if not trainer.dist.main:
+        return 0
+    status = summary["status"]
+    print(f"{status} at step {summary['step']}; checkpoint {summary['checkpoint']}")
+    best = summary["held_out_loss_min"]
+    if best["step"] is not None:
+        print(f"held-out loss minimum {best['held_out_loss']:.4f} at step {best['step']}")
+    monitor = summary["monitor"]
+    if monitor is not None:
+        drift = monitor.get("drift_step")
+        print(
+            f"samples drift toward their training images from step {drift}"
+            if drift is not None
+            else "no drift toward the training images detected"
+        )
+    if status == "interrupted":
+        print(f"resume with: debias train --resume {run_dir}")
+        return 130
+    print(f"wrote {run_dir}/")
+    return 0
+
+
+def _load_for_sampling(args: argparse.Namespace):
+    from debias.pipeline.train import load_model
+
+    model, schedule, meta = load_model(args.ckpt, ema=not args.raw_weights, member=args.member)
+    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    return model.to(device), schedule, meta, device
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from debias.pipeline.sampling import sample
+    from debias.pipeline.train import save_grid
+
+    model, schedule, meta, device = _load_for_sampling(args)
+    shape = (args.n, model.config["in_channels"], model.config["image_size"],
+             model.config["image_size"])  # fmt: skip
+    images = sample(
+        model, schedule, shape, steps=args.steps, method=args.method, eta=args.eta,
+        generator=args.seed, batch_size=args.batch_size, device=device, progress=args.progress,
+    ).cpu()  # fmt: skip
+    out = Path(args.out)
+    save_grid(images, out)
+    arrays = out.with_suffix(".npz")
+    np.savez(arrays, samples=images.numpy())
+    print(f"{args.n} samples at step {meta['step']} ({args.method}, {args.steps or 'all'} steps, "
+          f"seed {args.seed}): wrote {out} and {arrays}")  # fmt: skip
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from debias.pipeline.evaluate import evaluate
+    from debias.pipeline.sampling import sample
+    from debias.pipeline.train import TrainConfig, prepare_data
+
+    model, schedule, meta, device = _load_for_sampling(args)
+    config = TrainConfig.from_dict(meta["config"])
+    parts, _ = prepare_data(config)
+    data = parts[1] if args.member == "b" else parts[0]
+    shape = (args.n, *data.shape)
+    samples = sample(
+        model, schedule, shape, steps=args.steps, method=args.method, eta=args.eta,
+        generator=args.seed, device=device, progress=args.progress,
+    ).cpu()  # fmt: skip
+    report = evaluate(
+        model, schedule, data.images, data.labels, samples, args.out, seed=args.seed,
+        progress=args.progress,
+    )  # fmt: skip
+    print(json.dumps(report, indent=2, default=str))
+    print(f"wrote {args.out}/")
+    return 0
+
+
+def _add_sampling_args(parser, *, n_default: int, out_default: str) -> None:
+    parser.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
+    parser.add_argument("--n", type=_positive_int, default=n_default,
+                        help=f"samples (default: {n_default})")  # fmt: skip
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help="sampler steps, respaced (default: all T)")  # fmt: skip
+    parser.add_argument("--method", default="ddpm", choices=("ddpm", "ddim"),
+                        help="ancestral DDPM or DDIM (default: ddpm)")  # fmt: skip
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
+    parser.add_argument("--member", default="", choices=("", "a", "b"),
+                        help="which model of a two-model run")  # fmt: skip
+    parser.add_argument("--raw-weights", action="store_true",
+                        help="use the raw weights instead of the EMA")  # fmt: skip
+    parser.add_argument("--device", help="cpu, cuda, ... (default: a GPU if there is one)")
+    parser.add_argument("--out", default=out_default, help=f"output (default: {out_default})")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                        help="progress bar on stderr (default: on)")  # fmt: skip
+
+
+def _add_sample(sub) -> None:
+    sample = sub.add_parser(
+        "sample", help="draw samples from a checkpoint: a PNG grid and an .npz of the arrays"
+    )
+    _add_sampling_args(sample, n_default=64, out_default="samples.png")
+    sample.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="model batch size (default: all at once)")  # fmt: skip
+    sample.set_defaults(func=_sample)
+
+
+def _add_evaluate(sub) -> None:
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="precision/recall/density/coverage, Fréchet distance, colour shift and the "
+        "per-timestep analyses of a checkpoint",
+    )
+    _add_sampling_args(evaluate, n_default=512, out_default="runs/evaluate")
+    evaluate.set_defaults(func=_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="debias", description="Unbiased diffusion training: fused loss kernels and tools."
@@ -295,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(func=_demo)
+    _add_train(sub)
+    _add_sample(sub)
+    _add_evaluate(sub)
     _add_score(sub)
     return parser
 
