@@ -478,12 +478,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         model, schedule, shape, steps=args.steps, method=args.method, eta=args.eta,
         generator=args.seed, device=device, progress=args.progress,
     ).cpu()  # fmt: skip
+    features = None
+    if args.feature_weights is not None:
+        from debias.pipeline.evaluate import inception_features
+
+        def features(x):
+            return inception_features(x, args.feature_weights)
+
     report = evaluate(
-        model, schedule, data.images, data.labels, samples, args.out, seed=args.seed,
-        progress=args.progress,
+        model, schedule, data.images, data.labels, samples, args.out, feature_net=features,
+        seed=args.seed, progress=args.progress,
     )  # fmt: skip
-    print(json.dumps(report, indent=2, default=str))
-    print(f"wrote {args.out}/")
+    prdc, shift = report.get("prdc"), report["channel_shift"]
+    print(f"{args.n} samples of {args.ckpt} (step {meta['step']}) against {len(data)} "
+          f"training images, features: {report['feature_space']}")  # fmt: skip
+    if report.get("fd") is not None:
+        print(f"Fréchet distance {report['fd']:.4g}")
+    else:
+        print(f"Fréchet distance unavailable: {report.get('fd_unavailable')}")
+    if prdc is not None:
+        print("precision {precision:.3f}  recall {recall:.3f}  density {density:.3f}  "
+              "coverage {coverage:.3f}  (k={k})".format(**prdc))  # fmt: skip
+    print("channel mean shift (samples - data): "
+          + ", ".join(f"{v:+.4f}" for v in shift["mean_shift"]))  # fmt: skip
+    print(f"wrote {args.out}/evaluation.json, timesteps.csv, timesteps.png")
     return 0
 
 
@@ -524,6 +542,11 @@ def _add_evaluate(sub) -> None:
         "per-timestep analyses of a checkpoint",
     )
     _add_sampling_args(evaluate, n_default=512, out_default="runs/evaluate")
+    evaluate.add_argument(
+        "--feature-weights", metavar="PATH",
+        help="a local TorchScript feature extractor (e.g. Inception) for FD and PRDC; "
+        "default: a small classifier trained on the run's data",
+    )  # fmt: skip
     evaluate.set_defaults(func=_evaluate)
 
 

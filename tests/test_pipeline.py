@@ -245,9 +245,9 @@ def test_train_size_larger_than_the_split_is_an_error(tmp_path):
 
 def _monitor_run(tmp_path: Path, name: str, **overrides) -> dict:
     config = TrainConfig(**{
-        **TINY, "base_channels": 32, "num_timesteps": 1000, "steps": 900, "lr": 2e-3,
-        "log_every": 100, "eval_every": 300, "sample_every": 0, "checkpoint_every": 0,
-        "monitor_every": 300, "monitor_samples": 32, "sample_steps": 20, **overrides,
+        **TINY, "num_timesteps": 1000, "steps": 600, "lr": 2e-3, "log_every": 100,
+        "eval_every": 200, "sample_every": 0, "checkpoint_every": 0, "monitor_every": 200,
+        "monitor_samples": 32, "sample_steps": 20, **overrides,
     })  # fmt: skip
     return train(config, tmp_path / name, progress=False)
 
@@ -304,3 +304,35 @@ def test_ddp_with_gloo_and_two_processes(tmp_path):
     assert {"rng.gen.-.0", "rng.gen.-.1"} <= set(tensors)
     assert not torch.equal(tensors["rng.gen.-.0"], tensors["rng.gen.-.1"])
     assert [r["step"] for r in _rows(run, "monitor")] == [3, 6]
+
+
+def test_cli_evaluate_and_two_model_sampling(tmp_path, capsys):
+    args = [
+        "train", "--out", str(tmp_path), "--name", "ab", "--steps", "4", "--two-models",
+        "--eval-every", "0", "--monitor-every", "0", "--sample-every", "0", *TINY_ARGS,
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    run = tmp_path / "ab"
+    assert (run / "checkpoints" / "last.safetensors").is_file()
+    grid = tmp_path / "a.png"
+    base = ["sample", "--ckpt", str(run), "--steps", "3", "--n", "4", "--no-progress"]
+    assert cli.main([*base, "--out", str(grid)]) == 2
+    assert "member" in capsys.readouterr().err
+    assert cli.main([*base, "--out", str(grid), "--member", "a"]) == 0
+    assert cli.main([*base, "--out", str(tmp_path / "b.png"), "--member", "b"]) == 0
+    import numpy as np
+
+    a = np.load(grid.with_suffix(".npz"))["samples"]
+    b = np.load(tmp_path / "b.npz")["samples"]
+    assert a.shape == b.shape == (4, 1, 8, 8) and not np.array_equal(a, b)
+
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--ckpt", str(run), "--member", "b", "--n", "24", "--steps",
+                     "3", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["n_samples"] == 24 and report["fd"] is not None and report["fd"] >= 0
+    assert set(report["prdc"]) >= {"precision", "recall", "density", "coverage"}
+    assert len(report["channel_shift"]["mean_shift"]) == 1
+    rows = (out / "timesteps.csv").read_text().splitlines()
+    assert rows[0].startswith("t,") and len(rows) > 5
+    assert "Fréchet distance" in capsys.readouterr().out
