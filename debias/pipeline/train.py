@@ -815,7 +815,7 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -
         grid[:, top : top + h, left : left + w] = img
     pixels = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
-    scale = max(1, 256 // max(grid.shape[1:]))
+    scale = max(1, 512 // max(grid.shape[1:]))
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
