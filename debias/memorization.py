@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from debias import reference
+from debias._checks import check_int
 from debias.ops.knn import knn
 
 __all__ = [
@@ -328,14 +329,6 @@ def _check_train(name: str, train: Any, samples: torch.Tensor, pixels: bool) -> 
     )
 
 
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
-    return value
-
-
 def _check_float(name: str, value: Any, low: float, high: float, *, open_low=True) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
@@ -350,7 +343,7 @@ def _check_float(name: str, value: Any, low: float, high: float, *, open_low=Tru
 def _check_extractor(features: Any, batch_size: Any) -> None:
     if features is not None and not callable(features):
         raise TypeError(f"features must be a callable [b, ...] -> [b, f] or None, got {features!r}")
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
 
 
 def _generator(generator: Any) -> torch.Generator:
@@ -525,7 +518,7 @@ def nearest_distances(
     samples = _check_samples("samples", samples)
     _check_extractor(features, batch_size)
     train = _check_train("train", train, samples, features is None)
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     queries = _extract(samples, features, batch_size)
     db = _database(train, features, batch_size, samples.device)
     dist, idx = _search("train", queries, db, k, "l2", backend, progress)
@@ -575,7 +568,7 @@ def gu_ratio(
         ratio 0: memorized.
     """
     threshold = _check_float("threshold", threshold, 0.0, 1.0)
-    _check_int("resamples", resamples, 1)
+    check_int("resamples", resamples, 1)
     level = _check_float("level", level, 0.0, 1.0 - 1e-12)
     gen = _generator(generator)
     kw = dict(features=features, batch_size=batch_size, backend=backend, progress=progress)
@@ -609,7 +602,7 @@ def carlini_extraction(
     Arguments as in :func:`gu_ratio` (a :class:`Neighbours` with k >= 1 is accepted).
     """
     delta = _check_float("delta", delta, 0.0, math.inf)
-    _check_int("resamples", resamples, 1)
+    check_int("resamples", resamples, 1)
     level = _check_float("level", level, 0.0, 1.0 - 1e-12)
     gen = _generator(generator)
     kw = dict(features=features, batch_size=batch_size, backend=backend, progress=progress)
@@ -670,7 +663,7 @@ def somepalli_similarity(
     for p in percentiles:
         _check_float("percentiles", p, 0.0, 100.0, open_low=False)
     if baseline_size is not None:
-        _check_int("baseline_size", baseline_size, 1)
+        check_int("baseline_size", baseline_size, 1)
     gen = _generator(generator)
     queries = _extract(samples, features, batch_size)
     if baseline:
@@ -855,7 +848,7 @@ def memorization_report(
     """
     if (samples_b is None) != (train_b is None):
         raise ValueError("samples_b and train_b go together: give both or neither")
-    _check_int("k", k, 1)
+    check_int("k", k, 1)
     train = _reusable(train)
     train_b = _reusable(train_b) if train_b is not None else None
     common = dict(features=features, batch_size=batch_size, backend=backend, progress=progress)

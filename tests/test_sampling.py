@@ -591,7 +591,7 @@ def test_progress_bar_runs(capsys):
         ({"steps": "30"}, "steps='30'"),
         ({"steps": "ddim8"}, "steps='ddim8'"),
         ({"prediction": "x0"}, "prediction must be one of"),
-        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be at least 1"),
         ({"shape_or_noise": (2, 4, 4)}, "shape_or_noise must be 4 positive ints"),
         ({"shape_or_noise": (2, 1, 0, 4)}, "shape_or_noise must be 4 positive ints"),
         ({"shape_or_noise": torch.zeros(2, 4, 4)}, r"x_T \[N, C, H, W\]"),

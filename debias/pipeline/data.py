@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from debias._checks import check_int
+
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NPZ_IMAGE_KEYS = ("images", "x")
 _NPZ_LABEL_KEYS = ("labels", "y")
@@ -104,7 +106,7 @@ def load_digits(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """
     from sklearn.datasets import load_digits as _sklearn_digits
 
-    _check_positive_int(size, "size")
+    check_int("size", size, 1)
     digits = _sklearn_digits()
     images = torch.from_numpy(digits.images).float().unsqueeze(1) / 16.0 * 2.0 - 1.0
     return _resize(images, size), torch.from_numpy(digits.target).long()
@@ -146,7 +148,7 @@ def load_data(
             "'digits', 'gmm', an image folder, a .npy/.npz file or a CIFAR-10 python folder"
         )
     if size is not None:
-        _check_positive_int(size, "size")
+        check_int("size", size, 1)
     if gmm_kwargs and source != "gmm":
         raise TypeError(
             f"keyword arguments {sorted(gmm_kwargs)} only apply to source='gmm', "
@@ -208,10 +210,10 @@ def gaussian_mixture(
     Returns:
         :class:`ImageData` ``[n, channels, size, size]``, labels = component, name ``"gmm"``.
     """
-    _check_positive_int(n, "n")
-    _check_positive_int(size, "size")
-    _check_positive_int(channels, "channels")
-    _check_int(seed, "seed")
+    check_int("n", n, 1)
+    check_int("size", size, 1)
+    check_int("channels", channels, 1)
+    check_int("seed", seed)
     props = _check_fractions(proportions, "proportions", allow_zero=False)
     if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not spread >= 0:
         raise ValueError(f"spread must be a float >= 0, got {spread!r}")
@@ -251,7 +253,7 @@ def split_held_out(
         raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    _check_int(seed, "seed")
+    check_int("seed", seed)
     n = len(data)
     n_held = round(fraction * n)
     if not 1 <= n_held <= n - 1:
@@ -308,7 +310,7 @@ def set_proportions(
         The subset, in the original order.
     """
     _check_data(data)
-    _check_int(seed, "seed")
+    check_int("seed", seed)
     if isinstance(proportions, Mapping):
         classes = _check_classes(list(proportions.keys()), "proportions")
         fractions = _check_fractions(list(proportions.values()), "proportions", allow_zero=True)
@@ -348,7 +350,7 @@ def disjoint_splits(data: ImageData, seed: int = 0) -> tuple[ImageData, ImageDat
         ``(A, B)``, each in the original order.
     """
     _check_data(data)
-    _check_int(seed, "seed")
+    check_int("seed", seed)
     if len(data) < 2:
         raise ValueError(f"data needs at least 2 images to split, got {len(data)}")
     generator = torch.Generator().manual_seed(seed)
@@ -577,17 +579,6 @@ def _read_cifar(folder: Path) -> tuple[torch.Tensor, torch.Tensor]:
 def _check_data(data) -> None:
     if not isinstance(data, ImageData):
         raise TypeError(f"data must be an ImageData, got {type(data).__name__}")
-
-
-def _check_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-
-
-def _check_positive_int(value, name: str) -> None:
-    _check_int(value, name)
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _check_classes(classes, name: str) -> list[int]:

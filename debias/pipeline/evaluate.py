@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from debias._checks import check_int
 from debias.ops.knn import knn
 from debias.schedules import PREDICTION_TYPES, NoiseSchedule, as_schedule
 
@@ -94,14 +95,6 @@ def _check_tensor(name: str, x: Any, dim: int, shape: str) -> torch.Tensor:
             f"{int(bad.nonzero()[0, 0])})"
         )
     return x
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be at least {low}, got {value}")
-    return value
 
 
 def _check_prediction(prediction: Any, schedule: NoiseSchedule) -> str:
@@ -154,7 +147,7 @@ def prdc(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 5) -
             f"real_features and fake_features must have the same feature size, got "
             f"{real.shape[1]} and {fake.shape[1]}"
         )
-    k = _check_int("k", k, 1)
+    k = check_int("k", k, 1)
     for name, x in (("real_features", real), ("fake_features", fake)):
         if k >= x.shape[0]:
             raise ValueError(
@@ -263,9 +256,9 @@ class FeatureNet(nn.Module):
 
     def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32):
         super().__init__()
-        _check_int("in_channels", in_channels, 1)
-        _check_int("num_classes", num_classes, 1)
-        _check_int("width", width, 8)
+        check_int("in_channels", in_channels, 1)
+        check_int("num_classes", num_classes, 1)
+        check_int("width", width, 8)
         if width % 8:
             raise ValueError(f"width must be a multiple of 8 (GroupNorm groups), got {width}")
         self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
@@ -325,9 +318,9 @@ def train_feature_net(
     """
     x = _check_tensor("images", images, 4, "[N, C, H, W]")
     y = _check_labels(labels, x.shape[0])
-    _check_int("steps", steps, 1)
-    _check_int("batch_size", batch_size, 1)
-    _check_int("seed", seed, 0)
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not (0 < lr < math.inf):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if y is None or bool((y < 0).all()):
@@ -402,11 +395,11 @@ def inception_features(
         ``[N, f]`` float32 features on the images' device.
     """
     x = _check_tensor("images", images, 4, "[N, C, H, W]")
-    _check_int("batch_size", batch_size, 1)
+    check_int("batch_size", batch_size, 1)
     if size is not None:
-        _check_int("size", size, 1)
+        check_int("size", size, 1)
     if channels is not None:
-        _check_int("channels", channels, 1)
+        check_int("channels", channels, 1)
         if x.shape[1] not in (1, channels):
             raise ValueError(
                 f"channels={channels} needs images with 1 or {channels} channels, got {x.shape[1]}"
@@ -539,8 +532,8 @@ def timestep_analysis(
     schedule = as_schedule(schedule)
     x0 = _check_tensor("x0", x0, 4, "[n, C, H, W]")
     prediction = _check_prediction(prediction, schedule)
-    _check_int("seed", seed, 0)
-    _check_int("batch_size", batch_size, 1)
+    check_int("seed", seed, 0)
+    check_int("batch_size", batch_size, 1)
     T = schedule.num_timesteps
     if timesteps is None:
         steps = _default_timesteps(T)
@@ -757,8 +750,8 @@ def evaluate(
         raise TypeError(
             f"feature_net must be a FeatureNet, a callable or None, got {feature_net!r}"
         )
-    k = _check_int("k", k, 1)
-    _check_int("seed", seed, 0)
+    k = check_int("k", k, 1)
+    check_int("seed", seed, 0)
     prediction = _check_prediction(prediction, schedule)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

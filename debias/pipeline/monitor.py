@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from debias._checks import check_int
 from debias.memorization import (
     _bootstrap,  # the percentile bootstrap every memorization score reports
     gu_ratio,
@@ -181,10 +182,10 @@ class MemorizationMonitor:
             _check_varies("train_b", train_b)
         self.threshold = _check_number("threshold", threshold, 0.0, 1.0, low_open=True)
         self.margin = _check_number("margin", margin, 0.0, 0.5, high_open=True)
-        self.patience = _check_int("patience", patience, 1)
-        self.resamples = _check_int("resamples", resamples, 1)
+        self.patience = check_int("patience", patience, 1)
+        self.resamples = check_int("resamples", resamples, 1)
         self.level = _check_number("level", level, 0.0, 1.0, low_open=True, high_open=True)
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         if backend is not None and backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
         self.backend = backend
@@ -627,14 +628,6 @@ def _check_images(name: str, x: Any, shape: tuple[int, ...] | None = None) -> to
     if not bool(finite.all()):
         raise ValueError(f"{name} row {int((~finite).nonzero()[0, 0])} contains NaN or infinity")
     return x.detach()
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return int(value)
 
 
 def _check_number(

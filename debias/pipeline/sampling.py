@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from debias._checks import check_int
 from debias.schedules import PREDICTION_TYPES, NoiseSchedule, as_schedule
 
 __all__ = ["respace", "sample", "space_timesteps"]
@@ -68,7 +69,7 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
         ValueError: a count < 1 or larger than its section, an unparsable string, or a
             "ddimN" with no integer stride giving N steps.
     """
-    T = _check_positive_int(num_timesteps, "num_timesteps")
+    T = check_int("num_timesteps", num_timesteps, 1)
     if isinstance(section_counts, str):
         text = section_counts.strip()
         if text.startswith("ddim"):
@@ -236,7 +237,7 @@ def sample(
     if not isinstance(clip, bool):
         raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     if batch_size is not None:
-        batch_size = _check_positive_int(batch_size, "batch_size")
+        batch_size = check_int("batch_size", batch_size, 1)
     gen = _as_generator(generator)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
@@ -468,14 +469,6 @@ def _call(model: Any, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model must return a tensor, got {type(out).__name__}")
     return out
-
-
-def _check_positive_int(value: int, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
 
 
 def _parse_int(text: str, name: str, whole: str) -> int:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 import debias
+from debias._checks import check_int
 from debias.pipeline import checkpoint as ckpt
 from debias.pipeline.data import (
     ImageData,
@@ -122,20 +123,11 @@ RESUMABLE = frozenset(
 
 
 def _check_config(c: TrainConfig) -> None:
-    def positive(name: str, allow_zero: bool = False) -> None:
-        value = getattr(c, name)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int)
-            or value < (0 if allow_zero else 1)
-        ):
-            raise ValueError(f"{name} must be an int >= {0 if allow_zero else 1}, got {value!r}")
-
     for name in ("base_channels", "num_res_blocks", "num_timesteps", "steps", "batch_size",
                  "log_every", "eval_size", "sample_steps", "monitor_samples"):  # fmt: skip
-        positive(name)
+        check_int(name, getattr(c, name), 1)
     for name in ("warmup", "eval_every", "sample_every", "checkpoint_every", "monitor_every"):
-        positive(name, allow_zero=True)  # 0 turns the periodic job off
+        check_int(name, getattr(c, name), 0)  # 0 turns the periodic job off
     for name, allowed in (("schedule", SCHEDULES), ("prediction", PREDICTIONS),
                           ("weighting", WEIGHTINGS), ("split", SPLITS)):  # fmt: skip
         if getattr(c, name) not in allowed:
@@ -151,7 +143,7 @@ def _check_config(c: TrainConfig) -> None:
     if c.two_models and c.split != "full":
         raise ValueError("two_models trains on both halves; leave split at 'full'")
     if c.train_size is not None:
-        positive("train_size")
+        check_int("train_size", c.train_size, 1)
     if c.held_out == 0 and (c.eval_every or c.monitor_every):
         raise ValueError(
             "held_out=0 leaves no held-out images for eval_every / monitor_every; set both to 0"

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from debias._checks import check_int
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """ADM's sinusoidal embedding: ``[B]`` timesteps (int or float) -> ``[B, dim]`` float32.
@@ -206,11 +208,11 @@ class UNet(nn.Module):
             ("num_head_channels", num_head_channels),
             ("num_groups", num_groups),
         ):
-            _check_positive_int(value, name)
+            check_int(name, value, 1)
         if out_channels is not None:
-            _check_positive_int(out_channels, "out_channels")
+            check_int("out_channels", out_channels, 1)
         if num_classes is not None:
-            _check_positive_int(num_classes, "num_classes")
+            check_int("num_classes", num_classes, 1)
         channel_mult = _check_int_list(channel_mult, "channel_mult", allow_empty=False)
         attention_resolutions = _check_int_list(
             attention_resolutions, "attention_resolutions", allow_empty=True
@@ -357,13 +359,6 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat((h, skips.pop()), dim=1), emb)
         return self.out(h)
-
-
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value}")
 
 
 def _check_int_list(values, name: str, *, allow_empty: bool) -> list[int]:
