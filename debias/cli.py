@@ -13,8 +13,6 @@ from typing import Any
 
 from debias.weighting import WEIGHTINGS
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
 
 def _demo(args: argparse.Namespace) -> int:
     from debias.pipeline.demo import run_demo
@@ -82,32 +80,18 @@ def _read_array(path: str, key: str | None, flag: str):
 
 
 def _load_images(folder: Path, flag: str):
-    import numpy as np
-    import torch
-    from PIL import Image, UnidentifiedImageError
+    """A folder of images through the training data's reader (class sub-folders allowed)."""
+    from PIL import UnidentifiedImageError
 
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"{flag}: {folder} holds no .png/.jpg/.jpeg images")
-    images = []
+    from debias.pipeline.data import read_image_folder
+
     try:
-        for f in files:
-            with Image.open(f) as im:
-                im.load()
-                images.append(im.copy())
+        images, _ = read_image_folder(folder)
     except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"{flag}: cannot read {f}: {err}") from err
-    for f, im in zip(files, images, strict=True):
-        if im.size != images[0].size:
-            (w0, h0), (w, h) = images[0].size, im.size
-            raise ValueError(
-                f"{flag}: all images must share a size: {files[0].name} is {w0}x{h0}, "
-                f"{f.name} is {w}x{h} (width x height)"
-            )
-    gray = all(im.mode in ("1", "L") for im in images)
-    arrays = [np.asarray(im.convert("L" if gray else "RGB"), dtype=np.float32) for im in images]
-    x = torch.from_numpy(np.stack(arrays)) / 127.5 - 1.0
-    return x[:, None] if gray else x.permute(0, 3, 1, 2).contiguous()
+        raise ValueError(f"{flag}: cannot read an image in {folder}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from err
+    return images
 
 
 def _plot_score(path: Path, samples, train, results: dict[str, Any], threshold: float) -> None:

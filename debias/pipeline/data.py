@@ -170,7 +170,7 @@ def load_data(
         if (path / "data_batch_1").is_file():
             images, labels = _read_cifar(path)
         else:
-            images, labels = _read_image_folder(path, size)
+            images, labels = read_image_folder(path, size)
     elif path.suffix.lower() in (".npy", ".npz"):
         images, labels = _read_array_file(path)
     else:
@@ -411,7 +411,10 @@ def _apportion(total: int, probs: Sequence[float]) -> list[int]:
     return counts
 
 
-def _read_image_folder(folder: Path, size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def read_image_folder(folder: Path, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PNG/JPEG files under ``folder`` sorted by relative path: ``(images [N, C, H, W] in
+    [-1, 1], labels [N])``; each sub-folder is a class (labels by sorted name), -1 without
+    sub-folders. C = 3 if any image is colour, else 1."""
     from PIL import Image
 
     files = sorted(
