@@ -336,3 +336,27 @@ def test_cli_evaluate_and_two_model_sampling(tmp_path, capsys):
     rows = (out / "timesteps.csv").read_text().splitlines()
     assert rows[0].startswith("t,") and len(rows) > 5
     assert "Fréchet distance" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_training_on_a_gpu_with_bf16_autocast(tmp_path, prediction):
+    config = TrainConfig(**{
+        **TINY, "steps": 12, "log_every": 1, "eval_every": 6, "monitor_every": 6,
+        "sample_every": 6, "checkpoint_every": 6, "prediction": prediction,
+    })  # fmt: skip
+    cut = {**config.to_dict(), "steps": 6}
+    trainer = Trainer(TrainConfig(**cut), tmp_path, device="cuda", progress=False)
+    assert trainer.bf16 and next(trainer.members[0].model.parameters()).is_cuda
+    trainer.run()
+    summary = train(config, tmp_path, resume=True, device="cuda", progress=False)
+    assert summary["status"] == "completed" and summary["step"] == 12
+    losses = _losses(tmp_path)
+    assert list(losses) == list(range(1, 13))
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    model, schedule, _ = load_model(tmp_path)
+    from debias.pipeline.sampling import sample
+
+    images = sample(model.cuda(), schedule, (8, 1, 8, 8), steps=5, generator=0)
+    assert images.is_cuda and torch.isfinite(images).all()
