@@ -362,6 +362,10 @@ def _add_train(sub) -> None:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
     train.add_argument(
+        "--bf16", action=argparse.BooleanOptionalAction, default=None,
+        help="bfloat16 autocast of the model (default: on a GPU, off on a CPU)",
+    )  # fmt: skip
+    train.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True,
         help="progress bar on stderr (default: on)",
     )  # fmt: skip
@@ -389,8 +393,9 @@ def _train(args: argparse.Namespace) -> int:
         name = args.name or f"{stem}-{config.weighting}" + ("-ab" if config.two_models else "")
         run_dir = Path(args.out) / name
     trainer = Trainer(
-        config, run_dir, resume=bool(args.resume), device=args.device, progress=args.progress
-    )
+        config, run_dir, resume=bool(args.resume), device=args.device, progress=args.progress,
+        bf16=args.bf16,
+    )  # fmt: skip
     try:
         summary = trainer.run()
     except NonFiniteLoss as err:

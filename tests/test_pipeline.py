@@ -308,7 +308,7 @@ def test_ddp_with_gloo_and_two_processes(tmp_path):
 
 def test_cli_evaluate_and_two_model_sampling(tmp_path, capsys):
     args = [
-        "train", "--out", str(tmp_path), "--name", "ab", "--steps", "4", "--two-models",
+        "train", "--out", str(tmp_path), "--name", "ab", "--steps", "4", "--two-models", "--bf16",
         "--eval-every", "0", "--monitor-every", "0", "--sample-every", "0", *TINY_ARGS,
     ]  # fmt: skip
     assert cli.main(args) == 0
