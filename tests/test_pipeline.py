@@ -30,6 +30,19 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The models here are tiny: a second thread buys nothing, and on a shared 2-core machine
+    two spinning OpenMP threads per process can slow a step 50x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _rows(run: Path, name: str = "metrics") -> list[dict]:
     return [json.loads(line) for line in (run / f"{name}.jsonl").read_text().splitlines()]
 
@@ -121,7 +134,9 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
     cmd = [sys.executable, "-m", "debias.cli", "train", "--out", str(tmp_path), "--name", "run",
            "--steps", "100000", "--log-every", "1", "--eval-every", "0", "--sample-every", "0",
            "--monitor-every", "0", "--checkpoint-every", "0", *TINY_ARGS]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (run / "metrics.jsonl").exists() and len(_rows(run)) >= 3
@@ -287,13 +302,12 @@ def _free_port() -> int:
 
 
 def test_ddp_with_gloo_and_two_processes(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(_free_port()), "-m", "debias.cli", "train", "--out",
            str(tmp_path), "--name", "ddp", "--steps", "6", "--log-every", "2", "--eval-every",
            "3", "--checkpoint-every", "3", "--monitor-every", "3", "--sample-every", "3",
            "--device", "cpu", *TINY_ARGS]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "ddp"
     rows = _rows(run)
