@@ -460,6 +460,9 @@ def _common_info(name: str, case: Case) -> dict[str, Any]:
         op="knn",
         provider=name,
         backend=provider.backend or "",
+        # debias on the cpu backend: "int8" or "float32", as DEBIAS_KNN_FAST (default "auto")
+        # chooses for this case's d on this CPU
+        fast_pass=_fast_pass(provider, case),
         case=case.id,
         n=case.n,
         m=case.m,
@@ -477,6 +480,12 @@ def _common_info(name: str, case: Case) -> dict[str, Any]:
         cdist_block_queries=max(1, CDIST_BLOCK_BYTES // (4 * case.m)),
         command=shlex.join(["pytest", *sys.argv[1:]]),
     )
+
+
+def _fast_pass(provider: Provider, case: Case) -> str:
+    if provider.kind != "debias" or provider.backend != "cpu":
+        return ""
+    return "int8" if knn_ops._use_int8("cpu", torch.float32, case.d) else "float32"
 
 
 def _record_check(info: dict[str, Any], name: str, got: torch.Tensor, want: torch.Tensor) -> None:

@@ -14,8 +14,13 @@
 // lose to the current k-th best with one compare; the scan tests a chunk of them at once and
 // looks at single scores only when one of the chunk wins.
 //
+// knn_quantize and knn_candidates_int8 are the int8 pass: the same search on two levels of
+// int8 codes, with exact int32 products from at::_int_mm (oneDNN: AMX or VNNI); see the section
+// "the int8 pass" below.
+//
 // Layout of this file: the per-query top-k (sorted insertion for small k, a buffer compacted
-// by nth_element for large k), the row scan, the tiled driver, the launcher, the registration.
+// by nth_element for large k), the row scan, the tiled driver, the launcher; then the int8
+// pass (quantisation, its scan, driver and launchers); the registration.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -296,18 +301,18 @@ struct SequentialBlas {
 // tiles of 1 to 4 MiB per thread ran within noise of each other; 2 MiB is an L2 and a half.
 constexpr int64_t kTileBytes = int64_t(2) << 20;
 
-// Tile shape: a block of kq queries (a thread's unit of work) against kd database rows. Both
-// depend on (n, m, elem) alone, never on the thread count, so every product has the same
-// shape, and the same bits, however many threads run.
+// Tile shape: a block of kq queries (a thread's unit of work) against kd database rows, the
+// product tile about `bytes`. Both depend on (n, m, elem) alone, never on the thread count, so
+// every product has the same shape, and the same bits, however many threads run.
 struct Tiles {
   int64_t kq, kd;
 };
 
-Tiles pick_tiles(int64_t n, int64_t m, int64_t elem) {
+Tiles pick_tiles(int64_t n, int64_t m, int64_t elem, int64_t bytes = kTileBytes) {
   // About four blocks per search: two threads stay busy, and a block is tall enough (64 to
   // 512 rows) for sgemm to run near its peak.
   const int64_t kq = std::min(n, std::clamp<int64_t>((n + 3) / 4, 64, 512));
-  const int64_t kd = std::min(m, std::max<int64_t>(256, kTileBytes / (kq * elem) / 64 * 64));
+  const int64_t kd = std::min(m, std::max<int64_t>(256, bytes / (kq * elem) / 64 * 64));
   return {kq, kd};
 }
 
@@ -431,6 +436,414 @@ std::tuple<at::Tensor, at::Tensor> knn_candidates_cpu(const at::Tensor& queries,
   return {r, idx};
 }
 
+// ---- the int8 pass ----------------------------------------------------------------------------
+//
+// knn_quantize turns float rows into two int8 levels, and knn_candidates_int8 runs the same
+// tiled search on them with exact int32 products (at::_int_mm: oneDNN, AMX or VNNI where the
+// CPU has them). The error bound that makes the result usable lives with its caller
+// (debias/ops/knn.py, _Search._bounds_int8); this code only has to compute exactly what it
+// states.
+//
+// One row, with a_k = fl32(x_k - c_k) (float64 rows: the float64 difference, then rounded):
+//   t = max_k |a_k|;  s = 2^e, the least power of two with 127 s >= t (s = 0 for a zero row)
+//   X_k = round_half_even(a_k * 256 / s)        in [-32512, 32512]: |a_k - s X_k / 256| <= s / 512
+//   h_k = floor((X_k + 128) / 256)              in [-127, 127]
+//   l_k = X_k - 256 h_k                         in [-128, 127]
+// so s X / 256 = s (h + l / 256) and, for two rows, (s_a X_a / 256) . (s_b X_b / 256) =
+// s_a s_b (G1 + G2 / 256 + l_a . l_b / 65536) with G1 = h_a . h_b, G2 = h_a . l_b + l_a . h_b.
+// The scale is kept within [2^-kScaleExp, 2^kScaleExp], where a * 256 / s is exact in
+// float32 (or underflows below 2^-126, far under the rounding's 1/2); a row that needs a scale
+// outside it is marked (scale NaN) and its caller uses the float32 pass instead.
+constexpr int kScaleExp = 40;
+
+template <typename T>
+inline float _centred(T x, float c);
+template <>
+inline float _centred<float>(float x, float c) {
+  return x - c;
+}
+template <>
+inline float _centred<double>(double x, float c) {
+  return static_cast<float>(x - static_cast<double>(c));
+}
+
+// Row statistics of pass 1: sq = ||a||^2 summed in float64 in 8 interleaved partial sums (lane t
+// takes the columns k = t mod 8, in order; the lanes are then added in order; each square is exact
+// in float64), amax = max |a_k|. The AVX2 version below computes the same bits.
+template <typename T>
+inline void _row_stats_portable(const T* row, const float* c, int64_t d, double* sq, float* amax) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float lane_max[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t k = 0; k < d; ++k) {
+    const float a = _centred<T>(row[k], c[k]);
+    acc[k % 8] += static_cast<double>(a) * static_cast<double>(a);
+    const float m = std::fabs(a);
+    lane_max[k % 8] = m > lane_max[k % 8] ? m : lane_max[k % 8];
+  }
+  *sq = 0.0;
+  *amax = 0.0f;
+  for (int t = 0; t < 8; ++t) {
+    *sq += acc[t];
+    *amax = lane_max[t] > *amax ? lane_max[t] : *amax;
+  }
+}
+
+// Pass 2: the codes of one row with scale 2^e, and ||l||^2. Plain arithmetic that GCC
+// vectorises as it is (the rounding is (y + 1.5 * 2^23) - 1.5 * 2^23, half to even for
+// |y| < 2^22; |y| <= 32512 here).
+template <typename T>
+inline __attribute__((always_inline)) int32_t _quantize_row(const T* row, const float* c,
+                                                            int64_t d, int e, int8_t* hi,
+                                                            int8_t* lo) {
+  const float f = std::ldexp(1.0f, 8 - e);  // exact: 8 - e in [-32, 48]
+  constexpr float kRound = 12582912.0f;
+  int32_t lsq = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    const float y = _centred<T>(row[k], c[k]) * f;
+    const int32_t X = static_cast<int32_t>((y + kRound) - kRound);
+    const int32_t h = (X + 128) >> 8;  // floor division (arithmetic shift)
+    const int32_t l = X - h * 256;
+    hi[k] = static_cast<int8_t>(h);
+    lo[k] = static_cast<int8_t>(l);
+    lsq += l * l;  // <= d * 128^2 <= 2^30 for d <= 2^16
+  }
+  return lsq;
+}
+
+// The scale exponent: the least e with 127 * 2^e >= amax > 0 (exact compares in float64).
+inline int _scale_exponent(float amax) {
+  int ex = 0;
+  std::frexp(static_cast<double>(amax) / 127.0, &ex);
+  int e = ex - 1;
+  while (std::ldexp(127.0, e) < static_cast<double>(amax)) ++e;
+  while (std::ldexp(127.0, e - 1) >= static_cast<double>(amax)) --e;
+  return e;
+}
+
+// Quantises rows [r0, r1). stats per row: ||a||^2, the scale s (0 for a zero row; NaN when
+// a value is not finite or the scale is out of range: the row's codes are then zero) and
+// ||l||^2 (exact). codes: [h | l] per row, or [l | h] when lo_first.
+template <typename T, typename Stats>
+inline __attribute__((always_inline)) void _quantize_rows(const T* x, const float* c, int64_t d,
+                                                          int64_t r0, int64_t r1, bool lo_first,
+                                                          int8_t* codes, double* stats,
+                                                          Stats row_stats) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* row = x + r * d;
+    double sq = 0.0;
+    float amax = 0.0f;
+    row_stats(row, c, d, &sq, &amax);
+    int8_t* hi = codes + r * 2 * d + (lo_first ? d : 0);
+    int8_t* lo = codes + r * 2 * d + (lo_first ? 0 : d);
+    double* st = stats + r * 3;
+    st[0] = sq;
+    // A NaN or an infinity (or a float64 difference beyond float32) shows in sq.
+    const int e = std::isfinite(sq) && amax > 0.0f ? _scale_exponent(amax) : 0;
+    if (!std::isfinite(sq) || amax == 0.0f || e < -kScaleExp || e > kScaleExp) {
+      std::fill(codes + r * 2 * d, codes + (r + 1) * 2 * d, int8_t(0));
+      st[1] = std::isfinite(sq) && amax == 0.0f ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+      st[2] = 0.0;
+      continue;
+    }
+    st[1] = std::ldexp(1.0, e);
+    st[2] = static_cast<double>(_quantize_row<T>(row, c, d, e, hi, lo));
+  }
+}
+
+template <typename T>
+void _quantize_rows_portable(const T* x, const float* c, int64_t d, int64_t r0, int64_t r1,
+                             bool lo_first, int8_t* codes, double* stats) {
+  _quantize_rows<T>(x, c, d, r0, r1, lo_first, codes, stats, _row_stats_portable<T>);
+}
+
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) inline __m256 _centred8(const float* x, const float* c) {
+  return _mm256_sub_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(c));
+}
+__attribute__((target("avx2"))) inline __m256 _centred8(const double* x, const float* c) {
+  const __m256d lo = _mm256_sub_pd(_mm256_loadu_pd(x), _mm256_cvtps_pd(_mm_loadu_ps(c)));
+  const __m256d hi = _mm256_sub_pd(_mm256_loadu_pd(x + 4), _mm256_cvtps_pd(_mm_loadu_ps(c + 4)));
+  return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+}
+
+// _row_stats_portable with the 8 lanes in two AVX2 registers of doubles: the same bits.
+template <typename T>
+__attribute__((target("avx2"))) void _row_stats_avx2(const T* row, const float* c, int64_t d,
+                                                     double* sq, float* amax) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256d s0 = _mm256_setzero_pd(), s1 = _mm256_setzero_pd();
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= d; k += 8) {
+    const __m256 a = _centred8(row + k, c + k);
+    vmax = _mm256_max_ps(_mm256_andnot_ps(sign, a), vmax);  // m > max ? m : max
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a));
+    const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
+    s0 = _mm256_add_pd(s0, _mm256_mul_pd(lo, lo));
+    s1 = _mm256_add_pd(s1, _mm256_mul_pd(hi, hi));
+  }
+  alignas(32) double acc[8];
+  alignas(32) float lane_max[8];
+  _mm256_store_pd(acc, s0);
+  _mm256_store_pd(acc + 4, s1);
+  _mm256_store_ps(lane_max, vmax);
+  for (; k < d; ++k) {
+    const float a = _centred<T>(row[k], c[k]);
+    acc[k % 8] += static_cast<double>(a) * static_cast<double>(a);
+    const float m = std::fabs(a);
+    lane_max[k % 8] = m > lane_max[k % 8] ? m : lane_max[k % 8];
+  }
+  *sq = 0.0;
+  *amax = 0.0f;
+  for (int t = 0; t < 8; ++t) {
+    *sq += acc[t];
+    *amax = lane_max[t] > *amax ? lane_max[t] : *amax;
+  }
+}
+
+template <typename T>
+__attribute__((target("avx2"))) void _quantize_rows_avx2(const T* x, const float* c, int64_t d,
+                                                         int64_t r0, int64_t r1, bool lo_first,
+                                                         int8_t* codes, double* stats) {
+  _quantize_rows<T>(x, c, d, r0, r1, lo_first, codes, stats, _row_stats_avx2<T>);
+}
+#endif
+
+// knn_quantize(Tensor rows, Tensor center, bool lo_first, Tensor(a!) codes) -> Tensor stats
+//   rows    [r, d] float32 or float64, contiguous CPU, 1 <= d <= 2^16
+//   center  [d] float32
+//   codes   [r, 2d] int8, contiguous: written, [h | l] per row ([l | h] when lo_first) (an
+//           output argument: the caller reuses one buffer for every chunk of a search, which
+//           spares the page faults of a fresh allocation, a third of the time at d = 3072)
+// Returns stats [r, 3] float64: ||a||^2, the scale s (0: zero row; NaN: not usable), ||l||^2.
+at::Tensor knn_quantize_cpu(const at::Tensor& rows, const at::Tensor& center, bool lo_first,
+                            at::Tensor& codes) {
+  constexpr const char* op = "debias_C::knn_quantize";
+  TORCH_CHECK(rows.device().is_cpu() && center.device().is_cpu() && codes.device().is_cpu(), op,
+              ": CPU tensors only");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), op,
+              ": rows must be a contiguous [r, d] tensor, got shape ", rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble, op,
+              ": rows must be float32 or float64, got ", rows.scalar_type());
+  const int64_t r = rows.size(0), d = rows.size(1);
+  TORCH_CHECK(d >= 1 && d <= (int64_t(1) << 16), op, ": rows must have 1 to 2^16 columns, got ",
+              d);
+  TORCH_CHECK(center.dim() == 1 && center.size(0) == d && center.is_contiguous() &&
+                  center.scalar_type() == at::kFloat,
+              op, ": center must be a contiguous float32 [", d, "] tensor, got ",
+              center.scalar_type(), " ", center.sizes());
+  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == r && codes.size(1) == 2 * d &&
+                  codes.is_contiguous() && codes.scalar_type() == at::kChar,
+              op, ": codes must be a contiguous int8 [", r, ", ", 2 * d, "] tensor, got ",
+              codes.scalar_type(), " ", codes.sizes());
+  at::Tensor stats = at::empty({r, 3}, rows.options().dtype(at::kDouble));
+  if (r == 0) return stats;
+  const float* c = center.data_ptr<float>();
+  int8_t* cd = codes.data_ptr<int8_t>();
+  double* st = stats.data_ptr<double>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / d);
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "knn_quantize", [&] {
+    const scalar_t* x = rows.data_ptr<scalar_t>();
+    at::parallel_for(0, r, grain, [&](int64_t r0, int64_t r1) {
+#if defined(__x86_64__)
+      if (use_avx2()) {
+        _quantize_rows_avx2<scalar_t>(x, c, d, r0, r1, lo_first, cd, st);
+        return;
+      }
+#endif
+      _quantize_rows_portable<scalar_t>(x, c, d, r0, r1, lo_first, cd, st);
+    });
+  });
+  return stats;
+}
+
+// The int8 score, left to right in float32 (nothing fused):
+//   r_ij = (qn_i + yn_j) - qs_i * (ys_j * (float(G1_ij) + float(G2_ij) * 2^-8))
+// With qs = 2 s_a and ys = s_b (powers of two) the two products by scales are exact.
+inline float _int8_score(int32_t g1, int32_t g2, float qn, float yn, float qs, float ys) {
+  const float v = static_cast<float>(g1) + static_cast<float>(g2) * 0.00390625f;
+  return (qn + yn) - qs * (ys * v);
+}
+
+template <bool kSorted>
+void _knn_scan_row_int8_portable(const int32_t* g1, const int32_t* g2, const float* yn,
+                                 const float* ys, float qn, float qs, int64_t j0, int64_t W,
+                                 TopK<float, kSorted>& top) {
+  int64_t j = 0;
+  for (; j < W && !top.full; ++j) {
+    top.push(_int8_score(g1[j], g2[j], qn, yn[j], qs, ys[j]), j0 + j);
+  }
+  for (; j < W; ++j) {
+    const float sc = _int8_score(g1[j], g2[j], qn, yn[j], qs, ys[j]);
+    if (sc < top.thr) top.push(sc, j0 + j);
+  }
+}
+
+#if defined(__x86_64__)
+// AVX2 lanes of the int8 scan, the same arithmetic as _int8_score bit for bit.
+__attribute__((target("avx2"))) inline uint32_t _scan_chunk_int8_avx2(
+    const int32_t* g1, const int32_t* g2, const float* yn, const float* ys, float qn, float qs,
+    float thr, float* sc) {
+  const __m256 vq = _mm256_set1_ps(qn), vs = _mm256_set1_ps(qs), vt = _mm256_set1_ps(thr);
+  const __m256 inv = _mm256_set1_ps(0.00390625f);
+  uint32_t mask = 0;
+  for (int h = 0; h < kScanChunk / 8; ++h) {
+    const __m256i* p1 = reinterpret_cast<const __m256i*>(g1 + 8 * h);
+    const __m256i* p2 = reinterpret_cast<const __m256i*>(g2 + 8 * h);
+    const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256(p1));
+    const __m256 b = _mm256_cvtepi32_ps(_mm256_loadu_si256(p2));
+    const __m256 v = _mm256_add_ps(a, _mm256_mul_ps(b, inv));
+    const __m256 p = _mm256_mul_ps(vs, _mm256_mul_ps(_mm256_loadu_ps(ys + 8 * h), v));
+    const __m256 s = _mm256_sub_ps(_mm256_add_ps(vq, _mm256_loadu_ps(yn + 8 * h)), p);
+    _mm256_storeu_ps(sc + 8 * h, s);
+    mask |= static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(s, vt, _CMP_LT_OQ))) << (8 * h);
+  }
+  return mask;
+}
+
+template <bool kSorted>
+__attribute__((target("avx2"))) void _knn_scan_row_int8_avx2(const int32_t* g1, const int32_t* g2,
+                                                             const float* yn, const float* ys,
+                                                             float qn, float qs, int64_t j0,
+                                                             int64_t W, TopK<float, kSorted>& top) {
+  int64_t j = 0;
+  for (; j < W && !top.full; ++j) {
+    top.push(_int8_score(g1[j], g2[j], qn, yn[j], qs, ys[j]), j0 + j);
+  }
+  alignas(32) float sc[kScanChunk];
+  for (; j + kScanChunk <= W; j += kScanChunk) {
+    uint32_t mask = _scan_chunk_int8_avx2(g1 + j, g2 + j, yn + j, ys + j, qn, qs, top.thr, sc);
+    while (mask != 0) {
+      const int t = __builtin_ctz(mask);
+      mask &= mask - 1;
+      if (sc[t] < top.thr) top.push(sc[t], j0 + j + t);
+    }
+  }
+  for (; j < W; ++j) {
+    const float s = _int8_score(g1[j], g2[j], qn, yn[j], qs, ys[j]);
+    if (s < top.thr) top.push(s, j0 + j);
+  }
+}
+#endif
+
+// Per-thread int32 tiles (G1 and G2 together), in bytes. Measured, one thread, 1000 queries x
+// 2730 database rows, d = 3072: 36-39 ms for tiles of 250-1000 queries x 512-2048 rows, 52-54 ms
+// for 500 or more queries x 2730 rows (the products are bound by oneDNN, ~820 G multiply-adds
+// per second here); 4 MiB gives 250 x 2048 for 1000 queries, and keeps the two int32 tiles of
+// d = 64 (512 x 1024) within L2 and a half. Results do not depend on the tiles: the sums are
+// exact.
+constexpr int64_t kInt8TileBytes = int64_t(4) << 20;
+
+template <bool kSorted>
+void _knn_candidates_int8_kernel(const at::Tensor& codes_q,   // [n, 2d]: [h | l]
+                                 const at::Tensor& codes_db,  // [m, 2d]: [l | h]
+                                 const float* qn, const float* yn, const float* qs,
+                                 const float* ys, int64_t k, float* out_r, int64_t* out_idx) {
+  const int64_t n = codes_q.size(0), m = codes_db.size(0), d = codes_q.size(1) / 2;
+  const Tiles tiles = pick_tiles(n, m, sizeof(int32_t) * 2, kInt8TileBytes);
+  const int64_t cap = kSorted ? k : k + std::min<int64_t>(std::max<int64_t>(k, 256), 8192);
+  const int64_t nqb = (n + tiles.kq - 1) / tiles.kq;
+  at::parallel_for(0, nqb, 1, [&](int64_t b0, int64_t b1) {
+    const auto opts = codes_q.options().dtype(at::kInt);
+    at::Tensor tile1 = at::empty({tiles.kq * tiles.kd}, opts);
+    at::Tensor tile2 = at::empty({tiles.kq * tiles.kd}, opts);
+    std::vector<float> buf_r(static_cast<size_t>(tiles.kq * cap));
+    std::vector<int64_t> buf_i(static_cast<size_t>(tiles.kq * cap));
+    std::vector<TopK<float, kSorted>> tops;
+    for (int64_t qb = b0; qb < b1; ++qb) {
+      const int64_t i0 = qb * tiles.kq, rows = std::min(tiles.kq, n - i0);
+      tops.clear();
+      for (int64_t i = 0; i < rows; ++i) {
+        tops.push_back(
+            TopK<float, kSorted>{buf_r.data() + i * cap, buf_i.data() + i * cap, k, cap});
+      }
+      const at::Tensor q_hl = codes_q.narrow(0, i0, rows);
+      const at::Tensor q_h = q_hl.narrow(1, 0, d);
+      for (int64_t j0 = 0; j0 < m; j0 += tiles.kd) {
+        const int64_t cols = std::min(tiles.kd, m - j0);
+        const at::Tensor db_lh = codes_db.narrow(0, j0, cols);
+        at::Tensor p1 = tile1.narrow(0, 0, rows * cols).view({rows, cols});
+        at::Tensor p2 = tile2.narrow(0, 0, rows * cols).view({rows, cols});
+        at::_int_mm_out(p1, q_h, db_lh.narrow(1, d, d).t());  // h . h
+        at::_int_mm_out(p2, q_hl, db_lh.t());                 // h . l + l . h
+        const int32_t* g1 = p1.data_ptr<int32_t>();
+        const int32_t* g2 = p2.data_ptr<int32_t>();
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t row = i0 + i;
+#if defined(__x86_64__)
+          if (use_avx2()) {
+            _knn_scan_row_int8_avx2<kSorted>(g1 + i * cols, g2 + i * cols, yn + j0, ys + j0,
+                                             qn[row], qs[row], j0, cols, tops[i]);
+            continue;
+          }
+#endif
+          _knn_scan_row_int8_portable<kSorted>(g1 + i * cols, g2 + i * cols, yn + j0, ys + j0,
+                                               qn[row], qs[row], j0, cols, tops[i]);
+        }
+      }
+      for (int64_t i = 0; i < rows; ++i) {
+        tops[i].finish(out_r + (i0 + i) * k, out_idx + (i0 + i) * k);
+      }
+    }
+  });
+}
+
+// knn_candidates_int8(Tensor codes_q, Tensor codes_db, Tensor query_sqnorms,
+//                     Tensor database_sqnorms, Tensor query_scales, Tensor database_scales,
+//                     int k) -> (Tensor, Tensor)
+//   codes_q           [n, 2d] int8, [h | l] per query (knn_quantize, lo_first false)
+//   codes_db          [m, 2d] int8, [l | h] per database row (lo_first true)
+//   query_sqnorms     [n] float32 qn;  database_sqnorms [m] float32 yn
+//   query_scales      [n] float32 qs;  database_scales  [m] float32 ys
+//   k                 1 <= k <= m;  d <= 2^16 (G2 = h . l + l . h stays exact in int32)
+// Returns (r [n, k] float32, idx [n, k] int64): the k rows with the smallest int8 score
+//   r_ij = (qn_i + yn_j) - qs_i * (ys_j * (G1_ij + G2_ij / 256)), sorted by (r, j).
+std::tuple<at::Tensor, at::Tensor> knn_candidates_int8_cpu(
+    const at::Tensor& codes_q, const at::Tensor& codes_db, const at::Tensor& query_sqnorms,
+    const at::Tensor& database_sqnorms, const at::Tensor& query_scales,
+    const at::Tensor& database_scales, int64_t k) {
+  constexpr const char* op = "debias_C::knn_candidates_int8";
+  DEBIAS_KNN_CHECK_TENSOR(codes_q, "codes_q", 2);
+  DEBIAS_KNN_CHECK_TENSOR(codes_db, "codes_db", 2);
+  DEBIAS_KNN_CHECK_TENSOR(query_sqnorms, "query_sqnorms", 1);
+  DEBIAS_KNN_CHECK_TENSOR(database_sqnorms, "database_sqnorms", 1);
+  DEBIAS_KNN_CHECK_TENSOR(query_scales, "query_scales", 1);
+  DEBIAS_KNN_CHECK_TENSOR(database_scales, "database_scales", 1);
+  TORCH_CHECK(codes_q.scalar_type() == at::kChar && codes_db.scalar_type() == at::kChar, op,
+              ": codes must be int8, got ", codes_q.scalar_type(), " and ",
+              codes_db.scalar_type());
+  for (const at::Tensor* t : {&query_sqnorms, &database_sqnorms, &query_scales, &database_scales}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": norms and scales must be float32, got ",
+                t->scalar_type());
+  }
+  const int64_t n = codes_q.size(0), m = codes_db.size(0), d2 = codes_q.size(1);
+  TORCH_CHECK(n >= 1 && m >= 1, op, ": codes must have rows, got ", codes_q.sizes(), " and ",
+              codes_db.sizes());
+  TORCH_CHECK(d2 >= 4 && d2 % 2 == 0 && d2 <= (int64_t(2) << 16), op,
+              ": codes must have 2d columns, 2 <= d <= 2^16, got ", d2);
+  TORCH_CHECK(codes_db.size(1) == d2, op, ": codes_db must have ", d2, " columns, got ",
+              codes_db.size(1));
+  TORCH_CHECK(query_sqnorms.size(0) == n && query_scales.size(0) == n, op,
+              ": query norms and scales must have shape [", n, "]");
+  TORCH_CHECK(database_sqnorms.size(0) == m && database_scales.size(0) == m, op,
+              ": database norms and scales must have shape [", m, "]");
+  TORCH_CHECK(k >= 1 && k <= m, op, ": k must be in [1, m = ", m, "], got ", k);
+  at::Tensor r = at::empty({n, k}, query_sqnorms.options());
+  at::Tensor idx = at::empty({n, k}, query_sqnorms.options().dtype(at::kLong));
+  const float* qn = query_sqnorms.data_ptr<float>();
+  const float* yn = database_sqnorms.data_ptr<float>();
+  const float* qs = query_scales.data_ptr<float>();
+  const float* ys = database_scales.data_ptr<float>();
+  if (k <= kSortedMaxK) {
+    _knn_candidates_int8_kernel<true>(codes_q, codes_db, qn, yn, qs, ys, k, r.data_ptr<float>(),
+                                      idx.data_ptr<int64_t>());
+  } else {
+    _knn_candidates_int8_kernel<false>(codes_q, codes_db, qn, yn, qs, ys, k, r.data_ptr<float>(),
+                                       idx.data_ptr<int64_t>());
+  }
+  return {r, idx};
+}
+
 }  // namespace
 }  // namespace debias
 
@@ -438,8 +851,15 @@ TORCH_LIBRARY_FRAGMENT(debias_C, m) {
   m.def(
       "knn_candidates(Tensor queries, Tensor database, Tensor query_sqnorms, "
       "Tensor database_sqnorms, int k) -> (Tensor, Tensor)");
+  m.def("knn_quantize(Tensor rows, Tensor center, bool lo_first, Tensor(a!) codes) -> Tensor");
+  m.def(
+      "knn_candidates_int8(Tensor codes_q, Tensor codes_db, Tensor query_sqnorms, "
+      "Tensor database_sqnorms, Tensor query_scales, Tensor database_scales, int k) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(debias_C, CPU, m) {
   m.impl("knn_candidates", &debias::knn_candidates_cpu);
+  m.impl("knn_quantize", &debias::knn_quantize_cpu);
+  m.impl("knn_candidates_int8", &debias::knn_candidates_int8_cpu);
 }

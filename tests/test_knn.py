@@ -137,6 +137,264 @@ def test_repeatable_and_independent_of_threads(backend):
     assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
+# ---- the int8 pass (cpu backend) ----------------------------------------------------------
+
+
+@pytest.fixture
+def int8(monkeypatch):
+    """DEBIAS_KNN_FAST=int8 for one test, on any CPU where the kernel is built and torch._int_mm
+    is exact; a spy counts the chunks the int8 pass searched (None: sent to the float32 pass)."""
+    if "cpu" not in knn_ops._supported(CPU):
+        pytest.skip("this build has no knn_candidates kernel")
+    if not knn_ops._backend.has_kernel("knn_candidates_int8", "CPU"):
+        pytest.skip("this build has no knn_candidates_int8 kernel")
+    if not knn_ops._int_mm_exact():
+        pytest.skip("torch._int_mm is not exact on this CPU: the int8 pass is never used")
+    monkeypatch.setenv("DEBIAS_KNN_FAST", "int8")
+    chunks = {"int8": 0, "float32": 0}
+    original = knn_ops._Search._candidates_int8
+
+    def spy(self, db, count):
+        out = original(self, db, count)
+        chunks["int8" if out is not None else "float32"] += 1
+        return out
+
+    monkeypatch.setattr(knn_ops._Search, "_candidates_int8", spy)
+    return chunks
+
+
+def _gauss(n, m, d, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) + offset, torch.randn(m, d, generator=g) + offset
+
+
+# n, m, d, k: odd d; k = 1, and k = m (no fast pass: every row is a candidate); (70, 8500, 7):
+# two query blocks of the kernel (64 + 6) and two database tiles (8192 + 308).
+_INT8_SHAPES = [(5, 301, 1, 3), (7, 123, 7, 1), (9, 250, 33, 5), (4, 77, 130, 77),
+                (3, 40, 130, 40), (70, 8500, 7, 4)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "n, m, d, k", [pytest.param(*c, id="n{}-m{}-d{}-k{}".format(*c)) for c in _INT8_SHAPES]
+)
+def test_int8_pass_gaussian_and_hard_data(int8, n, m, d, k):
+    _check(*_gauss(n, m, d), k, backend="cpu")
+    if m >= 8:
+        _check(*_hard(n, m, d, seed=1), k, backend="cpu")  # duplicates, one ulp, a tie
+    fast = k + max(k, knn_ops._MARGIN) < m  # else every row is a candidate: no fast pass
+    assert (int8["int8"] >= 1) == fast and int8["float32"] == 0
+
+
+def test_int8_pass_large_offset_and_duplicates(int8):
+    q, db = _hard(16, 400, 24, offset=1e4)
+    _check(q, db, 6, backend="cpu")
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 8, generator=g)
+    db = torch.randn(200, 8, generator=g)
+    db[50:90] = q[0]  # 40 copies: more than the candidates kept, the exhaustive search decides
+    d, i = _check(q, db, 2, backend="cpu")
+    assert i[0].tolist() == [50, 51] and d[0].tolist() == [0.0, 0.0]
+    assert int8["int8"] == 2
+
+
+def test_int8_pass_huge_coordinate_falls_back_exactly(int8, monkeypatch):
+    """Rows with one huge coordinate and tiny others: each row's scale is set by the huge one,
+    the tiny ones quantise to 0, and the bound is far wider than the differences between the
+    rows. The bound must send the queries to the exhaustive search, not return wrong rows."""
+    g = torch.Generator().manual_seed(5)
+    q, db = torch.randn(6, 40, generator=g) * 1e-3, torch.randn(300, 40, generator=g) * 1e-3
+    q[:, 0] += 1e4
+    db[:, 0] += 1e4
+    db[::7, 3] = 1e5  # and some rows far larger still: the chunk's largest scale
+    exhaustive = []
+    original = knn_ops._Search._exhaustive
+    monkeypatch.setattr(
+        knn_ops._Search, "_exhaustive", lambda s, r, x: exhaustive.append(r) or original(s, r, x)
+    )
+    _check(q, db, 3, backend="cpu")
+    assert int8["int8"] == 1 and len(exhaustive) > 0
+
+
+def test_int8_pass_zero_rows_and_a_single_query(int8):
+    """A single query is its own centre (all codes 0, scale 0); zero rows in the database."""
+    q, db = _gauss(1, 90, 17)
+    _check(q, db, 5, backend="cpu")
+    q, db = _gauss(5, 90, 17)
+    db[[3, 40]] = 0.0
+    db[7] = q.mean(0)  # zero after centring
+    _check(q, db, 4, backend="cpu")
+    assert int8["int8"] == 2
+
+
+@pytest.mark.parametrize("metric", ["cosine", "standardized"])
+def test_int8_pass_other_metrics(int8, metric):
+    q, db = _hard(7, 301, 33)
+    if metric == "standardized":
+        q, db = q.view(7, 3, 11), db.view(301, 3, 11)
+    _check(q, db, 5, metric, backend="cpu")
+    assert int8["int8"] == 1
+
+
+def test_int8_pass_low_precision_and_float64_inputs(int8):
+    """bfloat16 / float16 data: the int8 pass (their float32 values are exact). float64 data
+    keeps its float64 pass: int8 codes could only add error to it. float32 queries against a
+    float64 database: the int8 pass, the database's float64 difference rounded once."""
+    q, db = _hard(6, 80, 9)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check(q.to(dtype), db.to(dtype), 4, backend="cpu")
+    assert int8["int8"] == 2
+    _check(q.double(), db.double(), 4, backend="cpu")
+    assert int8["int8"] == 2 and not knn_ops._use_int8("cpu", torch.float64, 9)
+    _check(q, db.double(), 4, backend="cpu")
+    assert int8["int8"] == 3
+
+
+@pytest.mark.parametrize("k", [1, 7, 96])
+def test_int8_pass_streamed_chunks(int8, monkeypatch, k):
+    q, db = _hard(6, 96, 10)
+    monkeypatch.setattr(knn_ops, "_CHUNK_BYTES", 2 * 10 * 20)  # 20 rows of codes per chunk
+    _check(q, db, k, backend="cpu")
+    pieces = [db[:5].double(), db[5:5], db[5:60].numpy(), db[60:]]  # 55 numpy rows: 2 chunks
+    got = debias.knn(q, iter(pieces), k, backend="cpu")
+    assert torch.equal(got[1], reference.knn(q, db, k)[1])
+    if k + max(k, knn_ops._MARGIN) < 20:  # else every row of a chunk is a candidate
+        assert int8["int8"] >= 5 + 2
+
+
+def test_int8_pass_exclude_self_and_threads(int8):
+    x, _ = _gauss(40, 1, 5)
+    x[7] = x[30]
+    _, i = debias.knn(x, x, 3, exclude_self=True, backend="cpu")
+    _, full_i = reference.knn(x, x, 4)
+    for row in range(40):
+        assert torch.equal(i[row], full_i[row][full_i[row] != row][:3])
+    q, db = _hard(12, 300, 24)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = debias.knn(q, db, 5, backend="cpu")
+        torch.set_num_threads(2)
+        two = debias.knn(q, db, 5, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+def _bound_cases():
+    """(name, queries, database) float32: random, and vectors built against the bound."""
+    g = torch.Generator().manual_seed(7)
+    cases = [(f"gauss-d{d}", *_gauss(9, 60, d, seed=d)) for d in (2, 7, 130, 1000)]
+    x = torch.randn(20, 64, generator=g)
+    cases.append(("equal-rows", x, x.clone()))  # l_a = l_b: the lo . lo term at its largest
+    spike = torch.randn(20, 64, generator=g)
+    spike[:, 0] = 1e3 + torch.rand(20, generator=g)
+    cases.append(("one-huge-coordinate", spike[:10], spike[10:]))
+    s = 2.0**-3  # coordinates halfway between two codes (X rounds half to even) and at 127 s
+    half = (torch.randint(-32000, 32000, (20, 33), generator=g) + 0.5) * s / 256
+    half[:, 0] = 127 * s
+    cases.append(("halfway-codes", half[:10], -half[10:]))
+    # magnitudes 1e-12 .. 1e10 within a row, every row's scale within the kernel's 2^+-40
+    mixed = torch.randn(20, 16, generator=g) * torch.logspace(-12, 10, 16)
+    cases.append(("mixed-magnitudes", mixed[:10], mixed[10:]))
+    return cases
+
+
+@pytest.mark.parametrize("case", _bound_cases(), ids=lambda c: c[0])
+def test_int8_dot_bound_holds_for_every_pair(int8, case):
+    """|a . b - s_a s_b (G1 + G2 / 256)| <= _int8_dot_error for every pair, the codes from
+    knn_quantize, G1 and G2 in int64 and the truth in float64 (float32 values: exact products,
+    and a float64 summation error of at most d 2^-53 sum |a_k b_k|, allowed for)."""
+    name, a, b = case
+    d = a.shape[1]
+    quantize = torch.ops.debias_C.knn_quantize
+    codes_a = torch.empty(a.shape[0], 2 * d, dtype=torch.int8)
+    codes_b = torch.empty(b.shape[0], 2 * d, dtype=torch.int8)
+    zero = torch.zeros(d)
+    stats_a = quantize(a.contiguous(), zero, False, codes_a)  # [h | l]
+    stats_b = quantize(b.contiguous(), zero, True, codes_b)  # [l | h]
+    assert bool(torch.isfinite(stats_a).all() and torch.isfinite(stats_b).all())
+    h_a, l_a = codes_a[:, :d].long(), codes_a[:, d:].long()
+    l_b, h_b = codes_b[:, :d].long(), codes_b[:, d:].long()
+    assert int(h_a.abs().max()) <= 127 and int(l_a.min()) >= -128 and int(l_a.max()) <= 127
+    scale_a, scale_b = stats_a[:, 1], stats_b[:, 1]
+    # the codes: |a - s (h + l / 256)| <= s / 512 coordinate by coordinate, exactly in float64
+    approx_a = scale_a[:, None] * (h_a + l_a / 256.0)
+    assert bool(((a.double() - approx_a).abs() <= scale_a[:, None] / 512).all())
+    g1 = (h_a @ h_b.T).double()
+    g2 = (h_a @ l_b.T + l_a @ h_b.T).double()
+    approx = scale_a[:, None] * scale_b[None, :] * (g1 + g2 / 256)
+    truth = a.double() @ b.double().T
+    slack = d * 2.0**-53 * (a.double().abs() @ b.double().abs().T)
+    terms_a = [t[:, None] for t in knn_ops._int8_terms(stats_a)]
+    terms_b = [t[None, :] for t in knn_ops._int8_terms(stats_b)]
+    bound = knn_ops._int8_dot_error(terms_a, terms_b, d)
+    assert bool(((truth - approx).abs() <= bound + slack).all())
+    if name.startswith("gauss") or name == "equal-rows":  # and not loose beyond reason
+        assert float(((truth - approx).abs() / bound).max()) > 0.01
+
+
+def test_int8_codes_mark_rows_out_of_range(int8):
+    """A row whose scale would leave 2^-40 .. 2^40, or with a NaN, gets scale NaN and zero
+    codes: its chunk goes to the float32 pass, which still answers exactly."""
+    x = torch.randn(4, 5)
+    x[1, 2], x[2, 0], x[3] = 1e30, float("nan"), 0.0
+    codes = torch.full((4, 10), 7, dtype=torch.int8)
+    stats = torch.ops.debias_C.knn_quantize(x, torch.zeros(5), False, codes)
+    assert stats[:, 1].isnan().tolist() == [False, True, True, False]
+    assert stats[3].tolist() == [0.0, 0.0, 0.0] and not codes[1:].any()
+    q, db = _gauss(6, 90, 5)
+    db[40, 1] = 1e30
+    _check(q, db, 3, backend="cpu")
+    assert int8 == {"int8": 0, "float32": 1}
+
+
+def test_int8_distance_bounds_hold_for_every_pair(int8):
+    """The kernel's scores of every pair (count = m), turned into distance bounds: every float64
+    brute-force distance lies within its pair's [low, high]."""
+    for q, db in (_hard(8, 200, 33, offset=50.0), _gauss(5, 150, 300)):
+        search = knn_ops._Search(q, "l2", 3, "cpu")
+        assert search.int8
+        low, high, cand = search._candidates_int8(db, db.shape[0])
+        want = reference.knn_distance(search.exact[:, None, :], db.double()[cand], "l2")
+        assert bool(((low <= want) & (want <= high)).all())
+        # and tight: the squared distances' interval (the sqrt widens it near 0)
+        assert float((high.square() - low.square()).max()) < 1e-2 * float(want.median()) ** 2
+
+
+def test_int8_kernel_scores_match_their_definition(int8):
+    """knn_candidates_int8: the k smallest r_ij = (qn_i + yn_j) - qs_i (ys_j (G1 + G2 / 256)) in
+    float32, left to right, ordered by (r, j), against the same arithmetic in torch."""
+    q, db = _gauss(40, 500, 33)
+    zero = torch.zeros(33)
+    codes_q = torch.empty(40, 66, dtype=torch.int8)
+    codes_db = torch.empty(500, 66, dtype=torch.int8)
+    stats_q = torch.ops.debias_C.knn_quantize(q, zero, False, codes_q)
+    stats_db = torch.ops.debias_C.knn_quantize(db, zero, True, codes_db)
+    qn, yn = stats_q[:, 0].float(), stats_db[:, 0].float()
+    qs, ys = (2 * stats_q[:, 1]).float(), stats_db[:, 1].float()
+    g1 = codes_q[:, :33].long() @ codes_db[:, 33:].long().T
+    g2 = codes_q.long() @ codes_db.long().T
+    r = (qn[:, None] + yn[None, :]) - qs[:, None] * (ys[None, :] * (g1.float() + g2.float() / 256))
+    order = torch.argsort(r, dim=1, stable=True)
+    for k in (1, 9, 40):  # sorted insertion, and the buffer above 32
+        score, index = torch.ops.debias_C.knn_candidates_int8(codes_q, codes_db, qn, yn, qs, ys, k)
+        assert torch.equal(index, order[:, :k]) and torch.equal(score, r.gather(1, order[:, :k]))
+
+
+def test_fast_pass_choice_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DEBIAS_KNN_FAST", "float32")
+    assert not knn_ops._use_int8("cpu", torch.float32, 3072)
+    monkeypatch.setenv("DEBIAS_KNN_FAST", "int16")
+    with pytest.raises(ValueError, match="DEBIAS_KNN_FAST must be one of"):
+        debias.knn(torch.randn(3, 4), torch.randn(5, 4), 1)
+    monkeypatch.setenv("DEBIAS_KNN_FAST", "int8")
+    for backend in ("torch", "triton", "cuda"):  # the int8 pass is the cpu kernel's
+        assert not knn_ops._use_int8(backend, torch.float32, 64)
+    assert not knn_ops._use_int8("cpu", torch.float32, 2**16 + 1)  # int32 sums could overflow
+    monkeypatch.setenv("DEBIAS_KNN_FAST", "auto")
+    assert not knn_ops._use_int8("cpu", torch.float32, knn_ops._INT8_MIN_D - 1)
+
+
 # ---- bad input ----------------------------------------------------------------------------
 
 

@@ -11,22 +11,27 @@ chunks), each searched in two passes:
 1. Fast pass (the backend's kernel): scores r = ||a||^2 + ||b||^2 - 2 a.b on the centred
    vectors (a = x - c, b = y - c, c the queries' mean: the expansion loses digits in
    proportion to the norms, so centring keeps them small) in float32 (float64 for float64
-   data), keeping a running top-(kc + 1) per query, kc = k plus a margin.
+   data), keeping a running top-(kc + 1) per query, kc = k plus a margin. On the ``cpu``
+   backend, for long vectors on a CPU with int8 matrix units, the products a.b come instead
+   from two levels of int8 codes with exact int32 sums (the int8 pass, ``_bounds_int8``);
+   ``DEBIAS_KNN_FAST`` = "auto" (default), "float32" or "int8" (where its kernel is built)
+   chooses, read at each call.
 2. Exact pass: the kc best candidates are re-ranked with float64 differences, as the brute
    force computes them, and merged into the running top-k.
 
-A rigorous bound on the fast pass's rounding error (the dot product's, the norms', the
-rounding of the centred data) turns the (kc + 1)-th score into a lower bound on the true
-distance of every point the fast pass left out. When that bound exceeds the current k-th
-exact distance, no left-out point can belong to the answer; otherwise (near-ties, rare) the
-query is searched exhaustively in float64 against the chunk. Hence the guarantee: the
-indices are those of the float64 brute force (``debias.reference.knn``), ties broken by the
-lower index, and the distances are its float64 distances (equal up to the order of float64
-additions).
+A rigorous bound on the fast pass's error (the dot product's rounding or quantisation, the
+norms', the rounding of the centred data) turns the (kc + 1)-th score into a lower bound on
+the true distance of every point the fast pass left out. When that bound exceeds the current
+k-th exact distance, no left-out point can belong to the answer; otherwise (near-ties, rare;
+or data the int8 codes cannot resolve) the query is searched exhaustively in float64 against
+the chunk. Hence the guarantee: the indices are those of the float64 brute force
+(``debias.reference.knn``), ties broken by the lower index, and the distances are its float64
+distances (equal up to the order of float64 additions).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterable, Iterator
@@ -43,12 +48,28 @@ METRICS = ("l2", "cosine", "standardized")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # float64 bytes of one database chunk's features: bounds the memory next to the answer.
 _CHUNK_BYTES = 64 * 2**20
-# float64 bytes of the gathered candidates re-ranked at once.
-_RERANK_BYTES = 32 * 2**20
+# float64 bytes of the gathered candidates re-ranked at once: small enough for the allocator to
+# reuse its blocks (measured, 3000 rows of d = 3072, one thread: 40 ms in 1-8 MiB blocks,
+# 73 ms in 16 MiB and 104 ms in 32 MiB ones, which take fresh pages from the system each time).
+_RERANK_BYTES = 8 * 2**20
 # Candidates kept by the fast pass beyond k: a margin for rounding, and for near-ties that
 # would otherwise send a query to the exhaustive search.
 _MARGIN = 8
 _NO_INDEX = torch.iinfo(torch.int64).max
+# The int8 pass (cpu backend). DEBIAS_KNN_FAST picks it: "auto" where it is faster (below),
+# "int8" wherever its kernel is built (tests), "float32" never. d <= 2^16 keeps its int32 sums
+# exact: |h . l + l . h| <= 2 d 127 * 128 < 2^31.
+_FAST_ENV = "DEBIAS_KNN_FAST"
+_FAST_CHOICES = ("auto", "float32", "int8")
+_INT8_MAX_D = 2**16
+# "auto" takes the int8 pass from this many values per sample, on a CPU with AMX or AVX512-VNNI.
+# Measured on a 2-core Xeon with AMX (torch 2.13, idle), the whole debias.knn, n=1000, m=20000,
+# k=10, float32 Gaussian data, medians of 5 alternating in one process, seconds:
+#   d         64     128    160    192    256    512    1024
+#   float32   .019   .031   .036   .043   .056   .107   .222
+#   int8      .023   .031   .035   .038   .042   .057   .106
+# Below ~150 the products are cheap next to writing and scanning two int32 tiles per pair.
+_INT8_MIN_D = 160
 # The longest list the CUDA kernel keeps per query (kKnnMaxK, csrc/cuda/knn.cuh); its products
 # are plain float32 FMA, so it needs no dot_unit.
 _CUDA_MAX_COUNT = 128
@@ -81,7 +102,8 @@ def knn(
         exclude_self: the database is the queries themselves (m = n): query i never gets
             row i (train-vs-train baselines).
         backend: "cpu", "cuda", "triton" or "torch" (default: the kernel built for the
-            queries' device, then torch).
+            queries' device, then torch). On "cpu", the environment variable DEBIAS_KNN_FAST
+            ("auto", "float32" or "int8") picks the fast pass (module docstring).
         progress: a progress bar over the database chunks.
         sharded: with torch.distributed initialised, ``database`` is this rank's shard of
             the whole, the shards in rank order (rank 0 holds rows 0..m_0 - 1, and so on);
@@ -109,7 +131,7 @@ def knn(
     device = queries.device
     backend = _backend.resolve(backend, device, supported=_supported(device))
     search = _Search(queries, metric, want, backend)
-    chunks = _chunks(database, queries, metric)
+    chunks = _chunks(database, queries, metric, search.int8)
     for start, chunk in tqdm(chunks, desc="knn", unit="chunk", disable=not progress):
         search.add(start, chunk)
     dist, index, seen = search.dist, search.index, search.seen
@@ -178,6 +200,56 @@ def _supported(device: torch.device) -> tuple[str, ...]:
     return (*found, "torch")
 
 
+def _fast_choice() -> str:
+    """DEBIAS_KNN_FAST, read at each call: "auto" (unset or empty), "float32" or "int8"."""
+    choice = os.environ.get(_FAST_ENV, "").strip().lower() or "auto"
+    if choice not in _FAST_CHOICES:
+        raise ValueError(f"{_FAST_ENV} must be one of {_FAST_CHOICES}, got {choice!r}")
+    return choice
+
+
+def _use_int8(backend: str, dtype: torch.dtype, d: int) -> bool:
+    """Whether the search's fast pass is the int8 one: the cpu backend, a float32 fast pass
+    (float64 data keeps its float64 pass: int8 codes would only add error to it), the kernel
+    built, d <= 2^16, torch._int_mm exact here; "auto" also needs int8 matrix units and
+    d >= _INT8_MIN_D."""
+    choice = _fast_choice()
+    if choice == "float32" or backend != "cpu" or dtype != torch.float32 or d > _INT8_MAX_D:
+        return False
+    if not _backend.has_kernel("knn_candidates_int8", "CPU"):
+        return False
+    if choice == "auto" and (d < _INT8_MIN_D or not _int8_units()):
+        return False
+    return _int_mm_exact()
+
+
+def _int8_units() -> bool:
+    """AMX or AVX512-VNNI: where oneDNN's int8 products run several times faster than sgemm."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    vnni = getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
+    return bool(amx or vnni)
+
+
+@functools.cache
+def _int_mm_exact() -> bool:
+    """torch._int_mm's int32 sums are exact on this CPU: checked once per process against int64
+    products, on extreme codes (every product -128 * 127 or 127 * 127, where a kernel that
+    saturates int16 pairs would fail) and random ones, in the shapes the kernel uses (a column
+    slice of [h | l], a transposed database tile). torch 2.13's oneDNN path returns garbage for
+    K = 1, which the int8 pass never asks for (d = 1 is padded to 2)."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    for n, d, m in ((5, 2, 37), (17, 9, 64), (64, 64, 129), (3, 131, 300)):
+        a = torch.randint(-128, 128, (n, 2 * d), generator=g, dtype=torch.int8)
+        b = torch.randint(-128, 128, (m, 2 * d), generator=g, dtype=torch.int8)
+        a[0], b[0], b[1] = -128, -128, 127
+        for x, y in ((a[:, :d], b[:, d:]), (a, b)):
+            if not torch.equal(torch._int_mm(x, y.t()).long(), x.long() @ y.long().t()):
+                return False
+    return True
+
+
 def _triton_knn():
     """triton_kernels/knn.py, imported on first use (importing Triton takes a second)."""
     from debias.triton_kernels import knn
@@ -202,17 +274,26 @@ def _check_rows(name: str, x: torch.Tensor, start: int) -> None:
         raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
     if x.dim() < 2:
         raise ValueError(f"{name} must be [rows, ...] with one sample per row, got {list(x.shape)}")
-    finite = torch.isfinite(x.reshape(x.shape[0], math.prod(x.shape[1:]))).all(dim=1)
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
+    # NaN and infinity survive a sum, so a finite sum clears the whole tensor in one read (the
+    # elementwise test below costs 20 times more at d = 3072); a sum that overflows from
+    # finite values is sorted out by the elementwise test.
+    total = flat.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if bool(torch.isfinite(total)):
+        return
+    finite = torch.isfinite(flat).all(dim=1)
     if not bool(finite.all()):
         row = start + int((~finite).nonzero()[0, 0])
         raise ValueError(f"{name} row {row} contains NaN or infinity")
 
 
 def _chunks(
-    database: Any, queries: torch.Tensor, metric: str
+    database: Any, queries: torch.Tensor, metric: str, int8: bool = False
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """(index of the first row, float tensor on the queries' device) per chunk, in order, each
-    checked: float rows shaped like a query, finite."""
+    checked: float rows shaped like a query, finite. A chunk is _CHUNK_BYTES of float64 values,
+    or of int8 codes (2 bytes a value) where the int8 pass compares a float32 tensor's rows in
+    place ("l2"): 4 times the rows, and fewer candidates re-ranked at chunk boundaries."""
     if isinstance(database, str | os.PathLike):
         path = os.fspath(database)
         if not path.endswith(".npy"):
@@ -243,8 +324,13 @@ def _chunks(
                     f"database rows must have a query's shape {list(sample)}, got chunk "
                     f"shape {list(part.shape)}"
                 )
-        for lo in range(0, part.shape[0], rows_per_chunk):
-            piece = part[lo : lo + rows_per_chunk]
+        step = rows_per_chunk
+        in_place = isinstance(part, torch.Tensor) and part.dtype == torch.float32
+        in_place = in_place and part.is_contiguous()
+        if int8 and metric == "l2" and in_place and part.device == queries.device:
+            step = max(1, _CHUNK_BYTES // (2 * d))
+        for lo in range(0, part.shape[0], step):
+            piece = part[lo : lo + step]
             if isinstance(piece, np.ndarray):
                 piece = torch.from_numpy(np.array(piece))  # a copy: memory maps are read-only
             piece = piece.to(queries.device)
@@ -299,6 +385,9 @@ class _Search:
         self.dist = torch.full((n, k), math.inf, dtype=torch.float64, device=queries.device)
         self.index = torch.full((n, k), _NO_INDEX, dtype=torch.int64, device=queries.device)
         self.seen = 0
+        self.int8 = _use_int8(backend, self.fast_dtype, self.exact.shape[1])
+        if self.int8:
+            self.int8 = self._quantize_queries()
 
     def _fast(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Centred vectors in the fast dtype (one rounding of the exact difference) and their
@@ -323,9 +412,13 @@ class _Search:
             dist = self._rerank(db, cand, torch.ones(cand.shape, dtype=torch.bool))
             self.dist, self.index = _merge(self.dist, self.index, dist, cand + start, self.k)
             return
-        fast_db, db_sq = self._fast(db)
-        score, cand = self._candidates(fast_db, db_sq, kc + 1)
-        low, high = self._bounds(score, db_sq.max())
+        fast = self._candidates_int8(db, kc + 1) if self.int8 else None
+        if fast is None:  # the float32 (float64) pass
+            fast_db, db_sq = self._fast(db)
+            score, cand = self._candidates(fast_db, db_sq, kc + 1)
+            low, high = self._bounds(score, db_sq.max())
+        else:
+            low, high, cand = fast
         cand = cand[:, :kc]
         # A candidate is re-ranked only if it can reach the top k: its lower bound is at most
         # the k-th smallest of the upper bounds (exact distances for the current answer).
@@ -337,7 +430,7 @@ class _Search:
         unsure = ~(low[:, kc] > merged[0][:, -1])
         self.dist, self.index = merged
         for row in unsure.nonzero()[:, 0].tolist():
-            exact = reference.knn_distance(self.exact[row], db.double(), self.metric)[None]
+            exact = self._exhaustive(row, db)[None]
             all_rows = torch.arange(start, start + m, device=db.device)[None]
             kept = self.index[row : row + 1] < start  # earlier chunks' part; this one's is redone
             d_prev = torch.where(kept, self.dist[row : row + 1], math.inf)
@@ -390,6 +483,13 @@ class _Search:
         span = (norms * (1 + gamma) * (1 + 4 * u))[:, None]
         e2 = (3 * gamma + 4 * u + self.dot_unit) * span.square()
         e1 = (u + 2.0**-50) * span
+        return self._distance_bounds(score, e1, e2)
+
+    def _distance_bounds(
+        self, score: torch.Tensor, e1: torch.Tensor, e2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bounds on the metric distance from a score within e2 of ||a~ - b~||^2, ||a~ - b~||
+        within e1 of ||a - b|| (``[n, 1]`` each)."""
         score = score.double()
         low = ((score - e2).clamp(min=0).sqrt() - e1).clamp(min=0)
         high = (score + e2).clamp(min=0).sqrt() + e1
@@ -397,6 +497,81 @@ class _Search:
             return low, high
         # unit vectors: 1 - a.b = ||a - b||^2 / 2, up to the float64 rounding of the features
         return low.square() / 2 - 1e-14, high.square() / 2 + 1e-14
+
+    # ---- the int8 pass
+
+    def _quantize_queries(self) -> bool:
+        """The queries' int8 codes ``[h | l]`` and their per-row terms of the bound; False (the
+        float32 pass then runs) where a query needs a scale out of the kernel's range."""
+        rows = _pad_one(self.fast_q)
+        d = rows.shape[1]
+        self.codes_q = torch.empty(rows.shape[0], 2 * d, dtype=torch.int8)
+        zero = torch.zeros(d, dtype=torch.float32)
+        stats = torch.ops.debias_C.knn_quantize(rows.contiguous(), zero, False, self.codes_q)
+        if not bool(torch.isfinite(stats).all()):
+            return False
+        # the kernel's inputs: qn_i = ||a~_i||^2 and qs_i = 2 s_i in float32 (s_i: a power of two)
+        self.q_norm_sq, self.q_scale2 = stats[:, 0].float(), (2 * stats[:, 1]).float()
+        self.q_terms = _int8_terms(stats)
+        self.center_int8 = _pad_one(self.center[None])[0].contiguous()
+        self.codes_db: torch.Tensor | None = None  # one buffer for every chunk's codes
+        return True
+
+    def _candidates_int8(
+        self, db: torch.Tensor, count: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The int8 pass on a chunk: (lower bounds, upper bounds, chunk rows) of the ``count``
+        best int8 scores per query, ascending; None (the float32 pass then runs) where a row
+        needs a scale out of the kernel's range."""
+        rows = db if db.dtype in (torch.float32, torch.float64) else db.float()
+        rows = _pad_one(rows).contiguous()
+        m, d = rows.shape
+        if self.codes_db is None or self.codes_db.shape[0] < m:
+            self.codes_db = torch.empty(m, 2 * d, dtype=torch.int8)
+        codes = self.codes_db[:m]
+        stats = torch.ops.debias_C.knn_quantize(rows, self.center_int8, True, codes)
+        if not bool(torch.isfinite(stats).all()):
+            return None
+        score, cand = torch.ops.debias_C.knn_candidates_int8(
+            self.codes_q, codes, self.q_norm_sq, stats[:, 0].float(), self.q_scale2,
+            stats[:, 1].float(), count,
+        )  # fmt: skip
+        low, high = self._bounds_int8(score, stats)
+        return low, high, cand
+
+    def _bounds_int8(
+        self, score: torch.Tensor, db_stats: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Lower and upper bounds on the metric distances of points with int8 scores ``score``
+        ``[n, c]``; ``db_stats`` ``[m, 3]``: the chunk's knn_quantize statistics.
+
+        Codes (knn_quantize, csrc/knn.cpp): a~ (the centred float32 vector, as in _bounds) with
+        s = 2^e >= max|a~_k| / 127 is a~ = s X / 256 + e_a, X integer, |e_a,k| <= s / 512, and
+        X = 256 h + l with int8 h, l. So a~ . b~ = s_a s_b (G1 + G2 / 256) + D with exact int32
+        G1 = h_a . h_b, G2 = h_a . l_b + l_a . h_b and
+          D = a~ . e_b + e_a . (b~ - e_b) + s_a s_b l_a . l_b / 65536,
+          |D| <= sqrt(d) / 512 (|a~| s_b + |b~| s_a) + d s_a s_b / 512^2 + lambda_a lambda_b
+        (Cauchy-Schwarz, |e| <= sqrt(d) s / 512, lambda = s |l| / 256). The kernel's float32
+        score r = (qn + yn) - 2 s_a s_b (fl(G1) + fl(G2) / 256) (products by the powers of two
+        exact, norms summed in float64 then rounded) is within
+          2 |D| + 4u (N_a + N_b)^2,   N = |a~| + sqrt(d) s / 512 + 2 lambda
+        of ||a~ - b~||^2: the conversions and the sum of G1, G2 err by 2u (|G1| + |G2| / 256)
+        <= 2u N_a N_b / (s_a s_b) (|s h| <= N, |s l / 256| <= lambda), the norms by u each and
+        the two additions by u each. The chunk's largest |b~|, s_b and lambda_b stand for b's
+        (the bound grows with each), (1 + 2^-20) covers the float64 arithmetic of the bound and
+        of the norms, and e1 is _bounds' centring term with the norms computed in float64.
+        """
+        u = 2.0**-24
+        d = self.codes_q.shape[1] // 2
+        a_norm, s_a, lam_a = (t[:, None] for t in self.q_terms)
+        b_norm, s_b, lam_b = (t.max() for t in _int8_terms(db_stats))
+        dot = _int8_dot_error((a_norm, s_a, lam_a), (b_norm, s_b, lam_b), d)
+        big_a = a_norm + math.sqrt(d) * s_a / 512 + 2 * lam_a
+        big_b = b_norm + math.sqrt(d) * s_b / 512 + 2 * lam_b
+        slack = 1 + 2.0**-20
+        e2 = (2 * dot + 4 * u * (big_a + big_b).square()) * slack
+        e1 = (u + 2.0**-50) * (a_norm + b_norm) * slack
+        return self._distance_bounds(score, e1, e2)
 
     def _rerank(self, db: torch.Tensor, cand: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
         """Exact float64 distances from each query to its candidate rows ``cand [n, c]`` where
@@ -406,8 +581,47 @@ class _Search:
         block = max(1, _RERANK_BYTES // (8 * db.shape[1]))
         for lo in range(0, rows.numel(), block):
             r, c = rows[lo : lo + block], cols[lo : lo + block]
-            dist[r, c] = reference.knn_distance(self.exact[r], db[cand[r, c]].double(), self.metric)
+            dist[r, c] = _distance(self.exact[r], db[cand[r, c]], self.metric)
         return dist
+
+    def _exhaustive(self, row: int, db: torch.Tensor) -> torch.Tensor:
+        """Exact float64 distances ``[m]`` from query ``row`` to every row of the chunk, a block
+        of _RERANK_BYTES at a time."""
+        block = max(1, _RERANK_BYTES // (8 * db.shape[1]))
+        parts = [
+            _distance(self.exact[row], db[lo : lo + block], self.metric)
+            for lo in range(0, db.shape[0], block)
+        ]
+        return torch.cat(parts)
+
+
+def _int8_terms(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The int8 bound's row terms from knn_quantize's statistics ``[r, 3]``: ||a~||, the scale s
+    and lambda = s ||l|| / 256, each ``[r]`` float64."""
+    return stats[:, 0].sqrt(), stats[:, 1], stats[:, 1] * stats[:, 2].sqrt() / 256
+
+
+def _int8_dot_error(a_terms: tuple, b_terms: tuple, d: int) -> torch.Tensor:
+    """|a~ . b~ - s_a s_b (G1 + G2 / 256)| <= sqrt(d) / 512 (|a~| s_b + |b~| s_a)
+    + d s_a s_b / 512^2 + lambda_a lambda_b, from each side's (|a~|, s, lambda) (_int8_terms;
+    any broadcastable shapes). Derivation: _Search._bounds_int8."""
+    (a_norm, s_a, lam_a), (b_norm, s_b, lam_b) = a_terms, b_terms
+    root = math.sqrt(d)
+    return root / 512 * (a_norm * s_b + b_norm * s_a) + d * s_a * s_b / 512**2 + lam_a * lam_b
+
+
+def _distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
+    """reference.knn_distance of float64 rows ``a`` and rows ``b`` of any float dtype, with the
+    same float64 arithmetic, without a float64 copy of ``b`` or temporaries beyond one."""
+    if metric == "l2":
+        return torch.sub(a, b).square_().sum(-1).sqrt_()
+    return 1.0 - torch.mul(a, b).sum(-1)
+
+
+def _pad_one(rows: torch.Tensor) -> torch.Tensor:
+    """``[r, 1]`` rows with a zero column appended, others as they are: torch._int_mm returns
+    garbage for K = 1 (torch 2.13, oneDNN), and a zero coordinate changes no distance."""
+    return torch.nn.functional.pad(rows, (0, 1)) if rows.shape[1] == 1 else rows
 
 
 def _merge(
