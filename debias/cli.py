@@ -275,7 +275,7 @@ _TRAIN_HELP = {
     "held_out": "fraction held out for the held-out loss and the monitor",
     "split": "train on the whole training split (full) or one of two disjoint halves (a, b)",
     "two_models": "also train a second model on the disjoint half B (biased generalization)",
-    "train_size": "use only the first n training images",
+    "train_size": "use only the first n training images (default: all)",
     "base_channels": "UNet width",
     "channel_mult": "width multiplier per resolution level",
     "num_res_blocks": "depth: residual blocks per level",
@@ -354,9 +354,9 @@ def _add_train(sub) -> None:
             "weighting": WEIGHTINGS, "split": ("full", "a", "b"),
             "schedule": ("linear", "cosine"), "prediction": ("epsilon", "v_prediction", "sample"),
         }.get(f.name)  # fmt: skip
-        train.add_argument(
-            flag, type=kind, default=None, choices=choices, help=f"{text} (default: {shown})"
-        )
+        if "(default:" not in text:
+            text += f" (default: {'all' if shown is None else shown})"
+        train.add_argument(flag, type=kind, default=None, choices=choices, help=text)
     train.add_argument("--out", default="runs", help="parent folder of runs (default: runs)")
     train.add_argument("--name", help="run name (default: <data>-<weighting>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
