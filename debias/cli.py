@@ -417,7 +417,9 @@ def _train(args: argparse.Namespace) -> int:
             else "no drift toward the training images detected"
         )
     if status == "interrupted":
-        print(f"resume with: debias train --resume {run_dir}")
+        world = trainer.dist.world
+        launch = f"torchrun --nproc_per_node {world} -m debias.cli" if world > 1 else "debias"
+        print(f"resume with: {launch} train --resume {run_dir}")
         return 130
     print(f"wrote {run_dir}/")
     return 0
