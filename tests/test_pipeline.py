@@ -374,3 +374,20 @@ def test_training_on_a_gpu_with_bf16_autocast(tmp_path, prediction):
 
     images = sample(model.cuda(), schedule, (8, 1, 8, 8), steps=5, generator=0)
     assert images.is_cuda and torch.isfinite(images).all()
+
+
+def test_prepare_data_composes_the_splits():
+    from debias.pipeline.train import prepare_data
+
+    (train_,), held = prepare_data(TrainConfig(classes=[3, 8], proportions=[0.9, 0.1]))
+    counts = torch.bincount(torch.cat((train_.labels, held.labels)), minlength=9)
+    total = int(counts.sum())
+    assert total == counts[3] + counts[8] and abs(counts[3] / total - 0.9) <= 1 / total
+    assert len(held) == round(0.1 * total)
+    a, b = prepare_data(TrainConfig(two_models=True))[0]
+    (only_a,), _ = prepare_data(TrainConfig(split="a"))
+    assert torch.equal(a.images, only_a.images) and len(a) == len(b)
+    (gmm,), held = prepare_data(TrainConfig(data="gmm", train_size=7))
+    assert len(gmm) == 7 and gmm.images.shape[1:] == (1, 8, 8)
+    with pytest.raises(ValueError, match="proportions"):
+        prepare_data(TrainConfig(classes=[1, 2, 3], proportions=[0.5, 0.5]))
