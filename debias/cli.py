@@ -490,6 +490,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     if prdc is not None:
         print("precision {precision:.3f}  recall {recall:.3f}  density {density:.3f}  "
               "coverage {coverage:.3f}  (k={k})".format(**prdc))  # fmt: skip
+    shares = report.get("class_proportions")
+    if shares is not None:
+        print(f"class shares, samples vs data: majority class {shares['majority']} "
+              f"{shares['samples'][shares['majority']]:.3f} vs "
+              f"{shares['data'][shares['majority']]:.3f} (shift {shares['majority_shift']:+.3f}), "
+              f"total variation {shares['total_variation']:.3f}")  # fmt: skip
     print("channel mean shift (samples - data): "
           + ", ".join(f"{v:+.4f}" for v in shift["mean_shift"]))  # fmt: skip
     print(f"wrote {args.out}/evaluation.json, timesteps.csv, timesteps.png")

@@ -409,6 +409,9 @@ def test_evaluate_end_to_end(tmp_path, one_thread):
     assert report["fd"] > 0
     assert report["prdc"]["n_real"] == report["prdc"]["n_fake"] == 60
     assert report["channel_shift"]["mean_shift"][0] > 0.05
+    shares = report["class_proportions"]
+    assert shares["data"] == [0.5, 0.5] and sum(shares["samples"]) == pytest.approx(1.0)
+    assert shares["total_variation"] == pytest.approx(abs(shares["samples"][0] - 0.5))
     assert len(report["timesteps"]) == 20
     # A zero epsilon prediction misses all of eps: error 1 per value.
     assert all(r["eps_mse"] == pytest.approx(1.0, abs=0.05) for r in report["timesteps"])
@@ -425,6 +428,7 @@ def test_evaluate_with_a_given_extractor_and_unlabelled_data(tmp_path):
     want = E.frechet_distance(extractor(data), extractor(samples))
     assert report["fd"] == pytest.approx(want, rel=1e-9)
     assert report["feature_net"]["source"] == "given"
+    assert report["class_proportions"] is None and report["class_proportions_unavailable"]
 
     unlabelled = torch.full((50,), -1)
     report = E.evaluate(
@@ -442,3 +446,22 @@ def test_evaluate_with_a_given_extractor_and_unlabelled_data(tmp_path):
     assert report["prdc"] is None and "k=3" in report["prdc_unavailable"]
     with pytest.raises(ValueError, match="samples must be shaped"):
         E.evaluate(_zero_model, NoiseSchedule.linear(30), data, None, data[:, :, :4], tmp_path)
+
+
+def test_class_proportions_measure_majority_amplification(one_thread):
+    images, labels = two_class_images(400, seed=5)
+    net, accuracy = E.train_feature_net(images, labels, steps=150, seed=0)
+    assert accuracy > 0.9
+    # the data: 180 of class 0 and 20 of class 1 (90/10)
+    data_labels = torch.cat((labels[labels == 0][:180], labels[labels == 1][:20]))
+    fresh, fresh_labels = two_class_images(64, seed=6)
+    samples = fresh[fresh_labels == 0]  # a model that only draws the majority class
+    shares = E.class_proportions(net, samples, data_labels)
+    assert shares["data"] == pytest.approx([0.9, 0.1])
+    assert shares["majority"] == 0 and shares["samples"][0] >= 0.95
+    assert shares["majority_shift"] == pytest.approx(shares["samples"][0] - 0.9)
+    assert shares["total_variation"] == pytest.approx(shares["samples"][0] - 0.9)
+    assert not net.training
+    balanced = E.class_proportions(net, fresh, data_labels)
+    assert balanced["majority_shift"] == pytest.approx(balanced["samples"][0] - 0.9)
+    assert balanced["majority_shift"] < -0.3  # a balanced model under-represents the majority

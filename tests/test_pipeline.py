@@ -347,9 +347,11 @@ def test_cli_evaluate_and_two_model_sampling(tmp_path, capsys):
     assert report["n_samples"] == 24 and report["fd"] is not None and report["fd"] >= 0
     assert set(report["prdc"]) >= {"precision", "recall", "density", "coverage"}
     assert len(report["channel_shift"]["mean_shift"]) == 1
+    assert len(report["class_proportions"]["data"]) == 10
     rows = (out / "timesteps.csv").read_text().splitlines()
     assert rows[0].startswith("t,") and len(rows) > 5
-    assert "Fréchet distance" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Fréchet distance" in printed and "class shares" in printed
 
 
 @pytest.mark.gpu

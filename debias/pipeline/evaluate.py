@@ -58,6 +58,7 @@ from debias.schedules import PREDICTION_TYPES, NoiseSchedule, as_schedule
 __all__ = [
     "FeatureNet",
     "channel_mean_shift",
+    "class_proportions",
     "evaluate",
     "frechet_distance",
     "inception_features",
@@ -364,6 +365,45 @@ def train_feature_net(
             idx = test[lo : lo + 512].to(device)
             correct += int((net(x[idx].float()).argmax(1) == y[idx].to(device)).sum())
     return net, correct / n_test
+
+
+@torch.no_grad()
+def class_proportions(
+    classifier: FeatureNet, samples: torch.Tensor, labels: torch.Tensor
+) -> dict[str, Any]:
+    """Class shares of generated samples, as ``classifier`` labels them, against the data's.
+
+    The measure of "Deeper Diffusion Models Amplify Bias" (arXiv 2505.17560): a model amplifies
+    bias when its samples over-represent the data's majority class.
+
+    Args:
+        classifier: a :class:`FeatureNet` trained on the data (:func:`train_feature_net`).
+        samples: ``[n, C, H, W]`` generated images.
+        labels: ``[m]`` the data's labels, -1 where unlabelled (not counted).
+
+    Returns:
+        ``data`` and ``samples``: the share of each class 0..K-1 (lists); ``majority``: the
+        data's most frequent class; ``majority_shift``: its share in the samples minus in the
+        data (> 0: amplified); ``total_variation``: half the L1 distance of the two.
+    """
+    known = labels[labels >= 0].to(torch.int64).cpu()
+    classes = classifier.num_classes
+    data = torch.bincount(known, minlength=classes).double() / known.numel()
+    was_training = classifier.training
+    classifier.eval()
+    predicted = torch.cat([
+        classifier(batch.float()).argmax(1).cpu() for batch in samples.split(512)
+    ])  # fmt: skip
+    classifier.train(was_training)
+    generated = torch.bincount(predicted, minlength=classes).double() / predicted.numel()
+    majority = int(data.argmax())
+    return {
+        "data": data.tolist(),
+        "samples": generated.tolist(),
+        "majority": majority,
+        "majority_shift": float(generated[majority] - data[majority]),
+        "total_variation": float((generated - data).abs().sum() / 2),
+    }
 
 
 def inception_features(
@@ -720,6 +760,9 @@ def evaluate(
       not more than k.
     - Fréchet distance (:func:`frechet_distance`): all data features against all samples'.
     - :func:`channel_mean_shift` of the samples against the data.
+    - :func:`class_proportions` of the samples, as the FeatureNet classifies them, against the
+      data's labels (null with ``"class_proportions_unavailable"`` without labels or with a
+      feature extractor that is not a FeatureNet).
     - :func:`timestep_analysis` on a seeded subset of at most 512 data images.
 
     Args:
@@ -803,6 +846,13 @@ def evaluate(
         )
 
     report["channel_shift"] = channel_mean_shift(fake, data)
+    if isinstance(feature_net, FeatureNet) and labels is not None:
+        report["class_proportions"] = class_proportions(feature_net, fake, labels)
+    else:
+        report["class_proportions"] = None
+        report["class_proportions_unavailable"] = (
+            "needs the data's labels and a FeatureNet classifier (not a given extractor)"
+        )
     x0 = _subset(data, _TIMESTEP_IMAGES, gen)
     rows = timestep_analysis(
         model, schedule, x0, timesteps, prediction=prediction, seed=seed, progress=progress
