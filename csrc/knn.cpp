@@ -470,11 +470,12 @@ inline float _centred<double>(double x, float c) {
 // Row statistics of pass 1: sq = ||a||^2 summed in float64 in 8 interleaved partial sums (lane t
 // takes the columns k = t mod 8, in order; the lanes are then added in order; each square is exact
 // in float64), amax = max |a_k|. The AVX2 version below computes the same bits.
+// The lanes' columns from k on, then the lanes added in order: all of the portable version, the
+// tail of the AVX2 one.
 template <typename T>
-inline void _row_stats_portable(const T* row, const float* c, int64_t d, double* sq, float* amax) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  float lane_max[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  for (int64_t k = 0; k < d; ++k) {
+inline void _row_stats_finish(const T* row, const float* c, int64_t k, int64_t d, double* acc,
+                              float* lane_max, double* sq, float* amax) {
+  for (; k < d; ++k) {
     const float a = _centred<T>(row[k], c[k]);
     acc[k % 8] += static_cast<double>(a) * static_cast<double>(a);
     const float m = std::fabs(a);
@@ -486,6 +487,13 @@ inline void _row_stats_portable(const T* row, const float* c, int64_t d, double*
     *sq += acc[t];
     *amax = lane_max[t] > *amax ? lane_max[t] : *amax;
   }
+}
+
+template <typename T>
+inline void _row_stats_portable(const T* row, const float* c, int64_t d, double* sq, float* amax) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  float lane_max[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  _row_stats_finish<T>(row, c, 0, d, acc, lane_max, sq, amax);
 }
 
 // Pass 2: the codes of one row with scale 2^e, and ||l||^2. Plain arithmetic that GCC
@@ -587,18 +595,7 @@ __attribute__((target("avx2"))) void _row_stats_avx2(const T* row, const float* 
   _mm256_store_pd(acc, s0);
   _mm256_store_pd(acc + 4, s1);
   _mm256_store_ps(lane_max, vmax);
-  for (; k < d; ++k) {
-    const float a = _centred<T>(row[k], c[k]);
-    acc[k % 8] += static_cast<double>(a) * static_cast<double>(a);
-    const float m = std::fabs(a);
-    lane_max[k % 8] = m > lane_max[k % 8] ? m : lane_max[k % 8];
-  }
-  *sq = 0.0;
-  *amax = 0.0f;
-  for (int t = 0; t < 8; ++t) {
-    *sq += acc[t];
-    *amax = lane_max[t] > *amax ? lane_max[t] : *amax;
-  }
+  _row_stats_finish<T>(row, c, k, d, acc, lane_max, sq, amax);
 }
 
 template <typename T>
