@@ -426,10 +426,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _load_for_sampling(args: argparse.Namespace):
+    import torch
+
     from debias.pipeline.train import load_model
 
     model, schedule, meta = load_model(args.ckpt, ema=not args.raw_weights, member=args.member)
-    device = args.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), schedule, meta, device
 
 

@@ -98,6 +98,20 @@ def _check_tensor(name: str, x: Any, dim: int, shape: str) -> torch.Tensor:
     return x
 
 
+def _check_feature_pair(
+    name_a: str, a: Any, name_b: str, b: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two feature sets ``[n, f]`` and ``[m, f]`` with the same f."""
+    a = _check_tensor(name_a, a, 2, "[n, f]")
+    b = _check_tensor(name_b, b, 2, "[m, f]")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same feature size, got {a.shape[1]} and "
+            f"{b.shape[1]}"
+        )
+    return a, b
+
+
 def _check_prediction(prediction: Any, schedule: NoiseSchedule) -> str:
     prediction = schedule.prediction_type if prediction is None else prediction
     if prediction not in PREDICTION_TYPES:
@@ -141,13 +155,8 @@ def prdc(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 5) -
         exceed 1), with ``"k"``, ``"n_real"`` and ``"n_fake"``. Memory: O((n + m) k) plus one
         ``_CHUNK`` x ``_CHUNK`` block; time O(n m f).
     """
-    real = _check_tensor("real_features", real_features, 2, "[n, f]")
-    fake = _check_tensor("fake_features", fake_features, 2, "[m, f]")
-    if real.shape[1] != fake.shape[1]:
-        raise ValueError(
-            f"real_features and fake_features must have the same feature size, got "
-            f"{real.shape[1]} and {fake.shape[1]}"
-        )
+    real, fake = _check_feature_pair("real_features", real_features, "fake_features",
+                                     fake_features)  # fmt: skip
     k = check_int("k", k, 1)
     for name, x in (("real_features", real), ("fake_features", fake)):
         if k >= x.shape[0]:
@@ -209,13 +218,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
     Returns:
         The distance as a Python float.
     """
-    a = _check_tensor("features_a", features_a, 2, "[n, f]")
-    b = _check_tensor("features_b", features_b, 2, "[m, f]")
-    if a.shape[1] != b.shape[1]:
-        raise ValueError(
-            f"features_a and features_b must have the same feature size, got {a.shape[1]} and "
-            f"{b.shape[1]}"
-        )
+    a, b = _check_feature_pair("features_a", features_a, "features_b", features_b)
     for name, x in (("features_a", a), ("features_b", b)):
         if x.shape[0] < 2:
             raise ValueError(f"{name} needs at least 2 rows for a covariance, got {x.shape[0]}")

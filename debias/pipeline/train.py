@@ -473,10 +473,12 @@ class Trainer:
                 bar.update(1)
                 if self.progress and self.step % c.log_every == 0:
                     bar.set_postfix(loss=f"{self._stats[0].last:.4f}")
-                stopped = self._periodic()
-                if stopped is None and self._any(interrupt.requested):
-                    stopped = "interrupted"
-                if stopped is not None:
+                reason = self._periodic()
+                if reason is None and interrupt.requested:
+                    reason = "interrupted"
+                # One collective a step: every process stops at the same step boundary.
+                if self._any(reason is not None):
+                    stopped = reason or "stopped with the other processes"
                     break
         bar.close()
         self._flush_logs(force=True)
@@ -538,9 +540,7 @@ class Trainer:
                 self._save_grid(grid)
         if due(c.checkpoint_every):
             self.save()
-        if self._any(reason is not None):  # only the main process scores; all stop together
-            return reason or "memorization detected"
-        return None
+        return reason  # only the main process scores; run() takes the stop to every process
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         ok = torch.isfinite(loss.detach()).to(torch.int32)
@@ -627,7 +627,7 @@ class Trainer:
             if held is not None:
                 row.update(held[i])
             rows.append(row)
-        if self._logs is not None and rows and self.dist.main:
+        if self._logs is not None and rows:
             for row in rows:
                 self._logs.metrics(row)
 
