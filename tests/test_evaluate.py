@@ -465,3 +465,9 @@ def test_class_proportions_measure_majority_amplification(one_thread):
     balanced = E.class_proportions(net, fresh, data_labels)
     assert balanced["majority_shift"] == pytest.approx(balanced["samples"][0] - 0.9)
     assert balanced["majority_shift"] < -0.3  # a balanced model under-represents the majority
+    with pytest.raises(TypeError, match="classifier"):
+        E.class_proportions(lambda x: x, samples, data_labels)
+    with pytest.raises(ValueError, match="labels"):
+        E.class_proportions(net, samples, torch.full((5,), -1))
+    with pytest.raises(ValueError, match="samples"):
+        E.class_proportions(net, samples[:, :, :, :0], data_labels)

@@ -389,8 +389,19 @@ def class_proportions(
         data's most frequent class; ``majority_shift``: its share in the samples minus in the
         data (> 0: amplified); ``total_variation``: half the L1 distance of the two.
     """
-    known = labels[labels >= 0].to(torch.int64).cpu()
+    if not isinstance(classifier, FeatureNet):
+        raise TypeError(f"classifier must be a FeatureNet, got {type(classifier).__name__}")
+    samples = _check_tensor("samples", samples, 4, "[n, C, H, W]")
+    if isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point():
+        known = labels[labels >= 0].to(torch.int64).cpu()
+    else:
+        raise TypeError(f"labels must be a 1-D integer tensor, got {labels!r:.80}")
     classes = classifier.num_classes
+    if known.numel() == 0 or int(known.max()) >= classes:
+        raise ValueError(
+            f"labels must hold at least one class in [0, {classes}) (the classifier's), got "
+            f"{known.unique().tolist()[:10]}"
+        )
     data = torch.bincount(known, minlength=classes).double() / known.numel()
     was_training = classifier.training
     classifier.eval()
