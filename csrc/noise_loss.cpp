@@ -1,8 +1,10 @@
-// CPU kernels of the noise_loss op: the loss side of a diffusion training step.
+// CPU kernels of the noise_loss op: the loss side of a diffusion training step, for every
+// family (DDPM, flow matching, EDM) through per-sample coefficients. The contract (formulas,
+// coefficient rows, `terms`, the scale convention, the schemas) is csrc/noise_loss.h.
 //
-//   add_noise       x_t = a_t * x0 + s_t * eps                      (diffusers' add_noise)
-//   noise_loss_fwd  loss_b = w_t / D * sum_i (pred_i - y_i)^2,
-//                   grad_i = 2 w_t / D * (pred_i - y_i)
+//   add_noise       x_t = a_b * x0 + s_b * eps
+//   noise_loss_fwd  loss_b = w_b / D * sum_i (pred_i - y_i)^2,  y = p_b eps + q_b x0,
+//                   grad_i = 2 w_b / D * (pred_i - y_i)
 //   noise_loss_bwd  grad_i again, times the upstream gradient (GPU's recompute design)
 //   philox_normal_  eps itself, materialised
 //
@@ -35,6 +37,7 @@
 #include <immintrin.h>
 #endif
 
+#include "noise_loss.h"
 #include "philox.h"
 
 namespace debias {
@@ -245,17 +248,16 @@ DEBIAS_INLINE void for_each_sample_run(int64_t begin, int64_t end, int64_t D, co
   }
 }
 
-// add_noise forward. For element i of sample b, a = coef_a[t_b], s = coef_b[t_b]:
+// add_noise forward. For element i of sample b, a = a[b], s = s[b]:
 //     x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * eps_i))
 // which is `a * x0 + s * noise` evaluated by torch in dtype T, bit for bit. eps comes in
 // chunks of kChunk elements, whatever the sample size.
 // Memory: read x0 (and noise when given), write x_t (and eps when kept): 2N (3N) elements.
 template <typename T>
-void _add_noise_fwd_kernel(const T* x0,                // [B * D]
-                           const int64_t* t,           // [B] timestep per sample
-                           const compute_t<T>* coef_a, // [T_steps] sqrt(abar), rounded to T
-                           const compute_t<T>* coef_b, // [T_steps] sqrt(1 - abar), rounded to T
-                           const T* noise,             // [B * D] or nullptr: the stream
+void _add_noise_fwd_kernel(const T* x0,              // [B * D]
+                           const compute_t<T>* a,    // [B] signal coefficient, rounded to T
+                           const compute_t<T>* s,    // [B] noise coefficient, rounded to T
+                           const T* noise,           // [B * D] or nullptr: the stream
                            Stream st,
                            T* x_t,                     // [B * D] output
                            T* eps_out,                 // [B * D] output or nullptr: eps kept
@@ -272,14 +274,14 @@ void _add_noise_fwd_kernel(const T* x0,                // [B * D]
         for (int64_t k = 0; k < i1 - i0; ++k) eps_out[i0 + k] = to_storage<T>(eps[k]);
       }
       for_each_sample_run(i0, i1, D, [&](int64_t b, int64_t r0, int64_t r1) {
-        const C a = coef_a[t[b]];
-        const C s = coef_b[t[b]];
+        const C ab = a[b];
+        const C sb = s[b];
         const C* e = eps + (r0 - i0);
         const T* x = x0 + r0;
         T* out = x_t + r0;
         for (int64_t k = 0; k < r1 - r0; ++k) {
-          const C signal = rnd<T>(a * static_cast<C>(x[k]));
-          const C scaled_eps = rnd<T>(s * e[k]);
+          const C signal = rnd<T>(ab * static_cast<C>(x[k]));
+          const C scaled_eps = rnd<T>(sb * e[k]);
           out[k] = to_storage<T>(signal + scaled_eps);
         }
       });
@@ -287,22 +289,36 @@ void _add_noise_fwd_kernel(const T* x0,                // [B * D]
   });
 }
 
-// Sum of (pred - y)^2 over n elements, and grad = rnd_P(gscale * (pred - y)) when kGrad.
-// kSumLanes running sums in C (vector lanes), added in double at the end: n <= kChunk keeps
-// the float error of a lane near 64 roundings.
-template <typename P, typename C, bool kGrad>
-DEBIAS_INLINE double _sq_diff_chunk(const P* pred, const C* y, int64_t n, P* grad, C gscale) {
+// y_i = p eps_i + q x0_i with the terms of kTerms (noise_loss.h), each product rounded.
+template <int64_t kTerms, typename C>
+DEBIAS_INLINE C target(const C* eps, const C* x0, int64_t i, C p, C q) {
+  using namespace noise_loss;
+  if constexpr (kTerms == kEpsTerm) return p * eps[i];
+  if constexpr (kTerms == kX0Term) return q * x0[i];
+  if constexpr (kTerms == (kEpsTerm | kX0Term)) {
+    const C pe = p * eps[i];
+    const C qx = q * x0[i];
+    return pe + qx;
+  }
+}
+
+// Sum of (pred - y)^2 over n elements of one sample, and grad = rnd_P(gscale * (pred - y))
+// when kGrad. kSumLanes running sums in C (vector lanes), added in double at the end:
+// n <= kChunk keeps the float error of a lane near 64 roundings.
+template <typename P, typename C, bool kGrad, int64_t kTerms>
+DEBIAS_INLINE double _sq_diff_chunk(const P* pred, const C* eps, const C* x0, C p, C q,
+                                    int64_t n, P* grad, C gscale) {
   C acc[kSumLanes] = {};
   int64_t k = 0;
   for (; k + kSumLanes <= n; k += kSumLanes) {
     for (int j = 0; j < kSumLanes; ++j) {
-      const C d = static_cast<C>(pred[k + j]) - y[k + j];
+      const C d = static_cast<C>(pred[k + j]) - target<kTerms>(eps, x0, k + j, p, q);
       acc[j] += d * d;
       if constexpr (kGrad) grad[k + j] = to_storage<P>(gscale * d);
     }
   }
   for (int j = 0; k + j < n; ++j) {
-    const C d = static_cast<C>(pred[k + j]) - y[k + j];
+    const C d = static_cast<C>(pred[k + j]) - target<kTerms>(eps, x0, k + j, p, q);
     acc[j] += d * d;
     if constexpr (kGrad) grad[k + j] = to_storage<P>(gscale * d);
   }
@@ -310,8 +326,6 @@ DEBIAS_INLINE double _sq_diff_chunk(const P* pred, const C* y, int64_t n, P* gra
   for (int j = 0; j < std::min<int64_t>(n, kSumLanes); ++j) sum += static_cast<double>(acc[j]);
   return sum;
 }
-
-enum Target : int64_t { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
 
 // Loss blocks in flat order: sample s is cut into per_sample blocks of kBlock elements (the
 // last one shorter). next() walks without divisions, which matters when D is tiny.
@@ -339,45 +353,47 @@ struct BlockCursor {
   }
 };
 
-// noise_loss forward (+ gradient). For element i of sample b, with C the compute type:
-//     y_i    = eps_i                        (epsilon)
-//              a * eps_i - s * x0_i         (v_prediction; a = coef_a[t_b], s = coef_b[t_b])
-//              x0_i                         (sample)
-//     loss_b = (sum_i (pred_i - y_i)^2 / D) * w_b,        w_b = weight[t_b]
-//     grad_i = rnd_P((2 * w_b * grad_scale / D * go_b) * (pred_i - y_i))
-// (the factor once per sample in C; grad_scale = 1 gives exactly 2 * w_b / D; go_b is the
-// upstream gradient of the backward op, 1 in the forward pass).
+// noise_loss forward (+ gradient). For element i of sample b, with C the compute type
+// (noise_loss.h has the contract):
+//     y_i    = p_b eps_i + q_b x0_i           (the terms of kTerms only)
+//     loss_b = (sum_i (pred_i - y_i)^2 / D) * w_b
+//     grad_i = rnd_P((2 * w_b / D / grad_div * go_b) * (pred_i - y_i))
+// (the factor once per sample in C; go_b is the upstream gradient of the backward op, 1 in
+// the forward pass).
 // Determinism: samples are cut into fixed blocks of at most kBlock elements and blocks into
 // pieces of at most kChunk from the block start; a piece is summed by one _sq_diff_chunk
 // call, a block adds its pieces in order into its own slot, a sample adds its blocks in
 // order. The cuts depend on D alone, so the loss has the same bits for any number of
 // threads. Threads take whole blocks; a step of a thread covers as many whole pieces as fit
 // in kChunk elements (several samples when D is small), so eps is generated in long runs.
-// eps comes from the stream when noise is nullptr; the sample target needs none.
+// eps comes from the stream when noise is nullptr and only when the eps term is used.
 // Memory: read pred (+ noise, + x0), write grad: 2N (3N, 4N) elements, and B outputs.
-template <typename P, typename E, bool kGrad>
-void _noise_loss_fwd_kernel(const P* pred,                // [B * D] model output
-                            const int64_t* t,             // [B]
-                            const compute_t<P>* weight,   // [T_steps] loss weight per timestep
-                            const compute_t<P>* coef_a,   // [T_steps]
-                            const compute_t<P>* coef_b,   // [T_steps]
-                            const E* noise,               // [B * D] or nullptr: the stream
-                            const E* x0,                  // [B * D] or nullptr (epsilon target)
-                            int64_t target, Stream st,
-                            double grad_scale,            // d (reduced loss) / d loss_b
+template <typename P, typename E, bool kGrad, int64_t kTerms>
+void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, rows pred_stride apart
+                            int64_t pred_stride,        // D when contiguous
+                            const compute_t<P>* w,      // [B] loss weight
+                            const compute_t<P>* p,      // [B] eps coefficient of the target
+                            const compute_t<P>* q,      // [B] x0 coefficient of the target
+                            const E* noise,             // [B * D] or nullptr: the stream
+                            const E* x0,                // [B * D] or nullptr (no x0 term)
+                            Stream st,
+                            int64_t grad_div,           // B for a batch mean, else 1
                             const compute_t<P>* grad_output,  // [B] or [1] or nullptr (= 1)
-                            int64_t go_stride,            // 1 for [B], 0 for [1]
-                            compute_t<P>* loss,           // [B] output
-                            P* grad,                      // [B * D] output when kGrad
+                            int64_t go_stride,          // 1 for [B], 0 for [1]
+                            compute_t<P>* loss,         // [B] output
+                            P* grad,                    // [B * D] output when kGrad
                             int64_t B, int64_t D) {
   using C = compute_t<P>;
+  constexpr bool kEps = (kTerms & noise_loss::kEpsTerm) != 0;
+  constexpr bool kX0 = (kTerms & noise_loss::kX0Term) != 0;
   const int64_t blocks_per_sample = (D + kBlock - 1) / kBlock;
   const int64_t nblocks = B * blocks_per_sample;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, std::min(D, kBlock)));
   std::vector<double> partial(static_cast<size_t>(nblocks));
   at::parallel_for(0, nblocks, grain, [&](int64_t lo, int64_t hi) {
     alignas(64) float nbuf[kNormalBuf];
-    alignas(64) C ybuf[kChunk];
+    alignas(64) C ebuf[kChunk];
+    alignas(64) C xbuf[kChunk];
     BlockCursor cur(D, blocks_per_sample, lo);  // block of the next piece
     int64_t pos = cur.begin;                    // start of the next piece
     double block_sum = 0.0;
@@ -392,41 +408,32 @@ void _noise_loss_fwd_kernel(const P* pred,                // [B * D] model outpu
         if (piece_end == look.end) look.next();
       }
       const int64_t n = c1 - c0;
-      const C* y;
-      if (target == kSample) {
+      const C* eps = nullptr;
+      const C* xs = nullptr;
+      if constexpr (kEps) eps = load_eps<E, C>(noise, st, c0, n, nbuf, ebuf);
+      if constexpr (kX0) {
         if constexpr (std::is_same_v<E, C>) {
-          y = x0 + c0;
+          xs = x0 + c0;
         } else {
-          for (int64_t k = 0; k < n; ++k) ybuf[k] = static_cast<C>(x0[c0 + k]);
-          y = ybuf;
-        }
-      } else {
-        y = load_eps<E, C>(noise, st, c0, n, nbuf, ybuf);
-        if (target == kVPrediction) {
-          const C* eps = y;
-          for_each_sample_run(c0, c1, D, [&](int64_t b, int64_t r0, int64_t r1) {
-            const C a = coef_a[t[b]];
-            const C s = coef_b[t[b]];
-            for (int64_t k = r0 - c0; k < r1 - c0; ++k) {
-              ybuf[k] = a * eps[k] - s * static_cast<C>(x0[c0 + k]);
-            }
-          });
-          y = ybuf;
+          for (int64_t k = 0; k < n; ++k) xbuf[k] = static_cast<C>(x0[c0 + k]);
+          xs = xbuf;
         }
       }
-      for (int64_t p = c0; p < c1;) {
-        const int64_t piece_end = std::min(p + kChunk, cur.end);
-        C gscale =
-            C(2) * weight[t[cur.sample]] * static_cast<C>(grad_scale) / static_cast<C>(D);
-        if (grad_output != nullptr) gscale *= grad_output[cur.sample * go_stride];
-        block_sum += _sq_diff_chunk<P, C, kGrad>(pred + p, y + (p - c0), piece_end - p,
-                                                  kGrad ? grad + p : nullptr, gscale);
+      for (int64_t i = c0; i < c1;) {
+        const int64_t piece_end = std::min(i + kChunk, cur.end);
+        const int64_t b = cur.sample;
+        C gscale = C(2) * w[b] / static_cast<C>(D) / static_cast<C>(grad_div);
+        if (grad_output != nullptr) gscale *= grad_output[b * go_stride];
+        block_sum += _sq_diff_chunk<P, C, kGrad, kTerms>(
+            pred + i + b * (pred_stride - D), eps == nullptr ? nullptr : eps + (i - c0),
+            xs == nullptr ? nullptr : xs + (i - c0), p[b], q[b], piece_end - i,
+            kGrad ? grad + i : nullptr, gscale);
         if (piece_end == cur.end) {
           partial[static_cast<size_t>(cur.blk)] = block_sum;
           block_sum = 0.0;
           cur.next();
         }
-        p = piece_end;
+        i = piece_end;
       }
       pos = c1;
     }
@@ -436,7 +443,7 @@ void _noise_loss_fwd_kernel(const P* pred,                // [B * D] model outpu
     for (int64_t j = 0; j < blocks_per_sample; ++j) {
       sum += partial[static_cast<size_t>(b * blocks_per_sample + j)];
     }
-    loss[b] = static_cast<C>(sum / static_cast<double>(D) * static_cast<double>(weight[t[b]]));
+    loss[b] = static_cast<C>(sum / static_cast<double>(D) * static_cast<double>(w[b]));
   }
 }
 
@@ -455,12 +462,12 @@ void _philox_normal_kernel(Stream st, T* out, int64_t N) {
 
 // name: the argument's name in the op schema, for the message.
 #define DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, name)                                         \
-  TORCH_CHECK((x).device().is_cpu(), op, ": " name " must be a CPU tensor, got ",        \
+  TORCH_CHECK((x).device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",      \
               (x).device());                                                             \
-  TORCH_CHECK((x).is_contiguous(), op, ": " name " must be contiguous")
+  TORCH_CHECK((x).is_contiguous(), op, ": ", name, " must be contiguous")
 
 #define DEBIAS_CHECK_DTYPE(op, x, name, dtype)                                           \
-  TORCH_CHECK((x).scalar_type() == (dtype), op, ": " name " must have dtype ", (dtype),  \
+  TORCH_CHECK((x).scalar_type() == (dtype), op, ": ", name, " must have dtype ", (dtype), \
               ", got ", (x).scalar_type())
 
 bool is_supported_float(at::ScalarType dt) {
@@ -471,64 +478,54 @@ at::ScalarType compute_dtype(at::ScalarType dt) {
   return dt == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Checks the data tensor (dim >= 1, supported float dtype), t (int64 [B], values in range)
-// and the tables (1-D, dtype ctype, equal lengths); returns T_steps.
-int64_t check_common(const char* op, const char* data_name, const at::Tensor& data,
-                     const at::Tensor& t,
-                     at::ScalarType ctype, std::initializer_list<const at::Tensor*> tables,
-                     std::initializer_list<const char*> table_names) {
-  TORCH_CHECK(data.dim() >= 1, op, ": ", data_name,
-              " needs a batch dimension, got shape ", data.sizes());
-  TORCH_CHECK(is_supported_float(data.scalar_type()), op, ": ", data_name,
-              " must be float32, float64, bfloat16 or float16, got ", data.scalar_type());
-  DEBIAS_CHECK_CPU_CONTIGUOUS(op, t, "t");
-  DEBIAS_CHECK_DTYPE(op, t, "t", at::kLong);
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == data.size(0), op, ": t must have shape [",
-              data.size(0), "], got ", t.sizes());
-  int64_t steps = -1;
-  auto name = table_names.begin();
-  for (const at::Tensor* table : tables) {
-    const char* nm = *name++;
-    TORCH_CHECK(table->device().is_cpu() && table->is_contiguous() && table->dim() == 1, op,
-                ": ", nm, " must be a contiguous 1-D CPU tensor, got shape ", table->sizes());
-    TORCH_CHECK(table->scalar_type() == ctype, op, ": ", nm, " must have dtype ", ctype,
-                ", got ", table->scalar_type());
-    TORCH_CHECK(steps < 0 || table->size(0) == steps, op, ": ", nm, " has ", table->size(0),
-                " entries, the other tables ", steps);
-    steps = table->size(0);
-  }
-  const int64_t* tp = t.data_ptr<int64_t>();
-  for (int64_t b = 0; b < t.numel(); ++b) {
-    TORCH_CHECK(tp[b] >= 0 && tp[b] < steps, op, ": t[", b, "] = ", tp[b],
-                " is outside [0, ", steps, ")");
-  }
-  return steps;
+// coef: a contiguous [rows, B] CPU tensor of the compute dtype ctype.
+void check_coef(const char* op, const at::Tensor& coef, int64_t rows, int64_t B,
+                at::ScalarType ctype) {
+  DEBIAS_CHECK_CPU_CONTIGUOUS(op, coef, "coef");
+  DEBIAS_CHECK_DTYPE(op, coef, "coef", ctype);
+  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == rows && coef.size(1) == B, op,
+              ": coef must have shape [", rows, ", ", B, "], got ", coef.sizes());
 }
 
-// add_noise(Tensor x0, Tensor t, Tensor coef_a, Tensor coef_b, Tensor? noise, int seed,
-//           int offset, bool keep_noise) -> (Tensor, Tensor)
-//   x0      [B, ...] float32, float64, bfloat16 or float16 (dtype T), contiguous
-//   t       [B] int64, the timestep of each sample, in [0, T_steps)
-//   coef_a  [T_steps] sqrt(abar_t) rounded to T, stored in C (float64 for float64 x0,
-//           float32 otherwise)
-//   coef_b  [T_steps] sqrt(1 - abar_t), the same way
-//   noise   like x0, or None: eps is the stream of (seed, offset) rounded to T
-//   keep_noise  with noise None: also return the eps of the stream, like x0
-// Returns (x_t like x0, eps like x0 or an empty [0] tensor).
-std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
-    const at::Tensor& x0, const at::Tensor& t, const at::Tensor& coef_a,
-    const at::Tensor& coef_b, const std::optional<at::Tensor>& noise, int64_t seed,
-    int64_t offset, bool keep_noise) {
+// Each sample of x is one contiguous run of memory (the runs may be any stride apart):
+// true of contiguous tensors and of channel slices such as model_output[:, :C].
+bool samples_contiguous(const at::Tensor& x) {
+  return x.dim() >= 1 && (x.size(0) == 0 || x.select(0, 0).is_contiguous());
+}
+
+// The data tensor (x0 or pred): CPU, [B, ...], a supported float dtype; contiguous, or for
+// pred (samples_ok) with each sample contiguous.
+void check_data(const char* op, const char* name, const at::Tensor& x, bool samples_ok = false) {
+  if (samples_ok) {
+    TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
+    TORCH_CHECK(samples_contiguous(x), op, ": each sample of ", name, " must be contiguous");
+  } else {
+    DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, name);
+  }
+  TORCH_CHECK(x.dim() >= 1, op, ": ", name, " needs a batch dimension, got shape ", x.sizes());
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": ", name,
+              " must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
+}
+
+// A tensor read alongside pred or x0: contiguous CPU, of its shape.
+void check_like(const char* op, const char* name, const at::Tensor& x, const at::Tensor& like) {
+  DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, name);
+  TORCH_CHECK(x.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(),
+              ", got ", x.sizes());
+}
+
+// Schema: DEBIAS_ADD_NOISE_SCHEMA (noise_loss.h). Returns (x_t like x0, the eps of the
+// stream like x0 when keep_noise and noise is None, else an empty [0] tensor).
+std::tuple<at::Tensor, at::Tensor> add_noise_cpu(const at::Tensor& x0, const at::Tensor& coef,
+                                                 const std::optional<at::Tensor>& noise,
+                                                 int64_t seed, int64_t offset,
+                                                 bool keep_noise) {
   constexpr const char* op = "debias_C::add_noise";
-  DEBIAS_CHECK_CPU_CONTIGUOUS(op, x0, "x0");
-  check_common(op, "x0", x0, t, compute_dtype(x0.scalar_type()), {&coef_a, &coef_b},
-               {"coef_a", "coef_b"});
+  check_data(op, "x0", x0);
+  check_coef(op, coef, noise_loss::kNoiseRows, x0.size(0), compute_dtype(x0.scalar_type()));
   if (noise.has_value()) {
-    const at::Tensor& n = *noise;
-    DEBIAS_CHECK_CPU_CONTIGUOUS(op, n, "noise");
-    DEBIAS_CHECK_DTYPE(op, n, "noise", x0.scalar_type());
-    TORCH_CHECK(n.sizes() == x0.sizes(), op, ": noise must have the shape of x0 ", x0.sizes(),
-                ", got ", n.sizes());
+    check_like(op, "noise", *noise, x0);
+    DEBIAS_CHECK_DTYPE(op, (*noise), "noise", x0.scalar_type());
   }
   at::Tensor out = at::empty_like(x0);
   const bool keep = keep_noise && !noise.has_value();
@@ -538,58 +535,51 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(
   const int64_t D = x0.numel() / B;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "add_noise", [&] {
     using C = compute_t<scalar_t>;
+    const C* c = coef.data_ptr<C>();
     _add_noise_fwd_kernel<scalar_t>(
-        x0.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), coef_a.data_ptr<C>(),
-        coef_b.data_ptr<C>(), noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr,
-        make_stream(seed, offset), out.data_ptr<scalar_t>(),
-        keep ? kept.data_ptr<scalar_t>() : nullptr, B, D);
+        x0.data_ptr<scalar_t>(), c + noise_loss::kRowA * B, c + noise_loss::kRowS * B,
+        noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, make_stream(seed, offset),
+        out.data_ptr<scalar_t>(), keep ? kept.data_ptr<scalar_t>() : nullptr, B, D);
   });
   return {out, kept};
 }
 
-// Checks the noise_loss arguments shared by forward and backward; returns E, the dtype of
-// eps (noise's dtype when given, else eps_dtype).
-at::ScalarType check_noise_loss(const char* op, const at::Tensor& pred, const at::Tensor& t,
-                                const at::Tensor& weight, const at::Tensor& coef_a,
-                                const at::Tensor& coef_b,
+// Checks the arguments that noise_loss_fwd and noise_loss_bwd share (DEBIAS_NOISE_LOSS_ARGS);
+// returns E, the dtype of eps and x0 (noise's dtype when given, else eps_dtype).
+at::ScalarType check_noise_loss(const char* op, const at::Tensor& pred, const at::Tensor& coef,
                                 const std::optional<at::Tensor>& noise,
-                                const std::optional<at::Tensor>& x0, int64_t target,
-                                at::ScalarType eps_dtype) {
-  DEBIAS_CHECK_CPU_CONTIGUOUS(op, pred, "pred");
-  check_common(op, "pred", pred, t, compute_dtype(pred.scalar_type()),
-               {&weight, &coef_a, &coef_b}, {"weight", "coef_a", "coef_b"});
-  TORCH_CHECK(target == kEpsilon || target == kVPrediction || target == kSample, op,
-              ": target must be 0 (epsilon), 1 (v_prediction) or 2 (sample), got ", target);
+                                const std::optional<at::Tensor>& x0, int64_t terms,
+                                at::ScalarType eps_dtype, int64_t grad_div) {
+  using namespace noise_loss;
+  check_data(op, "pred", pred, /*samples_ok=*/true);
+  check_coef(op, coef, kLossRows, pred.size(0), compute_dtype(pred.scalar_type()));
+  TORCH_CHECK(terms == kEpsTerm || terms == kX0Term || terms == (kEpsTerm | kX0Term), op,
+              ": terms must be 1 (eps), 2 (x0) or 3 (both), got ", terms);
+  TORCH_CHECK(grad_div >= 1, op, ": grad_div must be >= 1, got ", grad_div);
   at::ScalarType edtype = eps_dtype;
   if (noise.has_value()) {
-    const at::Tensor& n = *noise;
-    DEBIAS_CHECK_CPU_CONTIGUOUS(op, n, "noise");
-    TORCH_CHECK(n.sizes() == pred.sizes(), op, ": noise must have the shape of pred ",
-                pred.sizes(), ", got ", n.sizes());
-    edtype = n.scalar_type();
+    check_like(op, "noise", *noise, pred);
+    edtype = noise->scalar_type();
   }
   TORCH_CHECK(is_supported_float(edtype), op,
               ": noise/eps_dtype must be float32, float64, bfloat16 or float16, got ", edtype);
-  TORCH_CHECK(target == kEpsilon || x0.has_value(), op, ": x0 is required for target ",
-              target == kVPrediction ? "v_prediction" : "sample");
+  TORCH_CHECK(((terms & kX0Term) != 0) == x0.has_value(), op,
+              ": x0 must be given exactly when terms has the x0 term (2), terms = ", terms);
   if (x0.has_value()) {
-    const at::Tensor& x = *x0;
-    DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, "x0");
-    DEBIAS_CHECK_DTYPE(op, x, "x0", edtype);
-    TORCH_CHECK(x.sizes() == pred.sizes(), op, ": x0 must have the shape of pred ",
-                pred.sizes(), ", got ", x.sizes());
+    check_like(op, "x0", *x0, pred);
+    DEBIAS_CHECK_DTYPE(op, (*x0), "x0", edtype);
   }
   return edtype;
 }
 
-// Runs the loss kernel into loss ([B], C) and, when grad is defined, grad (like pred);
-// grad_output (C, [B] or [1]) scales the gradient when defined.
-void run_noise_loss(const at::Tensor& pred, const at::Tensor& t, const at::Tensor& weight,
-                    const at::Tensor& coef_a, const at::Tensor& coef_b,
-                    const std::optional<at::Tensor>& noise,
-                    const std::optional<at::Tensor>& x0, int64_t target, at::ScalarType edtype,
-                    int64_t seed, int64_t offset, double grad_scale,
-                    const at::Tensor* grad_output, at::Tensor& loss, at::Tensor* grad) {
+// Runs the loss kernel into loss ([B], C) and, when grad is given, grad (like pred);
+// grad_output (C, [B] or [1]) scales the gradient when given.
+void run_noise_loss(const at::Tensor& pred, const at::Tensor& coef,
+                    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x0,
+                    int64_t terms, at::ScalarType edtype, int64_t seed, int64_t offset,
+                    int64_t grad_div, const at::Tensor* grad_output, at::Tensor& loss,
+                    at::Tensor* grad) {
+  using namespace noise_loss;
   const int64_t B = pred.size(0);
   if (B == 0) return;
   const int64_t D = pred.numel() / B;
@@ -599,78 +589,73 @@ void run_noise_loss(const at::Tensor& pred, const at::Tensor& t, const at::Tenso
     using C = compute_t<P>;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, edtype, "noise_loss", [&] {
       using E = scalar_t;
+      const C* c = coef.data_ptr<C>();
       const E* noise_p = noise.has_value() ? noise->data_ptr<E>() : nullptr;
       const E* x0_p = x0.has_value() ? x0->data_ptr<E>() : nullptr;
       const C* go_p = grad_output != nullptr ? grad_output->data_ptr<C>() : nullptr;
       const int64_t go_stride = grad_output != nullptr && grad_output->numel() > 1 ? 1 : 0;
-      auto run = [&](auto grad_flag) {
-        _noise_loss_fwd_kernel<P, E, decltype(grad_flag)::value>(
-            pred.data_ptr<P>(), t.data_ptr<int64_t>(), weight.data_ptr<C>(),
-            coef_a.data_ptr<C>(), coef_b.data_ptr<C>(), noise_p, x0_p, target, st, grad_scale,
-            go_p, go_stride, loss.data_ptr<C>(), grad != nullptr ? grad->data_ptr<P>() : nullptr,
-            B, D);
+      auto run = [&](auto grad_flag, auto terms_c) {
+        _noise_loss_fwd_kernel<P, E, decltype(grad_flag)::value, decltype(terms_c)::value>(
+            pred.data_ptr<P>(), B > 1 ? pred.stride(0) : D, c + kRowW * B, c + kRowP * B, c + kRowQ * B, noise_p, x0_p, st,
+            grad_div, go_p, go_stride, loss.data_ptr<C>(),
+            grad != nullptr ? grad->data_ptr<P>() : nullptr, B, D);
+      };
+      auto with_terms = [&](auto grad_flag) {
+        using Eps = std::integral_constant<int64_t, kEpsTerm>;
+        using X0 = std::integral_constant<int64_t, kX0Term>;
+        using Both = std::integral_constant<int64_t, kEpsTerm | kX0Term>;
+        if (terms == kEpsTerm) {
+          run(grad_flag, Eps{});
+        } else if (terms == kX0Term) {
+          run(grad_flag, X0{});
+        } else {
+          run(grad_flag, Both{});
+        }
       };
       if (grad != nullptr) {
-        run(std::true_type{});
+        with_terms(std::true_type{});
       } else {
-        run(std::false_type{});
+        with_terms(std::false_type{});
       }
     });
   });
 }
 
-// noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b,
-//                Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed,
-//                int offset, float grad_scale, float loss_scale, bool need_grad)
-//     -> (Tensor loss, Tensor total, Tensor grad)
-//   pred       [B, ...] model output, any of the four float dtypes (dtype P), contiguous;
-//              C = float64 for float64 pred, float32 otherwise
-//   t          [B] int64, in [0, T_steps)
-//   weight     [T_steps] C, loss weight per timestep
-//   coef_a/b   [T_steps] C, sqrt(abar_t) and sqrt(1 - abar_t) (read by v_prediction only)
-//   noise      like pred in dtype E, or None: eps is the stream of (seed, offset) rounded
-//              to E = eps_dtype
-//   x0         like pred in dtype E; required by v_prediction (1) and sample (2)
-//   target     0 epsilon, 1 v_prediction, 2 sample
-//   grad_scale multiplies the gradient: 1/B makes it the gradient of the batch mean
-//   loss_scale total = loss_scale * sum_b loss_b, summed in double in order of b
-// Returns (loss [B] in C, total [] in C, grad like pred or empty [0] when not need_grad).
+// Schema: DEBIAS_NOISE_LOSS_FWD_SCHEMA (noise_loss.h). Returns (loss [B] in C, total [] in C,
+// grad like pred or an empty [0] tensor when not need_grad).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cpu(
-    const at::Tensor& pred, const at::Tensor& t, const at::Tensor& weight,
-    const at::Tensor& coef_a, const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
-    const std::optional<at::Tensor>& x0, int64_t target, at::ScalarType eps_dtype, int64_t seed,
-    int64_t offset, double grad_scale, double loss_scale, bool need_grad) {
-  const at::ScalarType edtype = check_noise_loss("debias_C::noise_loss_fwd", pred, t, weight,
-                                                 coef_a, coef_b, noise, x0, target, eps_dtype);
+    const at::Tensor& pred, const at::Tensor& coef, const std::optional<at::Tensor>& noise,
+    const std::optional<at::Tensor>& x0, int64_t terms, at::ScalarType eps_dtype, int64_t seed,
+    int64_t offset, int64_t grad_div, int64_t loss_div, bool need_grad) {
+  constexpr const char* op = "debias_C::noise_loss_fwd";
+  const at::ScalarType edtype =
+      check_noise_loss(op, pred, coef, noise, x0, terms, eps_dtype, grad_div);
+  TORCH_CHECK(loss_div >= 1, op, ": loss_div must be >= 1, got ", loss_div);
   const at::ScalarType ctype = compute_dtype(pred.scalar_type());
   at::Tensor loss = at::empty({pred.size(0)}, pred.options().dtype(ctype));
-  at::Tensor grad = need_grad ? at::empty_like(pred) : at::empty({0}, pred.options());
-  run_noise_loss(pred, t, weight, coef_a, coef_b, noise, x0, target, edtype, seed, offset,
-                 grad_scale, nullptr, loss, need_grad ? &grad : nullptr);
+  at::Tensor grad = at::empty(need_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options());
+  run_noise_loss(pred, coef, noise, x0, terms, edtype, seed, offset, grad_div, nullptr, loss,
+                 need_grad ? &grad : nullptr);
   at::Tensor total = at::empty({}, loss.options());
   AT_DISPATCH_FLOATING_TYPES(ctype, "noise_loss_total", [&] {
     const scalar_t* lp = loss.data_ptr<scalar_t>();
     double sum = 0.0;
     for (int64_t b = 0; b < loss.numel(); ++b) sum += static_cast<double>(lp[b]);
-    *total.data_ptr<scalar_t>() = static_cast<scalar_t>(sum * loss_scale);
+    *total.data_ptr<scalar_t>() = static_cast<scalar_t>(sum / static_cast<double>(loss_div));
   });
   return {loss, total, grad};
 }
 
-// noise_loss_bwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b,
-//                Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed,
-//                int offset, float grad_scale, Tensor grad_output) -> Tensor
-// The gradient of noise_loss_fwd recomputed, scaled per sample by grad_output (C, [B] or
-// one element): grad_i = rnd_P((2 w_b grad_scale / D * go_b) * (pred_i - y_i)).
-at::Tensor noise_loss_bwd_cpu(const at::Tensor& pred, const at::Tensor& t,
-                              const at::Tensor& weight, const at::Tensor& coef_a,
-                              const at::Tensor& coef_b, const std::optional<at::Tensor>& noise,
-                              const std::optional<at::Tensor>& x0, int64_t target,
+// Schema: DEBIAS_NOISE_LOSS_BWD_SCHEMA (noise_loss.h). The gradient of noise_loss_fwd
+// recomputed, each sample's factor times grad_output (C, [B] or one element).
+at::Tensor noise_loss_bwd_cpu(const at::Tensor& pred, const at::Tensor& coef,
+                              const std::optional<at::Tensor>& noise,
+                              const std::optional<at::Tensor>& x0, int64_t terms,
                               at::ScalarType eps_dtype, int64_t seed, int64_t offset,
-                              double grad_scale, const at::Tensor& grad_output) {
+                              int64_t grad_div, const at::Tensor& grad_output) {
   constexpr const char* op = "debias_C::noise_loss_bwd";
   const at::ScalarType edtype =
-      check_noise_loss(op, pred, t, weight, coef_a, coef_b, noise, x0, target, eps_dtype);
+      check_noise_loss(op, pred, coef, noise, x0, terms, eps_dtype, grad_div);
   const at::ScalarType ctype = compute_dtype(pred.scalar_type());
   DEBIAS_CHECK_CPU_CONTIGUOUS(op, grad_output, "grad_output");
   DEBIAS_CHECK_DTYPE(op, grad_output, "grad_output", ctype);
@@ -678,15 +663,14 @@ at::Tensor noise_loss_bwd_cpu(const at::Tensor& pred, const at::Tensor& t,
               ": grad_output must have 1 or ", pred.size(0), " elements, got ",
               grad_output.numel());
   at::Tensor loss = at::empty({pred.size(0)}, pred.options().dtype(ctype));
-  at::Tensor grad = at::empty_like(pred);
-  run_noise_loss(pred, t, weight, coef_a, coef_b, noise, x0, target, edtype, seed, offset,
-                 grad_scale, &grad_output, loss, &grad);
+  at::Tensor grad = at::empty(pred.sizes(), pred.options());
+  run_noise_loss(pred, coef, noise, x0, terms, edtype, seed, offset, grad_div, &grad_output,
+                 loss, &grad);
   return grad;
 }
 
-// philox_normal_(Tensor(a!) out, int seed, int offset) -> ()
-// Fills a contiguous CPU tensor with the stream of (seed, offset), rounded to its dtype
-// (float64 holds the float32 normals exactly).
+// Schema: DEBIAS_PHILOX_NORMAL_SCHEMA (noise_loss.h). Fills a contiguous CPU tensor with the
+// stream of (seed, offset), rounded to its dtype (float64 holds the float32 normals exactly).
 void philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
   constexpr const char* op = "debias_C::philox_normal_";
   DEBIAS_CHECK_CPU_CONTIGUOUS(op, out, "out");
@@ -704,18 +688,10 @@ void philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
 }  // namespace debias
 
 TORCH_LIBRARY(debias_C, m) {
-  m.def(
-      "add_noise(Tensor x0, Tensor t, Tensor coef_a, Tensor coef_b, Tensor? noise, int seed, "
-      "int offset, bool keep_noise) -> (Tensor, Tensor)");
-  m.def(
-      "noise_loss_fwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b, "
-      "Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed, int offset, "
-      "float grad_scale, float loss_scale, bool need_grad) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "noise_loss_bwd(Tensor pred, Tensor t, Tensor weight, Tensor coef_a, Tensor coef_b, "
-      "Tensor? noise, Tensor? x0, int target, ScalarType eps_dtype, int seed, int offset, "
-      "float grad_scale, Tensor grad_output) -> Tensor");
-  m.def("philox_normal_(Tensor(a!) out, int seed, int offset) -> ()");
+  m.def(DEBIAS_ADD_NOISE_SCHEMA);
+  m.def(DEBIAS_NOISE_LOSS_FWD_SCHEMA);
+  m.def(DEBIAS_NOISE_LOSS_BWD_SCHEMA);
+  m.def(DEBIAS_PHILOX_NORMAL_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(debias_C, CPU, m) {

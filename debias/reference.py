@@ -105,6 +105,56 @@ def get_velocity(
 
 
 # ---- the weighted loss --------------------------------------------------------------------
+#
+# Every family is one affine op (csrc/noise_loss.h): x_t = a x0 + s eps, target
+# y = p eps + q x0, loss_b = w_b mean_i (pred - y)^2, with [B] coefficients per sample. The
+# functions below are those lines; `noise_loss` is diffusers' DDPM step in their terms.
+
+
+def noised(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``a_b x0 + s_b noise`` in x0's dtype for per-sample ``a, s [B]``, as the trainers write
+    it (``(1 - sigmas) * x0 + sigmas * noise``, ``add_noise``). Traffic: read 2N, write N, plus
+    two N-sized temporaries."""
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return a.to(x0.dtype).view(shape) * x0 + s.to(x0.dtype).view(shape) * noise
+
+
+def affine_target(
+    noise: torch.Tensor | None, x0: torch.Tensor | None, p: torch.Tensor, q: torch.Tensor
+) -> torch.Tensor:
+    """``y = p_b noise + q_b x0`` in p's dtype; a term whose tensor is None is left out
+    (epsilon: noise only, x0: x0 only). Traffic: read N per term, write N per term."""
+    ref = noise if noise is not None else x0
+    shape = (-1,) + (1,) * (ref.dim() - 1)
+    eps_term = p.view(shape) * noise.to(p.dtype) if noise is not None else None
+    x0_term = q.view(shape) * x0.to(q.dtype) if x0 is not None else None
+    if eps_term is None or x0_term is None:
+        return eps_term if x0_term is None else x0_term
+    return eps_term + x0_term
+
+
+def weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """The trainers' loss lines: ``mse_loss(pred.float(), target.float(), "none")`` averaged
+    over the non-batch dims, times the per-sample weight ``w [B]``, then reduced.
+    Traffic: read 2N, write N twice (float copies in low precision, the squared error)."""
+    acc = torch.promote_types(pred.dtype, torch.float32)  # `.float()`, but fp64 stays fp64
+    loss = F.mse_loss(pred.to(acc), target.to(acc), reduction="none")
+    loss = loss.mean(dim=list(range(1, loss.dim()))) * w.to(loss.dtype)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def weighted_mse_grad(
+    pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor, div: int = 1
+) -> torch.Tensor:
+    """d weighted_mse / d pred in closed form, ``2 w_b / D / div * (pred - y)`` (div = B for a
+    mean), computed in w's dtype and rounded once to pred's."""
+    shape = (-1,) + (1,) * (pred.dim() - 1)
+    diff = pred.to(w.dtype) - target.to(w.dtype)
+    return ((2.0 * w / diff[0].numel() / div).view(shape) * diff).to(pred.dtype)
 
 
 def noise_loss(
@@ -120,8 +170,6 @@ def noise_loss(
     """The per-sample-weighted MSE of diffusers' train_text_to_image.py (``snr_gamma`` path).
 
     ``weights`` is the ``[T]`` table of the target's weights (``debias.weight_table``).
-    Forward traffic: read 2N (+N for v), write N twice (float copies in low precision, the
-    squared error); backward writes the N-sized gradient through three more passes.
     """
     if prediction == "epsilon":
         target = noise
@@ -131,12 +179,7 @@ def noise_loss(
         target = x0
     else:
         raise ValueError(f"unknown prediction {prediction!r}")
-    acc = torch.promote_types(pred.dtype, torch.float32)  # `.float()`, but fp64 stays fp64
-    loss = F.mse_loss(pred.to(acc), target.to(acc), reduction="none")
-    loss = loss.mean(dim=list(range(1, loss.dim()))) * weights.to(loss.device)[t].to(loss.dtype)
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.mean()
+    return weighted_mse(pred, target, weights.to(pred.device)[t], reduction)
 
 
 # ---- nearest neighbours -------------------------------------------------------------------

@@ -1,36 +1,48 @@
-"""Loss weightings, each defined once in epsilon space and converted exactly per target.
+"""Loss weightings, each defined once in one declared space and converted exactly to every
+family and target.
 
-A weighting ``w(t)`` states the objective
+A weighting ``w(t)`` states an objective in the space it is declared in; epsilon space:
 
     L = E[ w(t) * || eps - eps_hat(x_t, t) ||^2 ].
 
-A network that predicts v or x0 is trained on the *same* objective when its squared error is
-weighted by the exact conversion (x_t fixed, so the predictions determine each other):
+Every target of every family is affine in (x0, eps): y = p eps + q x0, with x_t = a x0 + s eps
+(schedules.py). At fixed x_t the predictions determine each other, and
 
-    || v  - v_hat  ||^2 = || eps - eps_hat ||^2 * (snr + 1) / snr
-    || x0 - x0_hat ||^2 = || eps - eps_hat ||^2 / snr
+    || y - y_hat ||^2 = k^2 || eps - eps_hat ||^2,      k = p - q s / a,
 
-    w_v(t)  = w(t) * snr / (snr + 1)          w_x0(t) = w(t) * snr
+so a weight declared in space S trains the same objective on target y as ``w k_S^2 / k_y^2``:
 
-So "min_snr" with v-prediction gives ``min(snr, gamma) / (snr + 1)`` (what diffusers uses) and
-"debias" with v-prediction gives ``sqrt(snr) / (snr + 1)``. Some trainers use ``1/(snr + 1)``
-or ``1/sqrt(snr + 1)`` for "debias + v-prediction": those are different objectives.
+    target         k^2                 1 / k^2 (the factor from epsilon space)
+    epsilon        1                   1
+    v_prediction   (snr + 1) / snr     snr / (snr + 1)
+    sample (x0)    1 / snr             snr
+    flow (eps-x0)  (1 + s/a)^2         (a / (a + s))^2 = (1 - sigma)^2 on a flow schedule
+    raw (EDM F)    sigma^2 / c_out^2   c_out^2 / sigma^2
 
-The weightings (epsilon space):
+So "min_snr" with v-prediction gives ``min(snr, gamma) / (snr + 1)`` (what diffusers uses),
+"debias" with v-prediction ``sqrt(snr) / (snr + 1)`` and on the flow target
+``sigma (1 - sigma)``. Some trainers use ``1/(snr + 1)`` or ``1/sqrt(snr + 1)`` for "debias +
+v-prediction": those are different objectives.
 
-    constant   1
-    debias     1 / sqrt(snr)                  Yu et al. 2023, the official code's weight
-    p2         1 / (k + snr) ** gamma         Choi et al. 2022 (k=1, gamma=1 or 0.5)
-    min_snr    min(snr, gamma) / snr          Hang et al. 2023 (gamma=5)
-    a tensor   ``[T]`` table of epsilon-space weights
-    a callable ``f(snr[T] float64) -> [T]``   epsilon-space weights
+The weightings and their spaces:
 
-Options: ``normalize=True`` divides the epsilon-space weights by their mean over t (off by
-default, as in the official code); ``max_weight=c`` caps the epsilon-space weight at c before
-conversion (off by default). On a zero-terminal-SNR schedule, "debias" is unbounded at the
-last step: that is a ValueError unless ``max_weight`` is given. At snr == 0 the v and x0
-conversions are the limit snr -> 0+ (there x_t = eps, so the epsilon error is zero whatever the
-network says); it is finite for every built-in weighting.
+    epsilon  constant     1
+             debias       1 / sqrt(snr)               Yu et al. 2023, the official code's weight
+             p2           1 / (k + snr) ** gamma      Choi et al. 2022 (k=1, gamma=1 or 0.5)
+             min_snr      min(snr, gamma) / snr       Hang et al. 2023 (gamma=5)
+             a tensor     ``[T]`` table, or a callable ``f(snr[T] float64) -> [T]``
+    flow     none, logit_normal, mode   1             diffusers' compute_loss_weighting_for_sd3
+             sigma_sqrt   sigma^-2                    (flow schedules only; logit_normal and
+             cosmap       2 / (pi (1 - 2 sigma + 2 sigma^2))   mode only change sampling)
+    sample   edm          (sigma^2 + sd^2) / (sigma sd)^2      Karras et al. 2022 (EDM only)
+
+Options: ``normalize=True`` divides the weights by their mean over t in their declared space
+(off by default, as in the official code); ``max_weight=c`` caps them there, before
+conversion (off by default). An unbounded weight (debias at zero terminal SNR, sigma_sqrt at
+sigma = 0, any weight converted into a space where it has no finite value) is a ValueError
+naming ``max_weight``, never an inf or NaN. Where snr == 0 and the target's factor vanishes,
+the epsilon-space weightings convert to their limit snr -> 0+ (there x_t = eps, so the epsilon
+error is zero whatever the network says); it is finite for every built-in weighting.
 """
 
 from __future__ import annotations
@@ -41,9 +53,17 @@ from typing import Any
 
 import torch
 
-from debias.schedules import PREDICTION_TYPES, NoiseSchedule, as_schedule
+from debias.schedules import NoiseSchedule, _check_prediction, as_schedule
 
-WEIGHTINGS = ("constant", "debias", "p2", "min_snr")
+WEIGHTINGS = ("constant", "debias", "p2", "min_snr", "none", "sigma_sqrt", "cosmap",
+              "logit_normal", "mode", "edm")  # fmt: skip
+# The space each weighting is declared in (tables and callables: epsilon).
+SPACES = {"constant": "epsilon", "debias": "epsilon", "p2": "epsilon", "min_snr": "epsilon",
+          "none": "flow", "sigma_sqrt": "flow", "cosmap": "flow", "logit_normal": "flow",
+          "mode": "flow", "edm": "sample"}  # fmt: skip
+# The family a space-bound weighting needs (its formula reads that family's sigma).
+_FAMILY = {"none": "flow", "sigma_sqrt": "flow", "cosmap": "flow", "logit_normal": "flow",
+           "mode": "flow", "edm": "edm"}  # fmt: skip
 Weighting = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 # Default parameters per weighting; a parameter not listed here is refused for that weighting.
@@ -52,6 +72,7 @@ _PARAMS: dict[str, dict[str, float]] = {
     "debias": {},
     "p2": {"k": 1.0, "gamma": 1.0},
     "min_snr": {"gamma": 5.0},
+    **{name: {} for name in _FAMILY},
 }
 _OPTIONS = ("k", "gamma", "max_weight", "normalize")
 
@@ -62,42 +83,83 @@ def weight_table(
     prediction: str | None = None,
     **options: Any,
 ) -> torch.Tensor:
-    """The per-timestep loss weight for the network's target, ``[T]`` float64 on the CPU.
+    """The per-timestep loss weight in the prediction's own space, ``[T]`` float64 on the CPU.
 
     Args:
         schedule: a ``NoiseSchedule`` or a diffusers scheduler.
         weighting: a name from ``WEIGHTINGS``, a ``[T]`` tensor or a callable of snr.
-        prediction: "epsilon", "v_prediction" or "sample"; None takes the schedule's.
+        prediction: "epsilon", "v_prediction", "sample" ("denoised"), "flow" or "raw"; None
+            takes the schedule's.
         **options: ``gamma``, ``k`` (weighting parameters), ``max_weight``, ``normalize``.
     """
     schedule = as_schedule(schedule)
     prediction = resolve_prediction(schedule, prediction)
     name, params, max_weight, normalize = _parse(weighting, options)
-    snr = schedule.snr
+    space = SPACES.get(name, "epsilon")
+    family = _FAMILY.get(name)
+    if family is not None and schedule.family != family:
+        raise ValueError(
+            f"weighting {name!r} is defined on {family} schedules (it reads their sigma); this "
+            f"schedule is {schedule.family}: use an epsilon-space weighting "
+            "(constant, debias, p2, min_snr), which converts to every family"
+        )
 
-    w = _epsilon_weight(weighting, name, params, snr)
+    w = _declared_weight(weighting, name, params, schedule)
     if max_weight is not None:
         w = w.clamp(max=max_weight)
     unbounded = ~torch.isfinite(w)
-    zero_snr = snr == 0
-    if prediction == "epsilon" or normalize:
-        if unbounded.any():
-            t_bad = unbounded.nonzero().flatten().tolist()
-            raise ValueError(
-                f"weighting {name!r} is unbounded at t={t_bad[:4]} (snr={snr[t_bad[0]]:.3g}): "
-                "this schedule has zero terminal SNR. Pass max_weight=<cap> (e.g. "
-                "max_weight=1e3) to cap the epsilon-space weight, or use another weighting"
-            )
+    if (prediction == space or normalize) and unbounded.any():
+        _refuse_unbounded(name, schedule, unbounded)
     if normalize:
         w = w / w.mean()
-
-    if prediction == "epsilon":
+    if prediction == space:
         return w
-    factor = snr / (snr + 1) if prediction == "v_prediction" else snr
-    out = w * factor
-    if (zero_snr & unbounded).any():
-        out = torch.where(zero_snr & unbounded, _zero_snr_limit(name, params), out)
+
+    to_target, from_space = _inverse_k2(schedule, prediction), _inverse_k2(schedule, space)
+    out = w * to_target / from_space
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        # snr == 0 with an epsilon-space weighting: the limit snr -> 0+ where it is finite
+        limit = bad & unbounded & (schedule.snr == 0) & (to_target == 0) & (space == "epsilon")
+        if limit.any():
+            out = torch.where(limit, _zero_snr_limit(name, params), out)
+        if (bad & ~limit).any():
+            _refuse_unbounded(name, schedule, bad & ~limit, converted_to=prediction)
     return out
+
+
+def target_table(schedule: Any, prediction: str | None, dtype: torch.dtype) -> torch.Tensor:
+    """``[2, T]`` float64 (p, q) of the target y = p eps + q x0 for data of ``dtype``:
+    epsilon (1, 0), sample (0, 1), flow (1, -1); v_prediction on a DDPM schedule the (a, -s)
+    of ``noise_table(dtype)`` (as diffusers' get_velocity rounds them), elsewhere the
+    variance-preserving (alpha, -sigma) / sqrt(alpha^2 + sigma^2); raw (EDM's network output
+    under its preconditioning D = c_skip x_t + c_out F): (-c_skip sigma, 1 - c_skip) / c_out."""
+    schedule = as_schedule(schedule)
+    prediction = resolve_prediction(schedule, prediction)
+    one = torch.ones_like(schedule.sigma)
+    if prediction == "epsilon":
+        return torch.stack((one, 0 * one))
+    if prediction == "sample":
+        return torch.stack((0 * one, one))
+    if prediction == "flow":
+        return torch.stack((one, -one))
+    if prediction == "v_prediction":
+        if schedule.family == "ddpm":
+            a, s = schedule.noise_table(dtype, torch.device("cpu")).double()
+            return torch.stack((a, -s))
+        norm = (schedule.alpha**2 + schedule.sigma**2).sqrt()
+        return torch.stack((schedule.alpha / norm, -schedule.sigma / norm))
+    c_skip, c_out = _edm_preconditioning(schedule)
+    return torch.stack((-c_skip * schedule.sigma / c_out, (1 - c_skip) / c_out))
+
+
+def loss_table(
+    schedule: Any, weighting: Weighting, prediction: str | None, dtype: torch.dtype,
+    options: dict[str, Any],
+) -> torch.Tensor:  # fmt: skip
+    """``[3, T]`` float64: the rows (w, p, q) the loss kernels take for data of ``dtype``."""
+    w = weight_table(schedule, weighting, prediction, **options)
+    return torch.cat((w[None], target_table(schedule, prediction, dtype)))
 
 
 def loss_weight(
@@ -107,15 +169,17 @@ def loss_weight(
     prediction: str | None = None,
     **options: Any,
 ) -> torch.Tensor:
-    """Per-sample loss weights ``[B]`` float32 on ``t``'s device, for trainers that keep their
-    own loss code: ``(mse_per_sample * debias.loss_weight(t, scheduler)).mean()``.
+    """Per-sample loss weights ``[B]`` float32 on ``t``'s device, in the prediction's own
+    space, for trainers that keep their own loss code:
+    ``(mse_per_sample * debias.loss_weight(t, scheduler)).mean()``.
 
-    Arguments as in ``weight_table``; ``t`` is an integer tensor ``[B]`` of timesteps.
+    Arguments as in ``weight_table``; ``t`` holds timesteps ``[B]`` (integers for a DDPM
+    schedule, the schedule's float timesteps for flow matching and EDM).
     """
     schedule = as_schedule(schedule)
-    check_timesteps(t, schedule.num_timesteps)
+    index = schedule.index(t)
     table = cached_weight_table(schedule, weighting, prediction, torch.float32, t.device, options)
-    return table[t.long()]
+    return table[index]
 
 
 # Tables are constants of a compiled graph: torch.compile evaluates this once while tracing
@@ -140,34 +204,36 @@ def cached_weight_table(
     )
 
 
+@torch.compiler.assume_constant_result
+def cached_loss_table(
+    schedule: NoiseSchedule,
+    weighting: Weighting,
+    prediction: str,
+    dtype: torch.dtype,
+    compute: torch.dtype,
+    device: torch.device,
+    options: dict[str, Any],
+) -> torch.Tensor:
+    """``loss_table`` for data of ``dtype``, cast to ``compute`` on ``device``; cached on the
+    schedule for named weightings (tables and callables are rebuilt on each call)."""
+    if not isinstance(weighting, str):
+        return loss_table(schedule, weighting, prediction, dtype, options).to(device, compute)
+    key = ("loss", weighting, prediction, dtype, compute, tuple(sorted(options.items())))
+    return schedule.table(
+        key, lambda: loss_table(schedule, weighting, prediction, dtype, options).to(compute),
+        device,
+    )  # fmt: skip
+
+
 def resolve_prediction(schedule: NoiseSchedule, prediction: str | None) -> str:
-    if prediction is None:
-        return schedule.prediction_type
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+    """The prediction type to use (None: the schedule's), checked against the family."""
+    prediction = _check_prediction(schedule.prediction_type if prediction is None else prediction)
+    if prediction == "raw" and schedule.family != "edm":
+        raise ValueError(
+            f"prediction 'raw' is EDM's preconditioned network output; this schedule is "
+            f"{schedule.family}"
+        )
     return prediction
-
-
-def check_timesteps(t: Any, num_timesteps: int, batch: int | None = None) -> None:
-    """ValueError/TypeError naming ``t`` unless it is an integer ``[B]`` tensor in [0, T)."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be an integer torch.Tensor of shape [B], got {type(t).__name__}")
-    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"t must be an integer tensor (int64 or int32), got dtype {t.dtype}")
-    if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
-        want = "[B]" if batch is None else f"[{batch}] (one timestep per sample)"
-        raise ValueError(f"t must have shape {want}, got {list(t.shape)}")
-    if t.numel() == 0:
-        return
-    if t.device.type == "cpu":
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= num_timesteps:
-            raise ValueError(
-                f"t must lie in [0, {num_timesteps}) for this schedule, got values in [{lo}, {hi}]"
-            )
-    else:
-        # Checking on the host would synchronise the device; the assert fires asynchronously.
-        torch._assert_async(((t >= 0) & (t < num_timesteps)).all(), "t out of range")
 
 
 def _parse(weighting: Weighting, options: dict[str, Any]):
@@ -212,7 +278,18 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
     return value
 
 
-def _epsilon_weight(weighting: Weighting, name: str, params: dict, snr: torch.Tensor):
+def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: NoiseSchedule):
+    """The weights in their declared space (SPACES), float64 [T]."""
+    snr, sigma = schedule.snr, schedule.sigma
+    if name in ("none", "logit_normal", "mode"):
+        return torch.ones_like(snr)
+    if name == "sigma_sqrt":
+        return sigma**-2.0
+    if name == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    if name == "edm":
+        sd = schedule.sigma_data
+        return (sigma**2 + sd**2) / (sigma * sd) ** 2
     if name == "constant":
         return torch.ones_like(snr)
     if name == "debias":
@@ -231,6 +308,41 @@ def _epsilon_weight(weighting: Weighting, name: str, params: dict, snr: torch.Te
     if torch.isnan(w).any() or (w < 0).any():
         raise ValueError("weighting values must be >= 0 and not NaN")
     return w
+
+
+def _inverse_k2(schedule: NoiseSchedule, space: str) -> torch.Tensor:
+    """1 / k^2 per t (module docstring): ||eps - eps_hat||^2 / ||y - y_hat||^2 at fixed x_t,
+    the factor that carries an epsilon-space weight to target ``space``."""
+    snr, a, s = schedule.snr, schedule.alpha, schedule.sigma
+    if space == "epsilon":
+        return torch.ones_like(snr)
+    if space == "v_prediction":
+        return snr / (snr + 1)
+    if space == "sample":
+        return snr
+    if space == "flow":
+        return (a / (a + s)) ** 2
+    _, c_out = _edm_preconditioning(schedule)
+    return c_out**2 / s**2
+
+
+def _edm_preconditioning(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
+    """EDM's c_skip and c_out per t (Karras et al. 2022, Table 1)."""
+    sigma, sd = schedule.sigma, schedule.sigma_data
+    return sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+
+
+def _refuse_unbounded(
+    name: str, schedule: NoiseSchedule, where: torch.Tensor, converted_to: str | None = None
+):
+    t_bad = where.nonzero().flatten().tolist()
+    i = t_bad[0]
+    what = f"has no finite value as a {converted_to} weight" if converted_to else "is unbounded"
+    raise ValueError(
+        f"weighting {name!r} {what} at t={t_bad[:4]} (snr={schedule.snr[i]:.3g}, "
+        f"sigma={schedule.sigma[i]:.3g}). Pass max_weight=<cap> (e.g. max_weight=1e3) to cap "
+        "the weight in its own space, or use another weighting"
+    )
 
 
 def _zero_snr_limit(name: str, params: dict) -> float:

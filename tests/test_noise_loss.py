@@ -355,10 +355,8 @@ def test_stream_does_not_depend_on_threads():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            x_t = debias.ops.noise_loss._add_noise_op(
-                x0, t, *debias.ops.noise_loss._coefficients(SCHEDULE, x0.dtype, x0.device),
-                None, key, False, "cpu",
-            )[0]  # fmt: skip
+            coef = SCHEDULE.noise_table(x0.dtype, x0.device)[:, t]
+            x_t = debias.ops.noise_loss._add_noise_op(x0, coef, None, key, False, "cpu")[0]
             p = pred.clone().requires_grad_(True)
             loss = debias.fused_loss(p, noise, t, SCHEDULE, backend="cpu")
             loss.backward()
@@ -413,21 +411,20 @@ def build(fn, sig, constants):
 
 out = {}
 for dt in ("fp32", "bf16"):
-    noise_sig = {"x0_ptr": f"*{dt}", "t_ptr": "*i64", "coef_a_ptr": "*fp32",
-                 "coef_b_ptr": "*fp32", "noise_ptr": f"*{dt}", "x_t_ptr": f"*{dt}",
-                 "seed": "i64", "offset": "i64", "D": "i32", "chunks": "i32"}
+    noise_sig = {"x0_ptr": f"*{dt}", "coef_ptr": "*fp32", "noise_ptr": f"*{dt}",
+                 "x_t_ptr": f"*{dt}", "seed": "i64", "offset": "i64", "B": "i32", "D": "i32",
+                 "chunks": "i32"}
     out[f"add_noise-{dt}"] = build(k._add_noise_kernel, noise_sig,
                                    {"HAS_NOISE": False, "CHUNK": 16384, "BLOCK": 1024})
-    loss_sig = {"pred_ptr": f"*{dt}", "t_ptr": "*i64", "weight_ptr": "*fp32",
-                "coef_a_ptr": "*fp32", "coef_b_ptr": "*fp32", "noise_ptr": f"*{dt}",
-                "x0_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "go_ptr": "*fp32",
-                "loss_ptr": "*fp32", "total_ptr": "*fp32", "partial_ptr": "*fp64",
-                "count_ptr": "*i32", "seed": "i64", "offset": "i64", "grad_div": "i32",
-                "loss_div": "i32", "B": "i32", "D": "i32", "chunks": "i32"}
+    loss_sig = {"pred_ptr": f"*{dt}", "coef_ptr": "*fp32", "noise_ptr": f"*{dt}",
+                "x0_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "go_ptr": "*fp32", "loss_ptr": "*fp32",
+                "total_ptr": "*fp32", "partial_ptr": "*fp64", "count_ptr": "*i32", "seed": "i64",
+                "offset": "i64", "grad_div": "i32", "loss_div": "i32", "B": "i32", "D": "i32",
+                "chunks": "i32"}
     eps = tl.float32 if dt == "fp32" else tl.bfloat16
     for name, loss, grad, go in (("forward", True, True, 0), ("backward", False, True, 1)):
         out[f"loss-{name}-{dt}"] = build(k._noise_loss_kernel, loss_sig, dict(
-            TARGET=1, HAS_NOISE=False, EPS=eps, LOSS=loss, GRAD=grad, GO=go,
+            TERMS=3, HAS_NOISE=False, EPS=eps, LOSS=loss, GRAD=grad, GO=go,
             CHUNK=16384, BLOCK=1024, RBLOCK=128))
 print(json.dumps({key: {"/".join(k): v for k, v in c.items()} for key, c in out.items()}))
 """
@@ -489,6 +486,207 @@ def test_compile_fullgraph_with_philox(backend):
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(model.weight.grad).all()
+
+
+# ---- every family through one op ----------------------------------------------------------
+#
+# Flow matching (SD3/Flux) and EDM against a float64 oracle written here from the papers'
+# formulas, independent of the package's tables: x_t = a x0 + s eps, target p eps + q x0,
+# weight in the prediction's own space.
+
+FLOW = NoiseSchedule.flow_matching(1000, shift=3.0)
+EDM = NoiseSchedule.edm(1000)
+# (schedule id, prediction, weighting, options): every weighting of the family's own space and
+# the epsilon-space names converted to it.
+FAMILY_CASES = [
+    *[("flow", "flow", w, {}) for w in ("none", "sigma_sqrt", "cosmap", "logit_normal")],
+    *[("flow", "flow", w, o) for w, o in WEIGHTINGS],
+    ("flow", "epsilon", "p2", {"gamma": 1.0}),
+    ("flow", "sample", "min_snr", {"gamma": 5}),
+    ("edm", "sample", "edm", {}),
+    ("edm", "raw", "edm", {}),
+    ("edm", "sample", "constant", {}),
+    ("edm", "raw", "debias", {}),
+]
+FAMILY_SCHEDULES = {"flow": FLOW, "edm": EDM}
+
+
+def _family_oracle(name, prediction, weighting, opts, sigma):
+    """(a, s, p, q, w) in float64 for each sample's sigma, from the closed forms."""
+    if name == "flow":
+        a, s = 1 - sigma, sigma
+    else:
+        a, s = torch.ones_like(sigma), sigma
+    snr = (a / s) ** 2
+    sd = 0.5  # EDM's sigma_data
+    c_skip = sd**2 / (sigma**2 + sd**2)
+    c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+    p, q = {
+        "epsilon": (torch.ones_like(s), torch.zeros_like(s)),
+        "sample": (torch.zeros_like(s), torch.ones_like(s)),
+        "flow": (torch.ones_like(s), -torch.ones_like(s)),
+        "raw": (-c_skip * sigma / c_out, (1 - c_skip) / c_out),
+    }[prediction]
+    # Each weighting in its own space: (space's k, weight); k = p - q s / a.
+    eps_space = {
+        "constant": torch.ones_like(s),
+        "debias": snr.rsqrt(),
+        "p2": (1 + snr) ** -opts.get("gamma", 1.0),
+        "min_snr": (opts.get("gamma", 5.0) / snr).clamp(max=1.0),
+    }
+    if weighting in eps_space:
+        space, k_space, w = "epsilon", torch.ones_like(s), eps_space[weighting]
+    elif weighting == "edm":
+        space, k_space, w = "sample", -s / a, (sigma**2 + sd**2) / (sigma * sd) ** 2
+    else:  # diffusers' compute_loss_weighting_for_sd3, on the flow MSE
+        space, k_space = "flow", 1 + s / a
+        w = {
+            "none": torch.ones_like(s),
+            "logit_normal": torch.ones_like(s),
+            "sigma_sqrt": sigma**-2.0,
+            "cosmap": 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2)),
+        }[weighting]
+    if space == prediction:
+        return a, s, p, q, w
+    if (weighting, prediction) == ("debias", "flow"):  # DESIGN: its limit at sigma = 1 is 0
+        return a, s, p, q, sigma * (1 - sigma)
+    k = p - q * s / a
+    return a, s, p, q, w * k_space**2 / k**2
+
+
+def _family_inputs(schedule, shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0, noise, pred = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    index = torch.randint(0, schedule.num_timesteps, (shape[0],), generator=g)
+    index[0] = 0  # the extremes of the schedule are always in the batch
+    if shape[0] > 1:
+        index[1] = schedule.num_timesteps - 1
+    return x0, noise, pred, schedule.timesteps[index], index
+
+
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float64], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shape", [(1, 7), (3, 1, 7, 5), (2, 4, 3, 9, 11)], ids=str)
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: "-".join(map(str, c[:3])))
+def test_families_match_oracle(backend, design, case, shape, dtype):
+    name, prediction, weighting, opts = case
+    schedule = FAMILY_SCHEDULES[name]
+    x0, noise, pred, t, index = _family_inputs(schedule, shape, dtype)
+    a, s, p, q, w = _family_oracle(name, prediction, weighting, opts, schedule.sigma[index])
+
+    x_t, _ = debias.add_noise(x0, t, schedule, noise=noise, backend=backend)
+    expected = reference.noised(x0, noise, *(c.to(x0.dtype) for c in (a, s)))
+    # the coefficients round once into the data's dtype; x_t may differ from the float64
+    # coefficients' by that one rounding only
+    torch.testing.assert_close(x_t, expected, **_rounding(dtype))
+
+    pred_ours = pred.clone().requires_grad_(True)
+    loss = debias.fused_loss(
+        pred_ours, noise, t, schedule, weighting, prediction, x0=x0, backend=backend, **opts
+    )
+    loss.backward()
+    pred_64 = pred.double().clone().requires_grad_(True)
+    y = reference.affine_target(noise.double(), x0.double(), p, q)
+    oracle = reference.weighted_mse(pred_64, y, w)
+    oracle.backward()
+    pred_ref = pred.clone().requires_grad_(True)  # the trainers' lines in the input precision
+    y_ref = reference.affine_target(noise, x0, p.to(dtype), q.to(dtype)).to(dtype)
+    base = reference.weighted_mse(pred_ref, y_ref, w.float())
+    base.backward()
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _assert_within("loss", loss, oracle, base, loss.dtype)
+    _assert_within("grad", pred_ours.grad, pred_64.grad, pred_ref.grad, dtype)
+
+
+def _rounding(dtype):
+    tol = {torch.float32: 1e-6, torch.float64: 1e-14, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+    return dict(rtol=tol[dtype], atol=tol[dtype])
+
+
+def test_families_gradcheck_fp64(backend, design):
+    for name, prediction, weighting, _opts in (FAMILY_CASES[1], FAMILY_CASES[-3]):
+        schedule = FAMILY_SCHEDULES[name]
+        x0, noise, pred, t, _ = _family_inputs(schedule, (3, 2, 5), torch.float64)
+        pred.requires_grad_(True)
+        args = dict(x0=x0, reduction="none", backend=backend)
+        torch.autograd.gradcheck(
+            lambda p, rest=(noise, t, schedule, weighting, prediction), kw=args: debias.fused_loss(
+                p, *rest, **kw
+            ),
+            (pred,),
+        )
+
+
+def test_families_compile_fullgraph(backend):
+    model = torch.nn.Conv3d(2, 2, 1)
+    x0 = torch.randn(3, 2, 3, 4, 5)  # video latents [B, C, F, H, W]
+    t = FLOW.timesteps[torch.tensor([0, 500, 999])]
+
+    def step(x0, t):
+        x_t, noise = debias.add_noise(x0, t, FLOW, backend=backend)
+        return debias.fused_loss(model(x_t), noise, t, FLOW, "cosmap", x0=x0, backend=backend)
+
+    eager = step(x0, t)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x0, t)
+    assert torch.isfinite(compiled)
+    compiled.backward()
+    assert torch.isfinite(model.weight.grad).all()
+    assert eager.shape == compiled.shape
+
+
+def test_flow_unbounded_weights_are_refused_naming_the_cap():
+    """debias in epsilon space is infinite at sigma = 1 (snr = 0): an epsilon target cannot
+    carry it without a cap; the flow target's limit sigma (1 - sigma) is finite."""
+    _x0, noise, pred, t, index = _family_inputs(FLOW, (2, 3), torch.float32)
+    with pytest.raises(ValueError, match="max_weight"):
+        debias.fused_loss(pred, noise, t, FLOW, "debias", "epsilon")
+    capped = debias.loss_weight(t, FLOW, "debias", "epsilon", max_weight=1e3)
+    assert torch.isfinite(capped).all() and capped[0] == 1e3
+    w = debias.loss_weight(t, FLOW, "debias")
+    sigma = FLOW.sigma[index]
+    torch.testing.assert_close(w.double(), sigma * (1 - sigma), rtol=1e-6, atol=0)
+
+
+def test_flow_float_timesteps_not_in_schedule_are_refused():
+    x0, noise, pred, t, _ = _family_inputs(FLOW, (2, 3), torch.float32)
+    for bad in (t + 0.25, torch.tensor([float("nan"), t[1].item()])):
+        with pytest.raises(ValueError, match=r"\bt\b"):
+            debias.add_noise(x0, bad, FLOW)
+        with pytest.raises(ValueError, match=r"\bt\b"):
+            debias.fused_loss(pred, noise, bad, FLOW, "none", x0=x0)
+
+
+# ---- the contract, written once -------------------------------------------------------------
+
+
+def test_contract_constants_agree_across_languages():
+    """csrc/noise_loss.h, the Python record and the Triton kernels state one contract."""
+    import re
+    from pathlib import Path
+
+    from debias.ops import noise_loss as ops
+
+    header = (Path(__file__).parents[1] / "csrc" / "noise_loss.h").read_text()
+    consts = {k: int(v) for k, v in re.findall(r"\b(k\w+) = (\d+)", header)}
+    assert (consts["kEpsTerm"], consts["kX0Term"]) == (ops.TERM_EPS, ops.TERM_X0)
+    assert (consts["kRowW"], consts["kRowP"], consts["kRowQ"]) == (0, 1, 2)  # LossArgs.coef
+    assert (consts["kRowA"], consts["kRowS"]) == (0, 1)  # the add_noise coef
+    if "triton" in _backend.available(CPU):
+        from debias.triton_kernels import noise_loss as tk
+
+        assert (tk.TERM_EPS, tk.TERM_X0) == (ops.TERM_EPS, ops.TERM_X0)
+    if "cpu" in _backend.available(CPU):
+        # the C++ schema's arguments are the record's, with the key as (seed, offset) and the
+        # reduction as its divisors
+        cpp = [a.name for a in torch.ops.debias_C.noise_loss_fwd.default._schema.arguments]
+        expand = {"key": ["seed", "offset"], "reduction": ["grad_div", "loss_div"]}
+        names = ["pred"]
+        for field in ops.LossArgs._fields:
+            names += expand.get(field, [field])
+        order = ["pred", "coef", "noise", "x0", "terms", "eps_dtype", "seed", "offset"]
+        assert [n for n in cpp if n in order] == order
+        assert sorted(cpp[:-1]) == sorted(names)  # need_grad is the op's own
 
 
 # ---- bad input ----------------------------------------------------------------------------
@@ -923,3 +1121,19 @@ def test_gpu_beyond_2_31_elements(gpu_backend, gpu_design, poisoned):
     oracle.backward(go_s.double())
     _assert_within("loss", loss.detach()[rows], oracle, base, torch.float32)
     _assert_within("grad", pred.grad[rows], p_64.grad, p_ref.grad, dtype)
+
+
+def test_learned_variance_mean_channels_read_in_place(backend, design):
+    """fused_loss on model_output[:, :C] of a 2C-channel (learned-variance) output: the same
+    loss and gradient as on a contiguous copy; the gradient lands in the mean channels only."""
+    x0, noise, _, t = _inputs((3, 4, 6, 5), torch.float32)
+    out = torch.randn(3, 8, 6, 5, requires_grad=True)
+    copy = out.detach()[:, :4].clone().requires_grad_(True)
+    a = debias.fused_loss(out[:, :4], noise, t, SCHEDULE, "debias", "v_prediction", x0=x0,
+                          backend=backend)  # fmt: skip
+    b = debias.fused_loss(copy, noise, t, SCHEDULE, "debias", "v_prediction", x0=x0,
+                          backend=backend)  # fmt: skip
+    (a + b).backward()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(out.grad[:, :4], copy.grad, rtol=0, atol=0)
+    assert not out.grad[:, 4:].any()

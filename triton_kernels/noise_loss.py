@@ -1,14 +1,24 @@
 """Triton kernels of the noise_loss op: noising, and the weighted loss with its gradient.
 
-    add_noise    x_t = rnd_T(rnd_T(a_t x0) + rnd_T(s_t eps))       read N, write N
-    noise_loss   loss_b = w_t / D sum_i (pred_i - y_i)^2           read N (+N for v / x0)
-                 grad_i = rnd_P(2 w_t / D * scale * go_b * (pred_i - y_i))   write N
-    philox_fill  eps itself                                        write N
+csrc/noise_loss.h states the contract (formulas, coefficient rows, `terms`, the scale
+convention); this file follows its arithmetic. Per sample b of D elements, in compute type C
+(float64 for float64 data, float32 otherwise):
+
+    add_noise    x_t_i  = rnd_T(rnd_T(a_b x0_i) + rnd_T(s_b eps_i))    coef [2, B]: a, s
+    noise_loss   y_i    = p_b eps_i + q_b x0_i   (the terms named)     coef [3, B]: w, p, q
+                 loss_b = sum_i (pred_i - y_i)^2 / D * w_b
+                 grad_i = rnd_P(g_b (pred_i - y_i)),  g_b = 2 w_b / D / grad_div * go_b
+                 total  = sum_b loss_b / loss_div
+    philox_fill  eps itself
+
+Memory: add_noise reads N and writes N (+N read for given noise); the loss reads pred and
+each term it names (+N for eps only when noise is given, +N for x0) and writes N for grad.
 
 eps is a given tensor or the package's Philox stream (csrc/philox.h holds the definition;
 this file follows it to the bit, fused multiply-adds included), regenerated wherever it is
-needed so that it never reaches memory. The launchers take tensors, tables and scalars only;
-the caller (debias/ops/noise_loss.py) validates them.
+needed so that it never reaches memory. The launchers take tensors and scalars only (no
+timesteps, no tables: the caller gathers the per-sample coefficients); the caller
+(debias/ops/noise_loss.py) validates them.
 
 Work split. One program per (sample b, chunk j): it walks the flat range
 [b D + j CHUNK, min(b D + (j + 1) CHUNK, (b + 1) D)) in tiles of BLOCK elements, so the
@@ -17,15 +27,16 @@ multiple of 16 in the flat index: a Philox group (4 elements) never straddles tw
 when D is a multiple of 16 the loads are 16-byte vectors; the first tile may begin up to 15
 elements early and is masked.
 
-Reduction. Each program sums its chunk (fp32 lanes, a fixed tree), publishes the partial,
+Reduction. Each program sums its chunk (C lanes, a fixed tree), publishes the partial,
 then counts itself done on a per-sample counter; the program that finishes sample b last
-adds that sample's partials in order (fp64) and writes loss_b; the program that finishes the
-last sample adds loss_0..loss_{B-1} in order into the batch total. One launch, and the same
-bits on every run, whatever order the programs ran in. The counters must be zero on entry.
+adds that sample's partials (fp64, a fixed tree) and writes loss_b; the program that finishes
+the last sample adds loss_0..loss_{B-1} (fp64, a fixed tree) into the batch total. One
+launch, and the same bits on every run, whatever order the programs ran in. The counters
+must be zero on entry.
 
-Floating point. Kernels are launched with fp fusion off, so a * b + c rounds twice as in
-torch's separate ops (x_t equals diffusers' add_noise bit for bit); the stream's polynomials
-call tl.fma where philox.h fuses.
+Floating point. Kernels are launched with fp fusion off, so every product and sum of the
+data arithmetic rounds on its own, as the contract asks (x_t equals diffusers' add_noise bit
+for bit); the stream's polynomials call tl.fma where philox.h fuses.
 """
 
 from __future__ import annotations
@@ -40,7 +51,12 @@ _M1 = tl.constexpr(0xCD9E8D57)
 _W0 = tl.constexpr(0x9E3779B9)
 _W1 = tl.constexpr(0xBB67AE85)
 
-TARGET_EPSILON, TARGET_V, TARGET_SAMPLE = 0, 1, 2
+# Bits of `terms` (kEpsTerm, kX0Term of csrc/noise_loss.h): the parts of y = p eps + q x0
+# that the loss reads; 3 = both. Kernels see them as the constexpr mirrors below (Triton
+# reads no plain-int globals).
+TERM_EPS, TERM_X0 = 1, 2
+_EPS_BIT = tl.constexpr(TERM_EPS)
+_X0_BIT = tl.constexpr(TERM_X0)
 # Upstream gradient of the loss: none (1), one scalar for the batch, or one per sample.
 GO_NONE, GO_SCALAR, GO_PER_SAMPLE = 0, 1, 2
 
@@ -190,18 +206,22 @@ def _span(D, chunks, CHUNK: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed", "offset"])
 def _add_noise_kernel(
-    x0_ptr, t_ptr, coef_a_ptr, coef_b_ptr, noise_ptr, x_t_ptr,
-    seed, offset, D, chunks,
-    HAS_NOISE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    x0_ptr,  # [B * D] data, dtype T
+    coef_ptr,  # [2, B] contiguous in C: row 0 = a, row 1 = s
+    noise_ptr,  # [B * D] eps, dtype T (unused when HAS_NOISE is off)
+    x_t_ptr,  # [B * D] output, dtype T
+    seed, offset,  # the stream's key and counter offset (int64)
+    B, D, chunks,  # samples, elements per sample, programs per sample
+    HAS_NOISE: tl.constexpr,  # eps read from noise_ptr, else generated: two code paths
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     b, begin, end, first = _span(D, chunks, CHUNK)
     seed_lo, seed_hi = _words(seed)
     off_lo, off_hi = _words(offset)
     T = x_t_ptr.dtype.element_ty
-    C = coef_a_ptr.dtype.element_ty
-    tb = tl.load(t_ptr + b)
-    a = tl.load(coef_a_ptr + tb)
-    s = tl.load(coef_b_ptr + tb)
+    C = coef_ptr.dtype.element_ty
+    a = tl.load(coef_ptr + b)
+    s = tl.load(coef_ptr + B + b)
     for k in range(first, end, BLOCK):
         k = tl.multiple_of(k, 16)
         idx = k + tl.arange(0, BLOCK)
@@ -216,46 +236,61 @@ def _add_noise_kernel(
 
 @triton.jit(do_not_specialize=["seed", "offset", "grad_div", "loss_div"])
 def _noise_loss_kernel(
-    pred_ptr, t_ptr, weight_ptr, coef_a_ptr, coef_b_ptr, noise_ptr, x0_ptr,
-    grad_ptr, go_ptr, loss_ptr, total_ptr, partial_ptr, count_ptr,
-    seed, offset, grad_div, loss_div, B, D, chunks,
-    TARGET: tl.constexpr, HAS_NOISE: tl.constexpr, EPS: tl.constexpr,
-    LOSS: tl.constexpr, GRAD: tl.constexpr, GO: tl.constexpr,
+    pred_ptr,  # [B * D] model output, dtype P
+    coef_ptr,  # [3, B] contiguous in C: rows w, p, q
+    noise_ptr,  # [B * D] eps (read only with the eps term and HAS_NOISE)
+    x0_ptr,  # [B * D] data (read only with the x0 term)
+    grad_ptr,  # [B * D] output, dtype P (GRAD)
+    go_ptr,  # upstream gradient in C: one element (GO == 1) or [B] (GO == 2)
+    loss_ptr, total_ptr,  # [B] and [] outputs in C (LOSS)
+    partial_ptr, count_ptr,  # [B * chunks] fp64 scratch, [B + 1] int32 zeros (LOSS)
+    seed, offset,  # the stream's key and counter offset (int64)
+    grad_div, loss_div,  # integer divisors of the gradient and of the total
+    B, D, chunks,  # samples, elements per sample, programs per sample
+    TERMS: tl.constexpr,  # bits of TERM_EPS / TERM_X0: what y reads, what is never touched
+    HAS_NOISE: tl.constexpr, EPS: tl.constexpr,  # eps given, or the stream rounded to EPS
+    LOSS: tl.constexpr, GRAD: tl.constexpr,  # outputs asked (the backward: GRAD only)
+    GO: tl.constexpr,  # upstream gradient: 0 none, 1 one element, 2 one per sample
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
 ):  # fmt: skip
     b, begin, end, first = _span(D, chunks, CHUNK)
     seed_lo, seed_hi = _words(seed)
     off_lo, off_hi = _words(offset)
-    C = weight_ptr.dtype.element_ty
-    tb = tl.load(t_ptr + b)
-    w = tl.load(weight_ptr + tb)
+    C = coef_ptr.dtype.element_ty
+    w = tl.load(coef_ptr + b)
     if GRAD:
+        # C(2) * w / C(D) / C(grad_div) * go, left to right (csrc/noise_loss.h)
         gscale = 2.0 * w / tl.cast(D, C) / tl.cast(grad_div, C)
         if GO == 1:
             gscale = gscale * tl.load(go_ptr)
         elif GO == 2:
             gscale = gscale * tl.load(go_ptr + b)
-    if TARGET == 1:
-        a = tl.load(coef_a_ptr + tb)
-        s = tl.load(coef_b_ptr + tb)
+    # constexpr on the left: the interpreter passes TERMS as a plain int
+    if (_EPS_BIT & TERMS) != 0:
+        p = tl.load(coef_ptr + B + b)
+    if (_X0_BIT & TERMS) != 0:
+        q = tl.load(coef_ptr + 2 * B + b)
     acc = tl.zeros([BLOCK], C)
     for k in range(first, end, BLOCK):
         k = tl.multiple_of(k, 16)
         idx = k + tl.arange(0, BLOCK)
         mask = (idx >= begin) & (idx < end)
-        p = tl.load(pred_ptr + idx, mask=mask, other=0.0)
-        if TARGET == 2:
-            y = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
+        pr = tl.load(pred_ptr + idx, mask=mask, other=0.0)
+        # y in C: each product rounds, then their sum (fp fusion is off)
+        if TERMS == _EPS_BIT:
+            y = p * _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
+                         HAS_NOISE, EPS, C, BLOCK)  # fmt: skip
+        elif TERMS == _X0_BIT:
+            y = q * tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
         else:
-            y = _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
-                     HAS_NOISE, EPS, C, BLOCK)  # fmt: skip
-            if TARGET == 1:
-                y = a * y - s * tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
-        d = tl.where(mask, p.to(C) - y, 0.0)
+            eps = _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
+                       HAS_NOISE, EPS, C, BLOCK)  # fmt: skip
+            y = p * eps + q * tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
+        d = tl.where(mask, pr.to(C) - y, 0.0)
         if LOSS:
             acc += d * d
         if GRAD:
-            tl.store(grad_ptr + idx, _round(gscale * d, p.dtype), mask=mask)
+            tl.store(grad_ptr + idx, _round(gscale * d, pr.dtype), mask=mask)
     if LOSS:
         tl.store(partial_ptr + tl.program_id(0), tl.sum(acc).to(tl.float64))
         # Every thread's store is done before one thread releases them with the count.
@@ -313,21 +348,20 @@ def _split(D: int) -> tuple[int, int, int]:
 
 def add_noise(
     x0: torch.Tensor,
-    t: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
+    coef: torch.Tensor,
     noise: torch.Tensor | None,
     seed: int,
     offset: int,
 ) -> torch.Tensor:
-    """x_t for contiguous x0 [B, ...], int64 t [B], tables [T] in the compute type."""
-    x_t = torch.empty_like(x0)
+    """x_t like contiguous x0 [B, ...]; coef [2, B] contiguous in the compute type (rows a,
+    s); noise like x0, or None for the stream of (seed, offset) rounded to x0's dtype."""
     B = x0.shape[0]
     D = x0.numel() // B
     block, chunk, chunks = _split(D)
+    x_t = torch.empty_like(x0)
     _add_noise_kernel[(B * chunks,)](
-        x0, t, coef_a, coef_b, x0 if noise is None else noise, x_t, seed, offset,
-        D, chunks, HAS_NOISE=noise is not None, CHUNK=chunk, BLOCK=block,
+        x0, coef, x0 if noise is None else noise, x_t, seed, offset,
+        B, D, chunks, HAS_NOISE=noise is not None, CHUNK=chunk, BLOCK=block,
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return x_t
@@ -335,13 +369,10 @@ def add_noise(
 
 def noise_loss(
     pred: torch.Tensor,
-    t: torch.Tensor,
-    weight: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
+    coef: torch.Tensor,
     noise: torch.Tensor | None,
     x0: torch.Tensor | None,
-    target: int,
+    terms: int,
     eps_dtype: torch.dtype,
     seed: int,
     offset: int,
@@ -352,12 +383,17 @@ def noise_loss(
     grad_output: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(loss [B], total = sum(loss) / loss_div, grad like pred); None for what was not asked.
-    The gradient is that of loss_b / grad_div (grad_div = B for a batch mean), times
-    grad_output (compute type, one element or [B]) read on the device."""
+
+    pred [B, ...] contiguous; coef [3, B] contiguous in the compute type (rows w, p, q);
+    terms: TERM_EPS | TERM_X0 bits naming the parts of y = p eps + q x0. noise (pred's shape,
+    or None for the stream of (seed, offset) rounded to eps_dtype) is read only with TERM_EPS,
+    x0 (pred's shape) only with TERM_X0. The gradient is that of loss_b / grad_div (grad_div
+    = B for a batch mean), times grad_output (compute type, one element or [B]) read on the
+    device."""
     B = pred.shape[0]
     D = pred.numel() // B
     block, chunk, chunks = _split(D)
-    compute = weight.dtype
+    compute = coef.dtype
     loss = total = grad = None
     partial = count = pred  # placeholders: never touched without LOSS
     if need_loss:
@@ -371,12 +407,11 @@ def noise_loss(
     if grad_output is not None:
         go = GO_SCALAR if grad_output.numel() == 1 else GO_PER_SAMPLE
     _noise_loss_kernel[(B * chunks,)](
-        pred, t, weight, coef_a, coef_b,
-        pred if noise is None else noise, pred if x0 is None else x0,
-        pred if grad is None else grad, weight if grad_output is None else grad_output,
-        weight if loss is None else loss, weight if total is None else total, partial, count,
+        pred, coef, pred if noise is None else noise, pred if x0 is None else x0,
+        pred if grad is None else grad, coef if grad_output is None else grad_output,
+        coef if loss is None else loss, coef if total is None else total, partial, count,
         seed, offset, grad_div, loss_div, B, D, chunks,
-        TARGET=target, HAS_NOISE=noise is not None, EPS=_TL_DTYPES[eps_dtype],
+        TERMS=terms, HAS_NOISE=noise is not None, EPS=_TL_DTYPES[eps_dtype],
         LOSS=need_loss, GRAD=need_grad, GO=go, CHUNK=chunk, BLOCK=block, RBLOCK=128,
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip

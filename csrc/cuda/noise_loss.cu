@@ -1,24 +1,25 @@
-// CUDA kernels of the noise_loss op: the loss side of a diffusion training step, with the
-// semantics of the CPU kernels (csrc/noise_loss.cpp). T, P, E are storage types (float32,
-// float64, bfloat16, float16); C is the compute type (double for float64 data, else float).
+// CUDA kernels of the noise_loss op: the loss side of a diffusion training step for every
+// family, with the semantics of the CPU kernels (csrc/noise_loss.cpp). The contract (formulas,
+// the coefficient rows, `terms`, grad_div and loss_div) is csrc/noise_loss.h. T, P, E are
+// storage types (float32, float64, bfloat16, float16); C is the compute type (double for
+// float64 data, else float).
 //
 //   _philox_normal_kernel  out_i = rnd_T(normal_i)
 //       writes N * sizeof(T)                                                   bytes 1T
 //   _add_noise_kernel      x_t_i = rnd_T(rnd_T(a_b * x0_i) + rnd_T(s_b * eps_i))
 //       reads x0 (+ noise), writes x_t                                    bytes 2T (3T)
-//   _noise_loss_kernel     y_i = eps_i | a_b eps_i - s_b x0_i | x0_i,  d_i = pred_i - y_i
-//       forward:  loss_b = (sum_i d_i^2 / D) * w_b,  total = loss_scale * sum_b loss_b,
-//                 grad_i = rnd_P(g_b * d_i),  g_b = 2 w_b grad_scale / D  (need_grad)
+//   _noise_loss_kernel     y_i = p_b eps_i + q_b x0_i (the named terms),  d_i = pred_i - y_i
+//       forward:  loss_b, total; grad_i = rnd_P(g_b * d_i) (need_grad)
 //       backward: grad_i = rnd_P((g_b * go_b) * d_i), go_b from the grad_output tensor
 //       reads pred (+ noise) (+ x0), writes grad               bytes P + P (+ E) (+ E)
 // eps_i is noise_i or rnd_E(normal_i), where normal_i is the Philox stream of philox.h,
-// regenerated in registers instead of stored: with the stream and the epsilon target a
-// training step moves 2 elements per element for the loss side, eager torch about ten.
-// a_b, s_b, w_b are the tables at t_b; a t_b outside [0, steps) is never used as an index:
-// that sample's loss, grad and x_t become NaN.
+// regenerated in registers instead of stored: with the stream and the eps term alone a
+// training step moves 2 elements per element for the loss side, eager torch about ten. A term
+// that `terms` does not name costs nothing: no x0 read without kX0Term, no noise read and no
+// stream generated without kEpsTerm. The coefficients of sample b are column b of `coef`.
 //
 // Design. One block per tile (sample b, piece j of kTileElems elements of the sample) so the
-// per-sample values (t_b, tables, factors) are read once per block. A thread works on items of
+// per-sample values (coefficients, factors) are read once per block. A thread works on items of
 // kItem consecutive flat elements starting at a multiple of kItem: kItem / 4 whole Philox
 // groups (one philox4x32_10 call per 4 elements, as the stream is defined on the flat index)
 // and 16 bytes of the narrowest type (kItem = 8 with a 16-bit type, else 4). A round gives
@@ -36,13 +37,14 @@
 // the sample's partials in index order (thread-strided, then the same tree) and writes
 // loss_b; the block that completes the batch (counter[B]) adds loss_0..loss_{B-1} likewise
 // into total. The order of every addition depends on B, D and the dtypes only, never on the
-// schedule, so equal inputs give equal bits.
+// values, so equal inputs give equal bits.
 //
 // Arithmetic on data uses round-to-nearest IEEE operations written as PTX (no contraction, no
 // flush of subnormals) because setup.py compiles with --use_fast_math, whose -fmad and -ftz
 // would otherwise change the bits: add_noise equals torch's `a * x0 + s * noise` bit for bit,
-// grad has the CPU kernel's bits for the same eps, and the stream is the CPU's AVX2+FMA
-// path's (philox.h; its own fused operations meet no subnormals).
+// y and grad have the CPU kernel's bits for the same eps (each product and sum of y and g_b
+// rounded on its own), and the stream is the CPU's AVX2+FMA path's (philox.h; its own fused
+// operations meet no subnormals).
 //
 // Launch configuration: grid = B * ceil(D / kTileElems) blocks (1-D, tiles strided past
 // 2^31 - 1), 256 threads (fewer, in whole warps, when a sample is smaller than a tile), at
@@ -69,6 +71,7 @@
 
 #include "ieee.cuh"
 #include "noise_loss.cuh"
+#include "noise_loss.h"
 #include "philox.h"
 
 namespace debias {
@@ -83,7 +86,14 @@ constexpr int kMaxThreads = 256;
 constexpr int kLossMinBlocks = 2;
 constexpr int kElementwiseMinBlocks = 4;
 
-enum Target : int32_t { kEpsilon = 0, kVPrediction = 1, kSample = 2 };
+using noise_loss::kEpsTerm;
+using noise_loss::kRowA;
+using noise_loss::kRowP;
+using noise_loss::kRowQ;
+using noise_loss::kRowS;
+using noise_loss::kRowW;
+using noise_loss::kX0Term;
+
 // kLoss: forward without gradient; kLossGrad: forward; kGradOnly: backward.
 enum Mode : int { kLoss, kLossGrad, kGradOnly };
 
@@ -146,15 +156,6 @@ __device__ __forceinline__ C int_to_c(int64_t v) {
     return __ll2double_rn(v);
   } else {
     return __ll2float_rn(v);
-  }
-}
-
-template <typename C>
-__device__ __forceinline__ C quiet_nan() {
-  if constexpr (std::is_same_v<C, double>) {
-    return __longlong_as_double(0x7ff8000000000000LL);
-  } else {
-    return __uint_as_float(0x7fc00000u);
   }
 }
 
@@ -402,14 +403,12 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
 template <typename T>
 struct AddNoiseParams {
   using C = compute_t<T>;
-  const T* __restrict__ x0;       // [B * D]
-  const int64_t* __restrict__ t;  // [B]
-  const C* __restrict__ coef_a;   // [steps]
-  const C* __restrict__ coef_b;   // [steps]
-  const T* __restrict__ noise;    // [B * D], unused with the stream
-  T* __restrict__ x_t;            // [B * D] output
+  const T* __restrict__ x0;     // [B * D]
+  const C* __restrict__ coef;   // [kNoiseRows, B]: rows a, s
+  const T* __restrict__ noise;  // [B * D], unused with the stream
+  T* __restrict__ x_t;          // [B * D] output
   uint64_t seed, offset;
-  int64_t B, D, steps, chunks;
+  int64_t B, D, chunks;
   bool vec;  // x0, noise and x_t are 16-byte aligned
 };
 
@@ -422,12 +421,8 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
   const int64_t tiles = prm.B * prm.chunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const Tile<kItem> tl(tile, prm.chunks, prm.D);
-    const int64_t tb = __ldg(prm.t + tl.b);
-    C a = quiet_nan<C>(), s = quiet_nan<C>();
-    if (tb >= 0 && tb < prm.steps) {
-      a = __ldg(prm.coef_a + tb);
-      s = __ldg(prm.coef_b + tb);
-    }
+    const C a = __ldg(prm.coef + kRowA * prm.B + tl.b);
+    const C s = __ldg(prm.coef + kRowS * prm.B + tl.b);
     const T* x0_t = prm.x0 + tl.item0 * kItem;
     const T* noise_t = prm.noise + tl.item0 * kItem;
     T* x_t_t = prm.x_t + tl.item0 * kItem;
@@ -475,12 +470,9 @@ template <typename P, typename E>
 struct LossParams {
   using C = compute_t<P>;
   const P* __restrict__ pred;         // [B * D]
-  const int64_t* __restrict__ t;      // [B]
-  const C* __restrict__ weight;       // [steps]
-  const C* __restrict__ coef_a;       // [steps]
-  const C* __restrict__ coef_b;       // [steps]
-  const E* __restrict__ noise;        // [B * D], unused with the stream
-  const E* __restrict__ x0;           // [B * D] or nullptr (epsilon target)
+  const C* __restrict__ coef;         // [kLossRows, B]: rows w, p, q
+  const E* __restrict__ noise;        // [B * D], unused with the stream or without kEpsTerm
+  const E* __restrict__ x0;           // [B * D], unused without kX0Term
   const C* __restrict__ grad_output;  // kGradOnly: [go_numel]
   int64_t go_numel;                   // 1 or B
   C* loss;                            // [B], forward
@@ -489,13 +481,13 @@ struct LossParams {
   double* partial;                    // [B * chunks] when chunks > 1, forward
   int32_t* counter;                   // [B + 1] zeroed, forward
   uint64_t seed, offset;
-  double grad_scale, loss_scale;
-  int64_t B, D, steps, chunks;
-  int32_t target;
+  int64_t grad_div, loss_div;
+  int64_t B, D, chunks;
+  bool eps_term, x0_term;  // which terms of y = p eps + q x0 are read
   bool vec;  // every tensor read or written per element is 16-byte aligned
 };
 
-// loss_b = (sum / D) * w_b in double, as the CPU kernel computes it.
+// loss_b = C(sum / double(D) * double(w_b)), as the CPU kernel computes it.
 template <typename C>
 __device__ __forceinline__ C sample_loss(double sum, int64_t D, C w) {
   return to_c<C>(__dmul_rn(__ddiv_rn(sum, __ll2double_rn(D)), widen(w)));
@@ -512,23 +504,17 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
   __shared__ double s_warp[kMaxThreads / 32];
   __shared__ int s_sample_done, s_all_done;
 
-  const int32_t target = prm.target;
-  const bool load_noise = !kStream && target != kSample;
-  const bool load_x0 = target != kEpsilon;
+  const bool eps_term = prm.eps_term;
+  const bool x0_term = prm.x0_term;
+  const bool load_noise = !kStream && eps_term;
   const int64_t tiles = prm.B * prm.chunks;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const Tile<kItem> tl(tile, prm.chunks, prm.D);
-    const int64_t tb = __ldg(prm.t + tl.b);
-    C w = quiet_nan<C>(), a = quiet_nan<C>(), s = quiet_nan<C>();
-    if (tb >= 0 && tb < prm.steps) {
-      w = __ldg(prm.weight + tb);
-      if (target == kVPrediction) {
-        a = __ldg(prm.coef_a + tb);
-        s = __ldg(prm.coef_b + tb);
-      }
-    }
-    // The CPU's factor: C(2) * w * C(grad_scale) / C(D), left to right.
-    C scale = div_rn(mul_rn(mul_rn(C(2), w), to_c<C>(prm.grad_scale)), int_to_c<C>(prm.D));
+    const C w = __ldg(prm.coef + kRowW * prm.B + tl.b);
+    const C p_b = __ldg(prm.coef + kRowP * prm.B + tl.b);
+    const C q_b = __ldg(prm.coef + kRowQ * prm.B + tl.b);
+    // g_b = C(2) * w / C(D) / C(grad_div), left to right.
+    C scale = div_rn(div_rn(mul_rn(C(2), w), int_to_c<C>(prm.D)), int_to_c<C>(prm.grad_div));
     if constexpr (kMode == kGradOnly) {
       scale = mul_rn(scale, __ldg(prm.grad_output + (prm.go_numel == 1 ? 0 : tl.b)));
     }
@@ -539,15 +525,15 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
     P* grad_t = prm.grad + first;
     C acc = C(0);
 
-    // pred - y of one element; eps and x are read only when the target needs them.
+    // pred - y of one element; eps and x are read only when their term is named.
     auto diff = [&](C p, const C& eps, const C& x) {
       C y;
-      if (target == kEpsilon) {
-        y = eps;
-      } else if (target == kVPrediction) {
-        y = sub_rn(mul_rn(a, eps), mul_rn(s, x));
+      if (!x0_term) {
+        y = mul_rn(p_b, eps);
+      } else if (!eps_term) {
+        y = mul_rn(q_b, x);
       } else {
-        y = x;
+        y = add_rn(mul_rn(p_b, eps), mul_rn(q_b, x));
       }
       return sub_rn(p, y);
     };
@@ -561,7 +547,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
           const int32_t le0 = (lk0 + u * static_cast<int32_t>(blockDim.x)) * kItem;
           load_vec(pred_t + le0, p[u]);
           if (load_noise) load_vec(noise_t + le0, eps[u]);
-          if (load_x0) load_vec(x0_t + le0, x[u]);
+          if (x0_term) load_vec(x0_t + le0, x[u]);
         }
       }
 #pragma unroll
@@ -569,7 +555,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
         const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
         if (lk >= tl.items) continue;
         if constexpr (kStream) {
-          if (target != kSample) stream_item<E>(prm.seed, prm.offset, tl.group(lk), eps[u]);
+          if (eps_term) stream_item<E>(prm.seed, prm.offset, tl.group(lk), eps[u]);
         }
         if (vec_items >> u & 1) {
           C g[kItem];
@@ -586,7 +572,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
             const int32_t le = lk * kItem + e;
             if (!tl.holds(le)) continue;
             if (load_noise) eps[u][e] = load1<E, C>(noise_t + le);
-            if (load_x0) x[u][e] = load1<E, C>(x0_t + le);
+            if (x0_term) x[u][e] = load1<E, C>(x0_t + le);
             const C d = diff(load1<P, C>(pred_t + le), eps[u][e], x[u][e]);
             if constexpr (kLossOut) acc = fma_rn(d, d, acc);
             if constexpr (kGradOut) store1(grad_t + le, mul_rn(scale, d));
@@ -629,7 +615,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
         double v = 0.0;
         for (int64_t b = threadIdx.x; b < prm.B; b += blockDim.x) v += widen(__ldcg(prm.loss + b));
         v = block_sum(v, s_warp);
-        if (threadIdx.x == 0) *prm.total = to_c<C>(__dmul_rn(prm.loss_scale, v));
+        if (threadIdx.x == 0) *prm.total = to_c<C>(__ddiv_rn(v, __ll2double_rn(prm.loss_div)));
       }
       __syncthreads();  // the flags and s_warp are reused by the next tile
     }
@@ -680,10 +666,7 @@ cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
       using C = compute_t<P>;
       LossParams<P, E> prm;
       prm.pred = static_cast<const P*>(a.pred);
-      prm.t = a.t;
-      prm.weight = static_cast<const C*>(a.weight);
-      prm.coef_a = static_cast<const C*>(a.coef_a);
-      prm.coef_b = static_cast<const C*>(a.coef_b);
+      prm.coef = static_cast<const C*>(a.coef);
       prm.noise = static_cast<const E*>(a.noise);
       prm.x0 = static_cast<const E*>(a.x0);
       prm.grad_output = static_cast<const C*>(a.grad_output);
@@ -695,17 +678,16 @@ cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
       prm.counter = a.counter;
       prm.seed = a.seed;
       prm.offset = a.offset;
-      prm.grad_scale = a.grad_scale;
-      prm.loss_scale = a.loss_scale;
+      prm.grad_div = a.grad_div;
+      prm.loss_div = a.loss_div;
       prm.B = a.B;
       prm.D = a.D;
-      prm.steps = a.steps;
       prm.chunks = tiles_per_sample(a.D);
-      prm.target = a.target;
-      const bool uses_noise = a.noise != nullptr && a.target != kSample;
-      const bool uses_x0 = a.target != kEpsilon;
+      prm.eps_term = (a.terms & kEpsTerm) != 0;
+      prm.x0_term = (a.terms & kX0Term) != 0;
+      const bool uses_noise = a.noise != nullptr && prm.eps_term;
       prm.vec = aligned16(a.pred) && (!uses_noise || aligned16(a.noise)) &&
-                (!uses_x0 || aligned16(a.x0)) && (a.grad == nullptr || aligned16(a.grad));
+                (!prm.x0_term || aligned16(a.x0)) && (a.grad == nullptr || aligned16(a.grad));
       const unsigned grid = grid_for(a.B * prm.chunks);
       const int threads = threads_for(a.D, kItemOf<P, E>, kRoundOf<P, E>);
       if (a.noise == nullptr) {
@@ -720,25 +702,22 @@ cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-cudaError_t add_noise(DType dtype, const void* x0, const int64_t* t, const void* coef_a,
-                      const void* coef_b, const void* noise, uint64_t seed, uint64_t offset,
-                      void* x_t, int64_t B, int64_t D, int64_t steps, cudaStream_t stream) {
+cudaError_t add_noise(DType dtype, const void* x0, const void* coef, const void* noise,
+                      uint64_t seed, uint64_t offset, void* x_t, int64_t B, int64_t D,
+                      cudaStream_t stream) {
   if (B <= 0 || D <= 0) return cudaSuccess;
   return with_type(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
     using C = compute_t<T>;
     AddNoiseParams<T> prm;
     prm.x0 = static_cast<const T*>(x0);
-    prm.t = t;
-    prm.coef_a = static_cast<const C*>(coef_a);
-    prm.coef_b = static_cast<const C*>(coef_b);
+    prm.coef = static_cast<const C*>(coef);
     prm.noise = static_cast<const T*>(noise);
     prm.x_t = static_cast<T*>(x_t);
     prm.seed = seed;
     prm.offset = offset;
     prm.B = B;
     prm.D = D;
-    prm.steps = steps;
     prm.chunks = tiles_per_sample(D);
     prm.vec = aligned16(x0) && aligned16(x_t) && (noise == nullptr || aligned16(noise));
     const unsigned grid = grid_for(B * prm.chunks);

@@ -2,8 +2,9 @@
 // headers: the .cu compiles with plain nvcc and the torch-facing glue
 // (csrc/cuda/noise_loss_glue.cpp) includes this with any C++17 compiler.
 //
-// Every pointer is a device pointer to contiguous data; tables and outputs are in the compute
-// type C (double for float64 data, float otherwise). Flat indices and sizes are int64.
+// The contract (formulas, coefficient rows, `terms`, grad_div / loss_div) is csrc/noise_loss.h.
+// Every pointer is a device pointer to contiguous data; coefficients and outputs are in the
+// compute type C (double for float64 data, float otherwise). Flat indices and sizes are int64.
 // Each launcher enqueues its work on `stream` and returns the launch's cudaError_t.
 
 #pragma once
@@ -33,34 +34,30 @@ inline int64_t noise_loss_partials(int64_t B, int64_t D) {
 }
 inline int64_t noise_loss_counters(int64_t B) { return B + 1; }
 
-// x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * eps_i)), a = coef_a[t_b], s = coef_b[t_b];
-// eps_i = noise[i], or rnd_T(normal_i) of the stream (seed, offset) when noise is nullptr.
-// A sample whose t is outside [0, steps) gets NaN.
+// x_t[i] = rnd_T(rnd_T(a_b * x0[i]) + rnd_T(s_b * eps_i)), a_b and s_b rows kRowA and kRowS
+// of coef (csrc/noise_loss.h); eps_i = noise[i], or rnd_T(normal_i) of the stream
+// (seed, offset) when noise is nullptr.
 cudaError_t add_noise(DType dtype,            // T of x0, noise and x_t
                       const void* x0,         // [B * D] T
-                      const int64_t* t,       // [B]
-                      const void* coef_a,     // [steps] C
-                      const void* coef_b,     // [steps] C
+                      const void* coef,       // [kNoiseRows, B] C: rows a, s
                       const void* noise,      // [B * D] T, or nullptr: the stream
                       uint64_t seed, uint64_t offset,
                       void* x_t,              // [B * D] T, output
-                      int64_t B, int64_t D, int64_t steps, cudaStream_t stream);
+                      int64_t B, int64_t D, cudaStream_t stream);
 
-// The loss side of a training step; see noise_loss.cu for the formulas.
+// The loss side of a training step: loss_b, total and grad of csrc/noise_loss.h.
 struct NoiseLossArgs {
   DType pred_dtype;           // P
   DType eps_dtype;            // E: of noise and x0, and the rounding of the stream
   const void* pred;           // [B * D] P
-  const int64_t* t;           // [B]
-  const void* weight;         // [steps] C, loss weight per timestep
-  const void* coef_a;         // [steps] C, sqrt(abar) (v_prediction only)
-  const void* coef_b;         // [steps] C, sqrt(1 - abar) (v_prediction only)
-  const void* noise;          // [B * D] E, or nullptr: the stream (seed, offset)
-  const void* x0;             // [B * D] E, or nullptr (epsilon target)
-  int32_t target;             // 0 epsilon, 1 v_prediction, 2 sample
+  const void* coef;           // [kLossRows, B] C: rows w, p, q
+  const void* noise;          // [B * D] E, or nullptr: the stream (seed, offset); unread
+                              // without kEpsTerm
+  const void* x0;             // [B * D] E; unread (may be nullptr) without kX0Term
+  int64_t terms;              // kEpsTerm, kX0Term or both: the terms of y = p eps + q x0
   uint64_t seed, offset;
-  double grad_scale;          // d (reduced loss) / d loss_b
-  double loss_scale;          // total = loss_scale * sum_b loss_b
+  int64_t grad_div;           // g_b = 2 w_b / D / grad_div (times go_b in backward)
+  int64_t loss_div;           // forward: total = sum_b loss_b / loss_div
   const void* grad_output;    // backward: C, 1 or B values
   int64_t grad_output_numel;  // 1 (one value for every sample) or B
   void* loss;                 // forward: [B] C, output
@@ -68,7 +65,7 @@ struct NoiseLossArgs {
   void* grad;                 // [B * D] P, output; nullptr: forward without gradient
   double* partial;            // forward: noise_loss_partials(B, D) doubles of workspace
   int32_t* counter;           // forward: noise_loss_counters(B) int32, zeroed
-  int64_t B, D, steps;
+  int64_t B, D;
 };
 
 // loss, total and (when grad is not nullptr) grad.

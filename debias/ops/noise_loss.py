@@ -1,9 +1,15 @@
-"""The loss side of a diffusion training step: noising, and the weighted loss with its
-gradient, each in one pass over the data.
+"""The loss side of a diffusion training step, for every family (DDPM, flow matching, EDM):
+noising, and the weighted loss with its gradient, each in one pass over the data.
 
-    x_t  = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                       (add_noise)
-    L_b  = w(t_b) / D * sum_i (pred_bi - y_bi)^2,   y = eps | v | x0     (fused_loss)
-    dL/dpred = 2 w(t_b) / D * (pred - y) * scale                         (same pass)
+Every family is one affine op on per-sample coefficients (csrc/noise_loss.h):
+
+    x_t  = a_b x0 + s_b eps                                              (add_noise)
+    L_b  = w_b / D * sum_i (pred_bi - y_bi)^2,    y = p_b eps + q_b x0    (fused_loss)
+    dL/dpred = 2 w_b / D * (pred - y) / div                              (same pass)
+
+The schedule turns timesteps into coefficients: one gather of its float64-derived tables
+(``NoiseSchedule.noise_table``, ``weighting.loss_table``) gives the ``[2, B]`` (a, s) and
+``[3, B]`` (w, p, q) tensors that every backend takes; no kernel sees a timestep.
 
 With ``noise=None`` the noise is a Philox stream (``PhiloxNoise``): drawn inside the kernel from
 a key taken from torch's generator and drawn again by the loss, so it need never be written to
@@ -24,12 +30,11 @@ import torch
 from debias import reference
 from debias.ops import _backend
 from debias.schedules import NoiseSchedule, as_schedule
-from debias.weighting import Weighting, cached_weight_table, check_timesteps, resolve_prediction
+from debias.weighting import Weighting, cached_loss_table, resolve_prediction
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Backends that keep the noise they generate (PhiloxNoise.values): compute-bound ones.
 _KEEPS_NOISE = ("torch", "cpu")
-_TARGETS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 # The gradient design per backend: True computes the gradient in the loss's forward pass and
 # keeps it for backward (on the CPU, whose backward then usually costs nothing: see
 # _NoiseLoss.backward); False computes the loss alone and recomputes the gradient in
@@ -37,6 +42,52 @@ _TARGETS = {"epsilon": 0, "v_prediction": 1, "sample": 2}
 # tensor passes for the loss side instead of 6 (benchmarks/bench_noise_loss.py times both).
 GRAD_IN_FORWARD = {"torch": True, "cpu": True, "triton": False, "cuda": False}
 _REDUCTIONS = ("mean", "sum", "none")
+
+# csrc/noise_loss.h, `Terms`: which parts of y = p eps + q x0 a kernel reads.
+TERM_EPS, TERM_X0 = 1, 2
+# The terms each prediction's target has (its p and q rows are zero where a term is absent).
+_TERMS = {
+    "epsilon": TERM_EPS,
+    "sample": TERM_X0,
+    "v_prediction": TERM_EPS | TERM_X0,
+    "flow": TERM_EPS | TERM_X0,
+    "raw": TERM_EPS | TERM_X0,
+}
+
+
+class LossArgs(NamedTuple):
+    """The loss op's arguments past the door: what the custom ops, their fakes, autograd and
+    every backend share (csrc/noise_loss.h lists the C++ side's in the same order)."""
+
+    coef: torch.Tensor  # [3, B] in the compute type: rows w, p, q
+    noise: torch.Tensor | None  # like pred, or None: the stream of `key` (or no eps term)
+    x0: torch.Tensor | None  # like pred when terms has TERM_X0, else None
+    key: torch.Tensor | None  # int64 [2] (seed, offset) on the CPU when eps is the stream
+    terms: int  # TERM_EPS | TERM_X0
+    eps_dtype: torch.dtype  # the noise's dtype: the stream is rounded to it
+    reduction: int  # index into _REDUCTIONS
+
+    def divisor(self, batch: int) -> int:
+        """grad_div and loss_div of the kernels: B for a batch mean, else 1."""
+        return batch if _REDUCTIONS[self.reduction] == "mean" else 1
+
+    def seed_offset(self) -> tuple[int, int]:
+        return tuple(self.key.tolist()) if self.key is not None else (0, 0)
+
+
+# LossArgs' fields with their annotations as written (strings under postponed evaluation).
+_FIELD_TYPES = {
+    name: getattr(tp, "__forward_arg__", tp) for name, tp in LossArgs.__annotations__.items()
+}
+_TENSOR_FIELDS = tuple(name for name, tp in _FIELD_TYPES.items() if "Tensor" in tp)
+
+
+def _schema(head: str, tail: str) -> str:
+    """A custom op schema with LossArgs' fields between ``head`` and ``tail`` arguments."""
+    types = {"torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?", "int": "int",
+             "torch.dtype": "ScalarType"}  # fmt: skip
+    fields = ", ".join(f"{types[tp]} {name}" for name, tp in _FIELD_TYPES.items())
+    return f"({head}, {fields}, {tail})"
 
 
 class PhiloxNoise(NamedTuple):
@@ -79,15 +130,20 @@ def add_noise(
     *,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | PhiloxNoise]:
-    """Noise ``x0`` to timesteps ``t``: ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``.
+    """Noise ``x0`` to timesteps ``t``: ``x_t = a_t x0 + s_t noise`` with the schedule's
+    coefficients (DDPM: ``sqrt(abar_t)``, ``sqrt(1 - abar_t)``; flow matching: ``1 - sigma``,
+    ``sigma``; EDM: ``1``, ``sigma``).
 
     Args:
-        x0: clean data ``[B, ...]``, float32/float64/bfloat16/float16.
-        t: integer timesteps ``[B]`` in [0, T).
-        schedule: a ``NoiseSchedule`` or a diffusers scheduler.
-        noise: a tensor like ``x0``; with it the result equals diffusers'
-            ``scheduler.add_noise(x0, noise, t)`` bit for bit. None (default) draws the noise
-            from a Philox stream inside the kernel.
+        x0: clean data ``[B, ...]`` (images, latents, video), float32/float64/bfloat16/float16.
+        t: timesteps ``[B]``: integers in [0, T) for a DDPM schedule; for flow matching and
+            EDM the float timesteps of the schedule (``scheduler.timesteps[indices]``).
+        schedule: a ``NoiseSchedule`` or a diffusers scheduler (DDPM-style, flow matching,
+            EDM).
+        noise: a tensor like ``x0``; with it the result equals the trainer's noising line
+            (diffusers' ``scheduler.add_noise``, or ``(1 - sigmas) * x0 + sigmas * noise`` of
+            the flow-matching scripts) bit for bit. None (default) draws the noise from a
+            Philox stream inside the kernel.
         generator: a CPU ``torch.Generator`` for the Philox key; None uses torch's default,
             so ``torch.manual_seed`` makes runs repeatable.
         backend: force "torch", "cpu", "triton" or "cuda" (default: fastest available).
@@ -98,9 +154,7 @@ def add_noise(
     """
     schedule = as_schedule(schedule)
     _check_data("x0", x0)
-    if _eager():
-        check_timesteps(t, schedule.num_timesteps, batch=x0.shape[0])
-    _check_same_device(x0=x0, t=t)
+    index = _index(schedule, t, x0)
     if noise is not None:
         _check_like("noise", noise, "x0", x0)
         if noise.dtype != x0.dtype:
@@ -108,11 +162,11 @@ def add_noise(
         if generator is not None:
             raise ValueError("generator is only used when noise=None; pass one or the other")
     backend = _backend.resolve(backend, x0.device)
-    coef = _coefficients(schedule, x0.dtype, x0.device)
+    coef = _noise_table(schedule, x0.dtype, x0.device)[:, index]
     key = _draw_key(generator) if noise is None else None
     noise_arg = None if noise is None else noise.contiguous()
     keep = noise is None and backend in _KEEPS_NOISE
-    args = (x0.contiguous(), t.long(), coef[0], coef[1], noise_arg, key, keep, backend)
+    args = (x0.contiguous(), coef, noise_arg, key, keep, backend)
     if torch.is_grad_enabled() and (x0.requires_grad or (key is None and noise.requires_grad)):
         x_t, kept = _AddNoise.apply(*args)
     else:
@@ -137,20 +191,22 @@ def fused_loss(
 ) -> torch.Tensor:
     """The weighted diffusion loss and its gradient in one pass.
 
-    Equal to diffusers' ``mse_loss(pred.float(), target.float(), "none")`` averaged over the
-    non-batch dims, times the per-sample weight, then reduced over the batch.
+    Equal to the trainers' ``mse_loss(pred.float(), target.float(), "none")`` averaged over
+    the non-batch dims, times the per-sample weight, then reduced over the batch.
 
     Args:
         pred: the network's output ``[B, ...]``, float32/float64/bfloat16/float16.
         noise: the noise used to make x_t: a tensor like ``pred`` or the ``PhiloxNoise``
             that ``add_noise`` returned.
-        t: integer timesteps ``[B]``.
+        t: timesteps ``[B]``, as for ``add_noise``.
         schedule: a ``NoiseSchedule`` or a diffusers scheduler.
-        weighting: "constant", "debias" (default), "p2", "min_snr", a ``[T]`` tensor or a
-            callable of snr, all in epsilon space (see ``debias.weighting``).
-        prediction: what ``pred`` is: "epsilon", "v_prediction" or "sample"; None (default)
-            takes the schedule's prediction type (a diffusers scheduler's config).
-        x0: the clean data ``[B, ...]``; required for "v_prediction" and "sample".
+        weighting: a name of ``debias.WEIGHTINGS`` (each defined once in its own space and
+            converted exactly to the prediction's: see ``debias.weighting``), a ``[T]``
+            tensor or a callable of snr (epsilon space). Default "debias".
+        prediction: what ``pred`` is: "epsilon", "v_prediction", "sample" (alias
+            "denoised"), "flow" (noise - x0) or "raw" (EDM's preconditioned network output);
+            None (default) takes the schedule's (a diffusers scheduler's config).
+        x0: the clean data ``[B, ...]``; required by every target but "epsilon".
         reduction: "mean" (default) or "sum" over the batch, or "none" for ``[B]``.
         backend: force "torch", "cpu", "triton" or "cuda".
         **options: ``gamma``, ``k``, ``max_weight``, ``normalize`` (see ``debias.weighting``).
@@ -170,16 +226,14 @@ def fused_loss(
         _check_same_device(pred=pred, noise=noise)
     else:
         _check_like("noise", noise, "pred", pred)
-    noise_dtype = noise.dtype
-    if prediction != "epsilon":
+    terms = _TERMS[prediction]
+    if terms & TERM_X0:
         if x0 is None:
             raise ValueError(f"x0 is required for prediction={prediction!r}")
         _check_like("x0", x0, "pred", pred)
-        if x0.dtype != noise_dtype:
-            raise TypeError(f"x0 must have noise's dtype {noise_dtype}, got {x0.dtype}")
-    if _eager():
-        check_timesteps(t, schedule.num_timesteps, batch=pred.shape[0])
-    _check_same_device(pred=pred, t=t)
+        if x0.dtype != noise.dtype:
+            raise TypeError(f"x0 must have noise's dtype {noise.dtype}, got {x0.dtype}")
+    index = _index(schedule, t, pred)
     for name, tensor in (("noise", noise), ("x0", x0)):
         if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
             raise ValueError(
@@ -189,26 +243,26 @@ def fused_loss(
     backend = _backend.resolve(backend, pred.device)
 
     compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    weight = cached_weight_table(schedule, weighting, prediction, compute, pred.device, options)
-    coef = _coefficients(schedule, noise_dtype, pred.device, compute)
-    philox = isinstance(noise, PhiloxNoise) and noise.values is None
-    if isinstance(noise, PhiloxNoise) and not philox:
-        noise = noise.values
-    args = (
-        t.long(),
-        weight,
-        coef[0],
-        coef[1],
-        None if philox else noise.contiguous(),
-        x0.contiguous() if prediction != "epsilon" else None,
-        noise.key if philox else None,
-        _TARGETS[prediction],
-        noise_dtype,
-        _REDUCTIONS.index(reduction),
+    table = cached_loss_table(
+        schedule, weighting, prediction, noise.dtype, compute, pred.device, options
     )
-    pred = pred.contiguous()
+    philox = isinstance(noise, PhiloxNoise) and noise.values is None
+    noise_tensor = noise.values if isinstance(noise, PhiloxNoise) else noise
+    args = LossArgs(
+        coef=table[:, index],
+        noise=noise_tensor.contiguous() if terms & TERM_EPS and not philox else None,
+        x0=x0.contiguous() if terms & TERM_X0 else None,
+        key=noise.key if philox and terms & TERM_EPS else None,
+        terms=terms,
+        eps_dtype=noise.dtype,
+        reduction=_REDUCTIONS.index(reduction),
+    )
+    if not (backend == "cpu" and pred[0].is_contiguous()):
+        # The C++ kernels read samples any stride apart (model_output[:, :C] of a
+        # learned-variance network, without a copy); the others want one run of memory.
+        pred = pred.contiguous()
     if pred.requires_grad and torch.is_grad_enabled():
-        return _NoiseLoss.apply(pred, *args, backend)
+        return _NoiseLoss.apply(pred, args, backend)
     return _noise_loss(pred, *args, False, backend)[0]
 
 
@@ -247,26 +301,26 @@ def _check_same_device(**tensors: Any) -> None:
             )
 
 
+def _index(schedule: NoiseSchedule, t: Any, data: torch.Tensor) -> torch.Tensor:
+    """The table index of each sample's timestep, ``[B]`` int64 on t's device; t is checked
+    for its shape here and for its values by the schedule (on the host only in eager mode on
+    the CPU: elsewhere asynchronously, so nothing synchronises)."""
+    if isinstance(t, torch.Tensor) and (t.dim() != 1 or t.shape[0] != data.shape[0]):
+        raise ValueError(
+            f"t must have shape [{data.shape[0]}] (one timestep per sample), got {list(t.shape)}"
+        )
+    index = schedule.index(t)
+    _check_same_device(data=data, t=t)
+    return index
+
+
 # ---- tables and keys ----------------------------------------------------------------------
 
 
+# Tables are constants of a compiled graph: torch.compile evaluates this once while tracing.
 @torch.compiler.assume_constant_result
-def _coefficients(
-    schedule: NoiseSchedule, dtype: torch.dtype, device: torch.device, compute=None
-) -> torch.Tensor:
-    """``[2, T]``: sqrt(abar) and sqrt(1 - abar) as diffusers computes them in ``dtype`` (from
-    the float32 table it keeps; float64 data uses the float64 table), stored in the compute
-    type (float64 for float64 data, else float32) so the kernel's products round like
-    diffusers' do."""
-    compute = compute or (torch.float64 if dtype == torch.float64 else torch.float32)
-
-    def build() -> torch.Tensor:
-        abar = schedule.alphas_cumprod
-        if dtype != torch.float64:
-            abar = abar.float().to(dtype)
-        return torch.stack((abar.sqrt(), (1 - abar).sqrt())).to(compute)
-
-    return schedule.table(("coef", dtype, compute), build, device)
+def _noise_table(schedule: NoiseSchedule, dtype: torch.dtype, device: torch.device):
+    return schedule.noise_table(dtype, device)
 
 
 def _draw_key(generator: torch.Generator | None) -> torch.Tensor:
@@ -290,10 +344,10 @@ def _draw_key(generator: torch.Generator | None) -> torch.Tensor:
 # autograd.Function, which dynamo traces as well.
 
 
-def _custom_op(name: str, impl):
+def _custom_op(name: str, impl, schema: str | None = None):
     """Registers ``impl`` as custom op ``name``; returns (the op, a caller that uses the op
     under torch.compile and ``impl`` itself in eager mode)."""
-    op = torch.library.custom_op(name, impl, mutates_args=())
+    op = torch.library.custom_op(name, impl, mutates_args=(), schema=schema)
 
     def call(*args):
         return op(*args) if torch.compiler.is_compiling() else impl(*args)
@@ -325,126 +379,98 @@ def _philox_normal_impl(
 
 def _add_noise_impl(
     x0: torch.Tensor,
-    t: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
+    coef: torch.Tensor,
     noise: torch.Tensor | None,
     key: torch.Tensor | None,
     keep_noise: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, the generated noise if ``keep_noise`` else an empty tensor)."""
+    """(x_t, the generated noise if ``keep_noise`` else an empty tensor); coef [2, B]: a, s."""
     seed, offset = key.tolist() if key is not None else (0, 0)
     if backend in ("cpu", "cuda"):
-        return torch.ops.debias_C.add_noise(x0, t, coef_a, coef_b, noise, seed, offset, keep_noise)
+        return torch.ops.debias_C.add_noise(x0, coef, noise, seed, offset, keep_noise)
     kept = x0.new_empty(0)
     if backend == "triton":
-        return _triton_kernels().add_noise(x0, t, coef_a, coef_b, noise, seed, offset), kept
+        return _triton_kernels().add_noise(x0, coef, noise, seed, offset), kept
     if noise is None:
         noise = _philox_normal_impl(key, list(x0.shape), x0.dtype, x0.device, backend)
         kept = noise if keep_noise else kept
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    a = coef_a[t].to(x0.dtype).view(shape)
-    s = coef_b[t].to(x0.dtype).view(shape)
-    return a * x0 + s * noise, kept
+    return reference.noised(x0, noise, coef[0], coef[1]), kept
 
 
-def _noise_loss_impl(
-    pred: torch.Tensor,
-    t: torch.Tensor,
-    weight: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    noise: torch.Tensor | None,
-    x0: torch.Tensor | None,
-    key: torch.Tensor | None,
-    target: int,
-    noise_dtype: torch.dtype,
-    reduction: int,
-    need_grad: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _noise_loss_impl(pred: torch.Tensor, *fields: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss reduced as asked, d loss / d pred or an empty tensor if not ``need_grad``); the
-    gradient already carries the 1/B of a mean."""
-    seed, offset = key.tolist() if key is not None else (0, 0)
-    div = pred.shape[0] if _REDUCTIONS[reduction] == "mean" else 1
-    args = (pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset)
+    gradient already carries the 1/B of a mean. ``fields``: LossArgs, need_grad, backend."""
+    *fields, need_grad, backend = fields
+    args = LossArgs(*fields)
+    div = args.divisor(pred.shape[0])
     if backend == "triton":
+        seed, offset = args.seed_offset()
         per_sample, total, grad = _triton_kernels().noise_loss(
-            *args, grad_div=div, loss_div=div, need_grad=need_grad
-        )
+            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
+            grad_div=div, loss_div=div, need_grad=need_grad,
+        )  # fmt: skip
         grad = grad if need_grad else pred.new_empty(0)
     elif backend in ("cpu", "cuda"):
+        seed, offset = args.seed_offset()
         per_sample, total, grad = torch.ops.debias_C.noise_loss_fwd(
-            *args, 1.0 / div, 1.0 / div, need_grad
-        )
+            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
+            div, div, need_grad,
+        )  # fmt: skip
     else:
-        per_sample, grad = _noise_loss_torch(*args, 1.0 / div, need_grad)
+        target = _target_torch(pred, args)
+        per_sample = reference.weighted_mse(pred, target, args.coef[0], "none")
         total = per_sample.sum() / div
-    return (per_sample if _REDUCTIONS[reduction] == "none" else total), grad
+        grad = pred.new_empty(0)
+        if need_grad:
+            grad = reference.weighted_mse_grad(pred, target, args.coef[0], div)
+    return (per_sample if _REDUCTIONS[args.reduction] == "none" else total), grad
 
 
-def _noise_loss_bwd_impl(
-    pred: torch.Tensor,
-    t: torch.Tensor,
-    weight: torch.Tensor,
-    coef_a: torch.Tensor,
-    coef_b: torch.Tensor,
-    noise: torch.Tensor | None,
-    x0: torch.Tensor | None,
-    key: torch.Tensor | None,
-    target: int,
-    noise_dtype: torch.dtype,
-    reduction: int,
-    grad_output: torch.Tensor,
-    backend: str,
-) -> torch.Tensor:
+def _noise_loss_bwd_impl(pred: torch.Tensor, *fields: Any) -> torch.Tensor:
     """d loss / d pred recomputed from pred and the noise, times ``grad_output`` (a scalar or
-    ``[B]`` for reduction "none", in the loss dtype), which stays on the device."""
-    seed, offset = key.tolist() if key is not None else (0, 0)
-    div = pred.shape[0] if _REDUCTIONS[reduction] == "mean" else 1
-    args = (pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset)
+    ``[B]`` for reduction "none", in the loss dtype), which stays on the device.
+    ``fields``: LossArgs, grad_output, backend."""
+    *fields, grad_output, backend = fields
+    args = LossArgs(*fields)
+    div = args.divisor(pred.shape[0])
+    seed, offset = args.seed_offset()
     grad_output = grad_output.contiguous()
     if backend == "triton":
         return _triton_kernels().noise_loss(
-            *args, grad_div=div, need_loss=False, grad_output=grad_output
-        )[2]
+            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
+            grad_div=div, need_loss=False, grad_output=grad_output,
+        )[2]  # fmt: skip
     if backend in ("cpu", "cuda"):
-        return torch.ops.debias_C.noise_loss_bwd(*args, 1.0 / div, grad_output)
-    grad = _noise_loss_torch(*args, 1.0 / div, True)[1]
+        return torch.ops.debias_C.noise_loss_bwd(
+            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
+            div, grad_output,
+        )  # fmt: skip
+    grad = reference.weighted_mse_grad(pred, _target_torch(pred, args), args.coef[0], div)
     return grad * grad_output.view((-1,) + (1,) * (pred.dim() - 1)).to(grad.dtype)
 
 
-def _noise_loss_torch(
-    pred, t, weight, coef_a, coef_b, noise, x0, target, noise_dtype, seed, offset, grad_scale,
-    need_grad,
-):  # fmt: skip
-    compute = weight.dtype
-    if noise is None:
-        key = torch.tensor([seed, offset])
-        noise = _philox_normal_impl(key, list(pred.shape), noise_dtype, pred.device, "torch")
-    shape = (-1,) + (1,) * (pred.dim() - 1)
-    eps = noise.to(compute)
-    if target == _TARGETS["epsilon"]:
-        y = eps
-    elif target == _TARGETS["v_prediction"]:
-        y = coef_a[t].view(shape) * eps - coef_b[t].view(shape) * x0.to(compute)
-    else:
-        y = x0.to(compute)
-    diff = pred.to(compute) - y
-    w = weight[t]
-    per_sample = w * diff.square().mean(dim=list(range(1, pred.dim())))
-    grad = torch.empty(0, dtype=pred.dtype, device=pred.device)
-    if need_grad:
-        grad = ((2.0 * grad_scale / diff[0].numel()) * w).view(shape) * diff
-        grad = grad.to(pred.dtype)
-    return per_sample, grad
+def _target_torch(pred: torch.Tensor, args: LossArgs) -> torch.Tensor:
+    """The torch backend's target: reference.affine_target on the noise (the stream drawn by
+    the reference when it is not given) and x0, with the terms the op names."""
+    eps = None
+    if args.terms & TERM_EPS:
+        eps = args.noise
+        if eps is None:
+            shape = list(pred.shape)
+            eps = _philox_normal_impl(args.key, shape, args.eps_dtype, pred.device, "torch")
+    x0 = args.x0 if args.terms & TERM_X0 else None
+    return reference.affine_target(eps, x0, args.coef[1], args.coef[2])
 
 
+_LOSS_SCHEMA = _schema("Tensor pred", "bool need_grad, str backend") + " -> (Tensor, Tensor)"
+_LOSS_BWD_SCHEMA = _schema("Tensor pred", "Tensor grad_output, str backend") + " -> Tensor"
 _philox_normal_op, _philox_normal = _custom_op("debias::philox_normal", _philox_normal_impl)
 _add_noise_op, _add_noise = _custom_op("debias::add_noise", _add_noise_impl)
-_noise_loss_op, _noise_loss = _custom_op("debias::noise_loss", _noise_loss_impl)
-_noise_loss_bwd_op, _noise_loss_bwd = _custom_op("debias::noise_loss_bwd", _noise_loss_bwd_impl)
+_noise_loss_op, _noise_loss = _custom_op("debias::noise_loss", _noise_loss_impl, _LOSS_SCHEMA)
+_noise_loss_bwd_op, _noise_loss_bwd = _custom_op(
+    "debias::noise_loss_bwd", _noise_loss_bwd_impl, _LOSS_BWD_SCHEMA
+)
 
 
 @_philox_normal_op.register_fake
@@ -453,33 +479,33 @@ def _(key, shape, dtype, device, backend):
 
 
 @_add_noise_op.register_fake
-def _(x0, t, coef_a, coef_b, noise, key, keep_noise, backend):
+def _(x0, coef, noise, key, keep_noise, backend):
     kept = torch.empty_like(x0) if keep_noise and noise is None else x0.new_empty(0)
     return torch.empty_like(x0), kept
 
 
 @_noise_loss_op.register_fake
-def _(pred, t, weight, coef_a, coef_b, noise, x0, key, target, noise_dtype, reduction,
-      need_grad, backend):  # fmt: skip
-    loss_shape = (pred.shape[0],) if _REDUCTIONS[reduction] == "none" else ()
+def _(pred, *fields):
+    *fields, need_grad, _backend_name = fields
+    args = LossArgs(*fields)
+    loss_shape = (pred.shape[0],) if _REDUCTIONS[args.reduction] == "none" else ()
     grad_shape = pred.shape if need_grad else (0,)
-    return pred.new_empty(loss_shape, dtype=weight.dtype), pred.new_empty(grad_shape)
+    return pred.new_empty(loss_shape, dtype=args.coef.dtype), pred.new_empty(grad_shape)
 
 
 @_noise_loss_bwd_op.register_fake
-def _(pred, t, weight, coef_a, coef_b, noise, x0, key, target, noise_dtype, reduction,
-      grad_output, backend):  # fmt: skip
+def _(pred, *fields):
     return torch.empty_like(pred)
 
 
 class _AddNoise(torch.autograd.Function):
-    """x_t = a_t x0 + s_t noise: the gradients are the per-sample coefficients."""
+    """x_t = a x0 + s noise: the gradients are the per-sample coefficients."""
 
     @staticmethod
-    def forward(ctx, x0, t, coef_a, coef_b, noise, key, keep_noise, backend):
-        ctx.save_for_backward(t, coef_a, coef_b)
+    def forward(ctx, x0, coef, noise, key, keep_noise, backend):
+        ctx.save_for_backward(coef)
         ctx.dim = x0.dim()
-        x_t, kept = _add_noise(x0, t, coef_a, coef_b, noise, key, keep_noise, backend)
+        x_t, kept = _add_noise(x0, coef, noise, key, keep_noise, backend)
         ctx.mark_non_differentiable(kept)
         ctx.set_materialize_grads(False)
         return x_t, kept
@@ -487,14 +513,12 @@ class _AddNoise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_kept):
         if grad is None:
-            return (None,) * 8
-        t, coef_a, coef_b = ctx.saved_tensors
+            return (None,) * 6
+        (coef,) = ctx.saved_tensors
         shape = (-1,) + (1,) * (ctx.dim - 1)
-        grad_x0 = grad * coef_a[t].to(grad.dtype).view(shape)
-        grad_noise = (
-            grad * coef_b[t].to(grad.dtype).view(shape) if ctx.needs_input_grad[4] else None
-        )
-        return grad_x0, None, None, None, grad_noise, None, None, None
+        grad_x0 = grad * coef[0].to(grad.dtype).view(shape)
+        grad_noise = grad * coef[1].to(grad.dtype).view(shape) if ctx.needs_input_grad[2] else None
+        return grad_x0, None, grad_noise, None, None, None
 
 
 def _is_host_one(x: torch.Tensor) -> bool:
@@ -506,29 +530,28 @@ class _NoiseLoss(torch.autograd.Function):
     """Two designs (GRAD_IN_FORWARD): the gradient computed in forward and kept, backward
     only scaling it by grad_output; or forward computing the loss alone and backward
     recomputing the gradient from pred and the regenerated noise, grad_output read on the
-    device. Neither synchronises the device."""
+    device. Neither synchronises the device. The LossArgs record travels whole: its tensors
+    through save_for_backward, the rest on ctx."""
 
     @staticmethod
-    def forward(ctx, pred, *args):
-        *args, backend = args
+    def forward(ctx, pred, args, backend):
         ctx.dim = pred.dim()
         ctx.keep = GRAD_IN_FORWARD[backend]
         loss, grad = _noise_loss(pred, *args, ctx.keep, backend)
         if ctx.keep:
             ctx.save_for_backward(grad)
         else:
-            t, weight, coef_a, coef_b, noise, x0, key = args[:7]
-            ctx.save_for_backward(pred, t, weight, coef_a, coef_b, noise, x0, key)
-            ctx.args = (*args[7:], backend)  # target, noise_dtype, reduction; backend
+            ctx.save_for_backward(pred, *(getattr(args, f) for f in _TENSOR_FIELDS))
+            ctx.args = args._replace(**dict.fromkeys(_TENSOR_FIELDS))
+            ctx.backend = backend
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         if not ctx.keep:
             pred, *tensors = ctx.saved_tensors
-            *consts, backend = ctx.args
-            grad = _noise_loss_bwd(pred, *tensors, *consts, grad_loss, backend)
-            return (grad,) + (None,) * 11
+            args = ctx.args._replace(**dict(zip(_TENSOR_FIELDS, tensors, strict=True)))
+            return _noise_loss_bwd(pred, *args, grad_loss, ctx.backend), None, None
         (grad,) = ctx.saved_tensors
         if grad_loss.dim() > 0:  # reduction="none": one upstream gradient per sample
             grad_loss = grad_loss.view((-1,) + (1,) * (ctx.dim - 1))
@@ -536,7 +559,7 @@ class _NoiseLoss(torch.autograd.Function):
             # loss.backward() on the CPU: the kept gradient is the answer, no pass over it.
             # Autograd copies it if the graph is retained and accumulates into .grad without
             # writing to it, so handing out the kept buffer is safe.
-            return (grad,) + (None,) * 11
+            return grad, None, None
         # A scalar of pred's dtype rounds once; the usual grad_output of 1 (or a power-of-two
         # loss scale) passes the kept gradient through exactly.
-        return (grad * grad_loss.to(grad.dtype),) + (None,) * 11
+        return grad * grad_loss.to(grad.dtype), None, None
