@@ -10,7 +10,7 @@ gu = debias.memorization.gu_ratio(samples, train_images)  # memorized fraction, 
 from debias import memorization
 from debias.ops.knn import knn
 from debias.ops.noise_loss import PhiloxNoise, add_noise, fused_loss
-from debias.schedules import NoiseSchedule
+from debias.schedules import NoiseSchedule, sample_timesteps
 from debias.weighting import WEIGHTINGS, loss_weight, weight_table
 
 __version__ = "0.1.0"
@@ -24,5 +24,6 @@ __all__ = [
     "knn",
     "loss_weight",
     "memorization",
+    "sample_timesteps",
     "weight_table",
 ]
