@@ -71,8 +71,11 @@ class LossArgs(NamedTuple):
         """grad_div and loss_div of the kernels: B for a batch mean, else 1."""
         return batch if _REDUCTIONS[self.reduction] == "mean" else 1
 
-    def seed_offset(self) -> tuple[int, int]:
-        return tuple(self.key.tolist()) if self.key is not None else (0, 0)
+    def kernel_args(self, pred: torch.Tensor) -> tuple:
+        """The leading arguments of every loss kernel, C++, CUDA and Triton alike
+        (DEBIAS_NOISE_LOSS_ARGS of csrc/noise_loss.h, up to the divisors)."""
+        seed, offset = self.key.tolist() if self.key is not None else (0, 0)
+        return (pred, self.coef, self.noise, self.x0, self.terms, self.eps_dtype, seed, offset)
 
 
 # LossArgs' fields with their annotations as written (strings under postponed evaluation).
@@ -405,18 +408,14 @@ def _noise_loss_impl(pred: torch.Tensor, *fields: Any) -> tuple[torch.Tensor, to
     args = LossArgs(*fields)
     div = args.divisor(pred.shape[0])
     if backend == "triton":
-        seed, offset = args.seed_offset()
         per_sample, total, grad = _triton_kernels().noise_loss(
-            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
-            grad_div=div, loss_div=div, need_grad=need_grad,
-        )  # fmt: skip
+            *args.kernel_args(pred), grad_div=div, loss_div=div, need_grad=need_grad
+        )
         grad = grad if need_grad else pred.new_empty(0)
     elif backend in ("cpu", "cuda"):
-        seed, offset = args.seed_offset()
         per_sample, total, grad = torch.ops.debias_C.noise_loss_fwd(
-            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
-            div, div, need_grad,
-        )  # fmt: skip
+            *args.kernel_args(pred), div, div, need_grad
+        )
     else:
         target = _target_torch(pred, args)
         per_sample = reference.weighted_mse(pred, target, args.coef[0], "none")
@@ -434,18 +433,13 @@ def _noise_loss_bwd_impl(pred: torch.Tensor, *fields: Any) -> torch.Tensor:
     *fields, grad_output, backend = fields
     args = LossArgs(*fields)
     div = args.divisor(pred.shape[0])
-    seed, offset = args.seed_offset()
     grad_output = grad_output.contiguous()
     if backend == "triton":
         return _triton_kernels().noise_loss(
-            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
-            grad_div=div, need_loss=False, grad_output=grad_output,
-        )[2]  # fmt: skip
+            *args.kernel_args(pred), grad_div=div, need_loss=False, grad_output=grad_output
+        )[2]
     if backend in ("cpu", "cuda"):
-        return torch.ops.debias_C.noise_loss_bwd(
-            pred, args.coef, args.noise, args.x0, args.terms, args.eps_dtype, seed, offset,
-            div, grad_output,
-        )  # fmt: skip
+        return torch.ops.debias_C.noise_loss_bwd(*args.kernel_args(pred), div, grad_output)
     grad = reference.weighted_mse_grad(pred, _target_torch(pred, args), args.coef[0], div)
     return grad * grad_output.view((-1,) + (1,) * (pred.dim() - 1)).to(grad.dtype)
 
