@@ -226,11 +226,20 @@ class NoiseSchedule:
         """
         config = getattr(scheduler, "config", {})
         kind = type(scheduler).__name__
-        if kind.startswith("FlowMatch"):
+        if kind.startswith(("FlowMatch", "EDM")):
             T = _config_get(config, "num_train_timesteps", None)
+            # as constructed: T timesteps (flow), T + 1 (EDM's ramp ends on sigma_min)
+            expected = T if kind.startswith("FlowMatch") else T + 1
+            if scheduler.timesteps.numel() != expected:
+                raise ValueError(
+                    f"schedule: this {kind} holds {scheduler.timesteps.numel()} timesteps, not "
+                    f"its {T} training ones (set_timesteps was called for inference); pass a "
+                    "copy made before that, as diffusers' training scripts keep "
+                    "(noise_scheduler_copy)"
+                )
+        if kind.startswith("FlowMatch"):
             return cls._from_sigmas("flow", scheduler.sigmas[:T], scheduler.timesteps[:T], "flow")
         if kind.startswith("EDM"):
-            T = _config_get(config, "num_train_timesteps", None)
             return cls._from_sigmas(
                 "edm", scheduler.sigmas[:T], scheduler.timesteps[:T], "raw",
                 float(_config_get(config, "sigma_data", 0.5)),

@@ -169,3 +169,10 @@ def test_every_target_weighs_the_same_objective(family):
         errors[prediction] = debias.weight_table(schedule, "min_snr", prediction)[idx] * err
     for prediction in targets[1:]:
         torch.testing.assert_close(errors[prediction], errors["epsilon"], rtol=1e-9, atol=0)
+
+
+def test_scheduler_after_set_timesteps_is_refused():
+    for scheduler in (FlowMatchEulerDiscreteScheduler(), EDMEulerScheduler()):
+        scheduler.set_timesteps(20)
+        with pytest.raises(ValueError, match="noise_scheduler_copy"):
+            NoiseSchedule.from_diffusers(scheduler)
