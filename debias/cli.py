@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from debias.weighting import WEIGHTINGS
+from debias.weighting import FAMILY_WEIGHTINGS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -351,7 +351,7 @@ def _add_train(sub) -> None:
         else:
             kind, shown = str, default
         choices = {
-            "weighting": WEIGHTINGS, "split": ("full", "a", "b"),
+            "weighting": FAMILY_WEIGHTINGS["ddpm"], "split": ("full", "a", "b"),
             "schedule": ("linear", "cosine"), "prediction": ("epsilon", "v_prediction", "sample"),
         }.get(f.name)  # fmt: skip
         if "(default:" not in text:
@@ -562,7 +562,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
     demo.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
     demo.add_argument(
-        "--weighting", default="debias", choices=WEIGHTINGS, help="loss weighting (default: debias)"
+        "--weighting",
+        default="debias",
+        choices=FAMILY_WEIGHTINGS["ddpm"],
+        help="loss weighting (default: debias)",
     )
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.set_defaults(func=_demo)

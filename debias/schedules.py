@@ -17,30 +17,61 @@ read are cached on the schedule (``NoiseSchedule.table``), so a training step do
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from debias._checks import check_int
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "raw")
 # Other names trainers use for a prediction type.
 PREDICTION_ALIASES = {"denoised": "sample"}
 FAMILIES = ("ddpm", "flow", "edm")
-TIMESTEP_SCHEMES = ("uniform", "logit_normal", "mode", "lognormal")
+# Every target is affine in (x0, eps), so each applies to every family; "raw" is EDM's
+# preconditioned network output and exists only there.
+FAMILY_PREDICTIONS = {
+    "ddpm": ("epsilon", "v_prediction", "sample", "flow"),
+    "flow": ("epsilon", "v_prediction", "sample", "flow"),
+    "edm": PREDICTION_TYPES,
+}
+# sample_timesteps: the schemes each family draws with.
+TIMESTEP_SCHEMES = {
+    "ddpm": ("uniform",),
+    "flow": ("uniform", "logit_normal", "mode"),
+    "edm": ("uniform", "lognormal"),
+}
+# diffusers' --weighting_scheme names that compute_density_for_timestep_sampling draws
+# uniformly for, so a flow trainer can pass its weighting_scheme to sample_timesteps as is.
+_UNIFORM_WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+# SD3's "mode" density is a density on [0, 1] only for -1 <= mode_scale <= 2 / (pi - 2)
+# (Esser et al. 2024, eq. 20); outside it u leaves [0, 1] and indexes no timestep.
+_MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 
 
 class NoiseSchedule:
-    """A diffusion noise schedule with float64 ``alphas_cumprod`` and ``snr`` tables.
+    """A diffusion noise schedule: float64 ``[T]`` tables of one family's noise levels.
 
-    Build one with a constructor (``linear``, ``cosine``, ``scaled_linear``,
-    ``from_alphas_cumprod``, ``from_diffusers``); every public op also accepts a diffusers
-    scheduler where it takes a schedule.
+    Build one with a constructor: DDPM ``linear``, ``cosine``, ``scaled_linear``,
+    ``from_betas``, ``from_alphas_cumprod``; rectified flow ``flow_matching``; EDM ``edm``;
+    or ``from_diffusers`` (every public op also accepts a diffusers scheduler where it takes a
+    schedule).
 
     Attributes:
-        alphas_cumprod: ``[T]`` float64, abar_t; every value in [0, 1) and abar_0 > 0.
-            abar_{T-1} == 0 is a zero-terminal-SNR schedule.
-        snr: ``[T]`` float64, abar_t / (1 - abar_t).
-        prediction_type: what the network predicts by default: "epsilon", "v_prediction"
-            or "sample".
+        family: "ddpm", "flow" or "edm".
+        alpha, sigma: ``[T]`` float64, x_t = alpha x0 + sigma eps.
+        snr: ``[T]`` float64, alpha^2 / sigma^2 (ddpm: abar / (1 - abar)).
+        alphas_cumprod: ``[T]`` float64; ddpm: abar_t, every value in [0, 1), abar_0 > 0,
+            abar_{T-1} == 0 a zero-terminal-SNR schedule; flow / edm: the variance-preserving
+            equivalent alpha^2 / (alpha^2 + sigma^2).
+        timesteps: None for ddpm (t is the integer index); flow / edm: ``[T]`` float32, the
+            model timesteps exactly as diffusers keeps them (``scheduler.timesteps``).
+        sigmas: None for ddpm; flow / edm: ``[T]`` float32, diffusers' ``scheduler.sigmas``
+            (``sigma`` is the same values in float64).
+        prediction_type: what the network predicts by default, one of ``PREDICTION_TYPES``
+            (ddpm "epsilon", flow "flow", edm "raw").
+        sigma_data: EDM's data standard deviation (None for the other families).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon"):
@@ -52,22 +83,17 @@ class NoiseSchedule:
             raise ValueError("alphas_cumprod values must be finite and lie in [0, 1)")
         if abar[0] <= 0:
             raise ValueError("alphas_cumprod[0] must be > 0 (t=0 has to carry signal)")
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}"
-            )
+        self.family = "ddpm"
+        self.prediction_type = _check_prediction(prediction_type, "prediction_type", "ddpm")
         self.alphas_cumprod = abar
         # 1/(1-abar) - 1 is the official Debias form; abar/(1-abar) is the same number with
         # one rounding fewer.
         self.snr = abar / (1.0 - abar)
-        self.prediction_type = prediction_type
-        self.family = "ddpm"
         self.alpha, self.sigma = abar.sqrt(), (1.0 - abar).sqrt()
-        # flow / edm: the float timesteps of the table and the float32 sigmas the trainers
-        # gather (diffusers keeps both in float32); EDM's sigma_data.
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None
         self.sigma_data: float | None = None
+        self.c_out_sign = 1.0
         self._tables: dict[tuple, torch.Tensor] = {}
 
     @classmethod
@@ -78,6 +104,7 @@ class NoiseSchedule:
         timesteps: torch.Tensor,
         prediction_type: str,
         sigma_data: float | None = None,
+        c_out_sign: float = 1.0,
     ) -> NoiseSchedule:
         """A flow or EDM schedule from its float32 ``sigmas`` and ``timesteps`` tables."""
         sigmas = torch.as_tensor(sigmas).detach().to("cpu", torch.float32).flatten()
@@ -95,10 +122,12 @@ class NoiseSchedule:
         ):
             bound = "(0, 1]" if family == "flow" else "(0, inf)"
             raise ValueError(f"sigmas must lie in {bound} for a {family} schedule")
-        if torch.unique(timesteps).numel() != timesteps.numel():
-            raise ValueError("timesteps must be distinct: each names one noise level")
+        if not torch.isfinite(timesteps).all() or timesteps.unique().numel() != timesteps.numel():
+            raise ValueError("timesteps must be finite and distinct: each names one noise level")
         self = cls.__new__(cls)
-        self.family, self.prediction_type, self.sigma_data = family, prediction_type, sigma_data
+        self.family = family
+        self.prediction_type = _check_prediction(prediction_type, "prediction_type", family)
+        self.sigma_data, self.c_out_sign = sigma_data, c_out_sign
         self.sigmas, self.timesteps = sigmas, timesteps
         self.alpha = 1.0 - sig if family == "flow" else torch.ones_like(sig)
         self.sigma = sig
@@ -156,17 +185,20 @@ class NoiseSchedule:
         return cls.from_betas(betas, prediction_type)
 
     @classmethod
-    def flow_matching(cls, num_timesteps: int = 1000, shift: float = 1.0) -> NoiseSchedule:
+    def flow_matching(
+        cls, num_timesteps: int = 1000, shift: float = 1.0, prediction_type: str = "flow"
+    ) -> NoiseSchedule:
         """Rectified flow as diffusers' ``FlowMatchEulerDiscreteScheduler(num_timesteps,
-        shift)`` trains it (SD3: shift 3; Flux: the shift its dynamic shifting computes for
-        the resolution). sigma_i = shift s / (1 + (shift - 1) s) for s = (T - i)/T, timestep
-        sigma_i T, in float32 as diffusers computes them; x_t = (1 - sigma) x0 + sigma eps."""
+        shift)`` keeps it for training (SD3: shift 3; Flux, whose scheduler shifts
+        dynamically: the shift its resolution gives, or 1.0 for the constructed tables its
+        training script reads). In float32 as diffusers computes them: timesteps T, T-1, .., 1,
+        s = timestep / T, sigma = shift s / (1 + (shift - 1) s), timestep = sigma T;
+        x_t = (1 - sigma) x0 + sigma eps; the default target is ``eps - x0`` ("flow")."""
         T = _check_timesteps(num_timesteps)
         shift = _check_positive("shift", shift)
-        timesteps = torch.linspace(1, T, T, dtype=torch.float32).flip(0)
-        s = timesteps / T
+        s = torch.arange(T, 0, -1, dtype=torch.float64).float() / T
         sigmas = shift * s / (1 + (shift - 1) * s)
-        return cls._from_sigmas("flow", sigmas, sigmas * T, "flow")
+        return cls._from_sigmas("flow", sigmas, sigmas * T, prediction_type)
 
     @classmethod
     def edm(
@@ -179,24 +211,25 @@ class NoiseSchedule:
         prediction_type: str = "raw",
     ) -> NoiseSchedule:
         """EDM (Karras et al. 2022) as diffusers' ``EDMEulerScheduler`` keeps it for training:
-        T noise levels sigma_i = (smax^(1/rho) + i/T (smin^(1/rho) - smax^(1/rho)))^rho,
-        i = 0..T-1 (float64, stored as float32), timestep 0.25 ln sigma_i;
-        x_t = x0 + sigma eps. ``prediction_type`` "raw" is the network output F under the
-        paper's preconditioning (D = c_skip x_t + c_out F), "sample" the denoised D."""
+        sigma_i = (smax^(1/rho) + i/T (smin^(1/rho) - smax^(1/rho)))^rho in float64, stored
+        as float32, timestep 0.25 ln sigma_i (float32); diffusers builds T + 1 of them and its
+        training script (train_dreambooth_lora_sdxl.py, EDM) draws from the first T, which
+        are this table; x_t = x0 + sigma eps. ``prediction_type`` "raw" (default) is the
+        network output F under the paper's preconditioning D = c_skip x_t + c_out F,
+        "sample" the denoised D."""
         T = _check_timesteps(num_timesteps)
-        smin, smax = (
-            _check_positive("sigma_min", sigma_min),
-            _check_positive("sigma_max", sigma_max),
-        )
+        smin = _check_positive("sigma_min", sigma_min)
+        smax = _check_positive("sigma_max", sigma_max)
+        sd = _check_positive("sigma_data", sigma_data)
+        rho = _check_positive("rho", rho)
         if smin >= smax:
             raise ValueError(f"sigma_min must be < sigma_max, got {smin} and {smax}")
+        # All T + 1 entries, as diffusers computes them, then the T training ones.
         ramp = torch.arange(T + 1, dtype=torch.float64) / T
         lo, hi = smin ** (1 / rho), smax ** (1 / rho)
-        sigmas = ((hi + ramp * (lo - hi)) ** rho).float()[:T]
-        return cls._from_sigmas(
-            "edm", sigmas, 0.25 * sigmas.log(), _check_prediction(prediction_type),
-            _check_positive("sigma_data", sigma_data),
-        )  # fmt: skip
+        sigmas = ((hi + ramp * (lo - hi)) ** rho).float()
+        timesteps = 0.25 * sigmas.log()
+        return cls._from_sigmas("edm", sigmas[:T], timesteps[:T], prediction_type, sd)
 
     @classmethod
     def from_betas(cls, betas: torch.Tensor, prediction_type: str = "epsilon") -> NoiseSchedule:
@@ -215,40 +248,40 @@ class NoiseSchedule:
 
     @classmethod
     def from_diffusers(cls, scheduler: Any) -> NoiseSchedule:
-        """Reads a diffusers scheduler: DDPM-style ones (DDPM, DDIM, Euler, ...:
-        ``alphas_cumprod``, ``config.num_train_timesteps``, ``config.prediction_type``),
-        ``FlowMatchEulerDiscreteScheduler`` (any shift: its ``sigmas`` and ``timesteps`` as
-        constructed, the copy the training scripts keep) and ``EDMEulerScheduler`` (its
-        first ``num_train_timesteps`` sigmas, ``sigma_data``).
+        """Reads a diffusers scheduler as its training script uses it.
 
-        The float32 tables diffusers keeps are taken as they are, so ``debias.add_noise`` with
-        a given noise tensor reproduces the trainer's noising bit for bit.
+        - DDPM-style (DDPM, DDIM, Euler, ...): ``alphas_cumprod``,
+          ``config.num_train_timesteps``, ``config.prediction_type``.
+        - Flow matching (``FlowMatchEulerDiscreteScheduler``, any shift, dynamic shifting
+          included): its ``sigmas`` and ``timesteps`` as constructed; prediction "flow".
+        - EDM (``EDMEulerScheduler``, ``EDMDPMSolverMultistepScheduler``): the first
+          ``num_train_timesteps`` entries of ``sigmas`` and ``timesteps`` (the ones the SDXL
+          script draws), ``config.sigma_data``; prediction "raw", the F of the scheduler's
+          ``precondition_outputs`` (whose c_out is negated when its config says
+          "v_prediction").
+
+        Flow and EDM tables are taken as they are, so ``debias.add_noise`` with a given noise
+        tensor reproduces the trainer's noising bit for bit. A flow or EDM scheduler set for
+        inference (``set_timesteps``) no longer holds its training tables: pass a copy kept
+        at construction, as the training scripts do (``noise_scheduler_copy``).
         """
         config = getattr(scheduler, "config", {})
         kind = type(scheduler).__name__
         if kind.startswith(("FlowMatch", "EDM")):
+            family = "flow" if kind.startswith("FlowMatch") else "edm"
             T = _config_get(config, "num_train_timesteps", None)
-            # as constructed: T timesteps (flow), T + 1 (EDM's ramp ends on sigma_min)
-            expected = T if kind.startswith("FlowMatch") else T + 1
-            if scheduler.timesteps.numel() != expected:
-                raise ValueError(
-                    f"schedule: this {kind} holds {scheduler.timesteps.numel()} timesteps, not "
-                    f"its {T} training ones (set_timesteps was called for inference); pass a "
-                    "copy made before that, as diffusers' training scripts keep "
-                    "(noise_scheduler_copy)"
-                )
-        if kind.startswith("FlowMatch"):
-            return cls._from_sigmas("flow", scheduler.sigmas[:T], scheduler.timesteps[:T], "flow")
-        if kind.startswith("EDM"):
-            return cls._from_sigmas(
-                "edm", scheduler.sigmas[:T], scheduler.timesteps[:T], "raw",
-                float(_config_get(config, "sigma_data", 0.5)),
-            )  # fmt: skip
+            sigmas, timesteps = _training_tables(scheduler, kind, family, T)
+            if family == "flow":
+                return cls._from_sigmas("flow", sigmas, timesteps, "flow")
+            sign = -1.0 if _config_get(config, "prediction_type", None) == "v_prediction" else 1.0
+            sd = float(_config_get(config, "sigma_data", 0.5))
+            return cls._from_sigmas("edm", sigmas, timesteps, "raw", sd, sign)
         abar = getattr(scheduler, "alphas_cumprod", None)
         if not isinstance(abar, torch.Tensor):
             raise TypeError(
-                "schedule must be a debias.NoiseSchedule or a diffusers scheduler with an "
-                f"`alphas_cumprod` tensor, got {type(scheduler).__name__}"
+                "schedule must be a debias.NoiseSchedule or a diffusers scheduler (with an "
+                "`alphas_cumprod` tensor, or a FlowMatch* / EDM* scheduler), got "
+                f"{type(scheduler).__name__}"
             )
         prediction_type = _config_get(config, "prediction_type", "epsilon")
         T = _config_get(config, "num_train_timesteps", abar.numel())
@@ -282,31 +315,32 @@ class NoiseSchedule:
     def index(self, t: Any) -> torch.Tensor:
         """The table index of each timestep, ``[B]`` int64 on t's device.
 
-        ddpm: ``t`` is the integer index itself, in [0, T). flow / edm: ``t`` holds float
-        timesteps of ``self.timesteps`` (``scheduler.timesteps[indices]`` in the training
-        scripts), matched exactly as their ``get_sigmas`` does. Values are checked on the host
-        for CPU tensors in eager mode; on a GPU asynchronously, so nothing synchronises.
+        ddpm: ``t`` holds integer indices in [0, T). flow / edm: ``t`` holds float timesteps
+        of ``self.timesteps`` (``scheduler.timesteps[indices]`` in the training scripts; any
+        float dtype, compared in float32 as diffusers' ``get_sigmas`` compares them), each
+        matched to the entry equal to it. Values are checked on the host for CPU tensors in
+        eager mode (ValueError naming ``t``); on a GPU asynchronously (``torch._assert_async``)
+        so nothing synchronises; not at all while torch.compile traces.
         """
         if not isinstance(t, torch.Tensor):
             kind = "an integer" if self.family == "ddpm" else "a float"
             raise TypeError(f"t must be {kind} torch.Tensor of shape [B], got {type(t).__name__}")
-        if t.dim() != 1:
-            raise ValueError(f"t must have shape [B], got {list(t.shape)}")
         if self.family == "ddpm":
             check_timesteps(t, self.num_timesteps)
             return t.long()
         if not t.dtype.is_floating_point:
             raise TypeError(
                 f"t must be a float tensor of this {self.family} schedule's timesteps "
-                f"(schedule.timesteps[indices]), got dtype {t.dtype}"
+                f"(schedule.timesteps[indices], as the training scripts draw them), got dtype "
+                f"{t.dtype}; integer table indices are not timesteps here"
             )
-        order = self.table(("timestep_order",), lambda: self.timesteps.argsort(), t.device)
-        ascending = self.table(
-            ("timesteps_ascending",), lambda: self.timesteps[self.timesteps.argsort()], t.device
-        )
-        t32 = t.to(torch.float32)
+        if t.dim() != 1:
+            raise ValueError(f"t must have shape [B], got {list(t.shape)}")
+        ascending = self.table(("timesteps_ascending",), lambda: self.timesteps.sort()[0], t.device)
+        order = self.table(("timesteps_order",), lambda: self.timesteps.argsort(), t.device)
+        t32 = t.to(torch.float32).contiguous()  # searchsorted copies (and warns) otherwise
         pos = torch.searchsorted(ascending, t32).clamp(max=self.num_timesteps - 1)
-        found = ascending[pos] == t32
+        found = ascending[pos] == t32  # False for NaN and for values between entries
         if t.numel() and not torch.compiler.is_compiling():
             if t.device.type == "cpu":
                 if not bool(found.all()):
@@ -316,16 +350,24 @@ class NoiseSchedule:
                         f"(schedule.timesteps[indices]); got values not in it: {bad}"
                     )
             else:
+                # Checking on the host would synchronise the device; this fires asynchronously.
                 torch._assert_async(found.all(), "t holds values that are not timesteps")
         return order[pos]
 
-    def noise_table(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """``[2, T]`` (a, s) of x_t = a x0 + s eps, rounded as the trainers compute them for
-        data of ``dtype`` and stored in the compute type (float64 for float64 data, else
-        float32) so a kernel's products round like theirs: ddpm ``sqrt(abar)``,
-        ``sqrt(1 - abar)`` from diffusers' float32 table in ``dtype``; flow ``1 - sigma`` and
-        ``sigma`` in ``dtype``; edm ``1`` and ``sigma``. float64 data of a ddpm schedule uses
-        the float64 table."""
+    def noise_table(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[2, T]`` rows (a, s) of x_t = a x0 + s eps for data of ``dtype``, rounded as the
+        trainers compute them and stored in the compute type (float64 for float64 data, else
+        float32; every value is exact there) so a kernel's products round like theirs:
+
+            ddpm  abar (diffusers' float32 table) -> dtype; sqrt(abar), sqrt(1 - abar) in
+                  dtype (``scheduler.add_noise``); float64 data uses the float64 table
+            flow  sigma (float32) -> dtype; 1 - sigma in dtype (``(1.0 - sigmas) * x0``)
+            edm   1 and sigma (float32) -> dtype (``x0 + noise * sigma``)
+
+        Cached on the schedule per (dtype, device).
+        """
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"dtype must be a floating dtype of data, got {dtype}")
         compute = torch.float64 if dtype == torch.float64 else torch.float32
 
         def build() -> torch.Tensor:
@@ -341,11 +383,9 @@ class NoiseSchedule:
 
         return self.table(("noise", dtype), build, device)
 
-    def _require(self, family: str, what: str) -> None:
-        if self.family != family:
-            raise ValueError(f"{what} needs a {family} schedule, this one is {self.family}")
-
-    def table(self, key: tuple, build, device: torch.device) -> torch.Tensor:
+    def table(
+        self, key: tuple, build: Callable[[], torch.Tensor], device: torch.device | str
+    ) -> torch.Tensor:
         """A cached derived table: ``build()`` runs once per ``(key, device)``."""
         cache_key = (key, str(device))
         out = self._tables.get(cache_key)
@@ -353,6 +393,10 @@ class NoiseSchedule:
             out = build().to(device)
             self._tables[cache_key] = out
         return out
+
+    def _require(self, family: str, what: str) -> None:
+        if self.family != family:
+            raise ValueError(f"{what} needs a {family} schedule, this one is {self.family}")
 
     def __repr__(self) -> str:
         if self.family != "ddpm":
@@ -369,27 +413,53 @@ class NoiseSchedule:
         )
 
 
-# diffusers schedulers are converted once and kept for as long as the scheduler lives and its
-# table is the same object (diffusers replaces it when it moves the table between devices).
-_FROM_DIFFUSERS: dict[int, tuple[Any, torch.Tensor, NoiseSchedule]] = {}
+# diffusers schedulers are converted once and kept for as long as the scheduler lives and the
+# tables that define it are the same objects (diffusers replaces them when it moves them
+# between devices or when set_timesteps rebuilds them).
+_FROM_DIFFUSERS: dict[int, tuple[Any, tuple, NoiseSchedule]] = {}
+_STATE = ("alphas_cumprod", "sigmas", "timesteps")
 
 
 def as_schedule(schedule: Any) -> NoiseSchedule:
     """A ``NoiseSchedule`` for a ``NoiseSchedule`` or a diffusers scheduler."""
     if isinstance(schedule, NoiseSchedule):
         return schedule
-    # the table that identifies the scheduler's state: diffusers replaces it when it moves it
-    abar = getattr(schedule, "alphas_cumprod", None)
-    if abar is None:
-        abar = getattr(schedule, "sigmas", None)
+    tables = tuple(getattr(schedule, name, None) for name in _STATE)
     hit = _FROM_DIFFUSERS.get(id(schedule))
-    if hit is not None and hit[0] is schedule and hit[1] is abar:
+    if hit is not None and hit[0] is schedule and all(map(operator.is_, hit[1], tables)):
         return hit[2]
     converted = NoiseSchedule.from_diffusers(schedule)
     if len(_FROM_DIFFUSERS) > 64:
         _FROM_DIFFUSERS.clear()
-    _FROM_DIFFUSERS[id(schedule)] = (schedule, abar, converted)
+    _FROM_DIFFUSERS[id(schedule)] = (schedule, tables, converted)
     return converted
+
+
+def _training_tables(scheduler: Any, kind: str, family: str, T: Any):
+    """The ``[T]`` training sigmas and timesteps of a diffusers flow or EDM scheduler."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    timesteps = getattr(scheduler, "timesteps", None)
+    if not isinstance(sigmas, torch.Tensor) or not isinstance(timesteps, torch.Tensor):
+        raise TypeError(f"schedule: a {kind} needs `sigmas` and `timesteps` tensors")
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(
+            f"schedule: {kind}.config.num_train_timesteps must be an int >= 1, got {T!r}"
+        )
+    n = timesteps.numel()
+    # flow: T timesteps and T sigmas; EDM: T + 1 (Euler) or T (DPMSolver) timesteps and one
+    # sigma more (the final 0); the trainers draw from the first T.
+    if family == "flow":
+        fits = n == T and sigmas.numel() == T
+    else:
+        fits = n == (T + 1 if kind.startswith("EDMEuler") else T) and sigmas.numel() == n + 1
+    if not fits:
+        raise ValueError(
+            f"schedule: this {kind} holds {n} timesteps and {sigmas.numel()} sigmas, not "
+            f"the training tables of num_train_timesteps={T}: it has been set for inference "
+            "(set_timesteps). Pass a scheduler as constructed, as the training scripts keep "
+            "one (noise_scheduler_copy = copy.deepcopy(noise_scheduler))"
+        )
+    return sigmas[:T], timesteps[:T]
 
 
 def _config_get(config: Any, name: str, default: Any) -> Any:
@@ -414,18 +484,36 @@ def _check_positive(name: str, value: Any) -> float:
     return float(value)
 
 
-def _check_prediction(prediction_type: str) -> str:
-    prediction_type = PREDICTION_ALIASES.get(prediction_type, prediction_type)
-    if prediction_type not in PREDICTION_TYPES:
+def _check_number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _check_prediction(prediction: Any, name: str = "prediction", family: str | None = None) -> str:
+    """A prediction type (aliases resolved), checked against ``family`` when given."""
+    if not isinstance(prediction, str):
+        raise TypeError(f"{name} must be a string, got {type(prediction).__name__}")
+    prediction = PREDICTION_ALIASES.get(prediction, prediction)
+    if prediction not in PREDICTION_TYPES:
         raise ValueError(
-            f"prediction must be one of {PREDICTION_TYPES} (or {list(PREDICTION_ALIASES)}), "
-            f"got {prediction_type!r}"
+            f"{name} must be one of {PREDICTION_TYPES} (or {list(PREDICTION_ALIASES)}), "
+            f"got {prediction!r}"
         )
-    return prediction_type
+    if family is not None and prediction not in FAMILY_PREDICTIONS[family]:
+        raise ValueError(
+            f"{name} {prediction!r} is EDM's preconditioned network output; this schedule "
+            f"is {family}: use one of {FAMILY_PREDICTIONS[family]}"
+        )
+    return prediction
 
 
 def check_timesteps(t: Any, num_timesteps: int, batch: int | None = None) -> None:
-    """ValueError/TypeError naming ``t`` unless it is an integer ``[B]`` tensor in [0, T)."""
+    """ValueError/TypeError naming ``t`` unless it is an integer ``[B]`` tensor in [0, T)
+    (a DDPM schedule's timesteps). Values are checked on the host for CPU tensors, with
+    ``torch._assert_async`` on other devices, and not while torch.compile traces."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be an integer torch.Tensor of shape [B], got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -458,45 +546,63 @@ def sample_timesteps(
     mode_scale: float = 1.29,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    *,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
 ) -> torch.Tensor:
-    """Training timesteps ``[batch_size]`` for ``schedule``, as the trainers draw them.
+    """Training timesteps ``[batch_size]`` for ``schedule``, drawn as the trainers draw them.
 
-    flow: diffusers' ``compute_density_for_timestep_sampling(scheme, ...)`` then
-    ``scheduler.timesteps[(u * T).long()]`` (the SD3 / Flux scripts), drawing from
-    ``generator`` in the same order, so one generator state gives the same timesteps;
-    ``scheme`` "uniform", "logit_normal" (sigmoid of N(logit_mean, logit_std)) or "mode"
-    (``mode_scale``). ddpm: ``randint(0, T)`` ("uniform" only). edm: "lognormal" (the
-    default for EDM schedules, EDM's ln sigma ~ N(logit_mean, logit_std), pass -1.2 and 1.2
-    for the paper's P_mean and P_std), mapped to the table's nearest noise level in ln sigma,
-    or "uniform" over the table. Drawn on the CPU (``generator`` must be a CPU generator),
-    then moved to ``device``.
+    - ddpm, "uniform": ``torch.randint(0, T, (B,))`` (int64), as diffusers' scripts.
+    - flow: ``u = compute_density_for_timestep_sampling(scheme, B, logit_mean, logit_std,
+      mode_scale)`` of diffusers' training_utils, then ``scheduler.timesteps[(u * T).long()]``
+      as the SD3 / Flux scripts; scheme "uniform" (u ~ U[0, 1)), "logit_normal" (sigmoid of
+      N(logit_mean, logit_std)) or "mode" (SD3's mode density, ``mode_scale`` in
+      [-1, 2/(pi - 2)]). A u that rounds to 1.0 takes the last entry (the scripts would
+      index past the table).
+    - edm: "uniform" over the table (``scheduler.timesteps[randint(0, T, (B,))]``, the SDXL
+      script's EDM branch) or "lognormal", the EDM paper's training density
+      ln sigma ~ N(p_mean, p_std) (P_mean = -1.2, P_std = 1.2), each draw mapped to the
+      table entry nearest in ln sigma (draws beyond the table's range take its end).
+    Flow and EDM return the float32 timesteps of ``schedule.timesteps``.
+
+    Draws on the CPU from ``generator`` (a CPU ``torch.Generator``; None: torch's default)
+    in the same order as those lines, so one generator state gives the same timesteps, then
+    moves the result to ``device``.
+
+    Raises:
+        ValueError / TypeError naming the argument: a scheme the family does not draw with,
+        a non-positive batch_size, a non-finite or out-of-range parameter, a non-CPU
+        generator.
     """
-    from debias._checks import check_int
-
     schedule = as_schedule(schedule)
     B = check_int("batch_size", batch_size, low=1)
-    if scheme not in TIMESTEP_SCHEMES:
-        raise ValueError(f"scheme must be one of {TIMESTEP_SCHEMES}, got {scheme!r}")
-    allowed = {"ddpm": ("uniform",), "flow": ("uniform", "logit_normal", "mode"),
-               "edm": ("uniform", "lognormal")}[schedule.family]  # fmt: skip
+    allowed = TIMESTEP_SCHEMES[schedule.family]
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a string, got {type(scheme).__name__}")
+    if schedule.family == "flow" and scheme in _UNIFORM_WEIGHTING_SCHEMES:
+        scheme = "uniform"  # the scripts' --weighting_scheme passes through as is
     if scheme not in allowed:
         raise ValueError(
-            f"scheme {scheme!r} does not apply to a {schedule.family} schedule; "
-            f"use one of {allowed}"
+            f"scheme {scheme!r} does not apply to a {schedule.family} schedule; use one of "
+            f"{allowed}"
         )
-    for name, value in (
-        ("logit_mean", logit_mean),
-        ("logit_std", logit_std),
-        ("mode_scale", mode_scale),
-    ):
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
-            raise TypeError(f"{name} must be a finite number, got {value!r}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    logit_mean, p_mean = _check_number("logit_mean", logit_mean), _check_number("p_mean", p_mean)
+    logit_std, p_std = _check_positive("logit_std", logit_std), _check_positive("p_std", p_std)
+    mode_scale = _check_number("mode_scale", mode_scale)
+    lo, hi = _MODE_SCALE_RANGE
+    if not lo <= mode_scale <= hi:
+        raise ValueError(
+            f"mode_scale must lie in [-1, 2/(pi - 2) = {hi:.4f}] (where SD3's mode density "
+            f"stays in [0, 1]), got {mode_scale}"
+        )
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != "cpu":
+            raise ValueError(
+                f"generator must be a CPU torch.Generator (timesteps are drawn on the host), "
+                f"got one on {generator.device}"
+            )
     T = schedule.num_timesteps
     if schedule.family == "ddpm":
         t = torch.randint(0, T, (B,), generator=generator)
@@ -509,12 +615,22 @@ def sample_timesteps(
             u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
         else:
             u = torch.rand(size=(B,), generator=generator)
-        # (u * T).long() as the scripts; a u that rounds to 1.0 takes the last entry
-        t = schedule.timesteps[(u * T).long().clamp(max=T - 1)]
+        t = schedule.timesteps[(u * T).long().clamp(0, T - 1)]
     elif scheme == "uniform":
         t = schedule.timesteps[torch.randint(0, T, (B,), generator=generator)]
     else:
-        ln_sigma = torch.normal(mean=logit_mean, std=logit_std, size=(B,), generator=generator)
-        table = schedule.sigma.log()
-        t = schedule.timesteps[(ln_sigma.double()[:, None] - table).abs().argmin(dim=1)]
+        ln_sigma = torch.normal(mean=p_mean, std=p_std, size=(B,), generator=generator).double()
+        t = schedule.timesteps[_nearest(schedule.sigma.log(), ln_sigma)]
     return t if device is None else t.to(device)
+
+
+def _nearest(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """For each x, the index of the ``table`` entry nearest to it (table monotone)."""
+    flip = table.numel() > 1 and bool(table[0] > table[-1])
+    ascending = table.flip(0) if flip else table
+    hi = torch.searchsorted(ascending, x).clamp(1, max(ascending.numel() - 1, 1))
+    lo = hi - 1
+    if ascending.numel() == 1:
+        return torch.zeros_like(hi)
+    pick = torch.where((x - ascending[lo]).abs() <= (ascending[hi] - x).abs(), lo, hi)
+    return table.numel() - 1 - pick if flip else pick

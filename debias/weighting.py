@@ -12,17 +12,20 @@ Every target of every family is affine in (x0, eps): y = p eps + q x0, with x_t 
 
 so a weight declared in space S trains the same objective on target y as ``w k_S^2 / k_y^2``:
 
-    target         k^2                 1 / k^2 (the factor from epsilon space)
-    epsilon        1                   1
-    v_prediction   (snr + 1) / snr     snr / (snr + 1)
-    sample (x0)    1 / snr             snr
-    flow (eps-x0)  (1 + s/a)^2         (a / (a + s))^2 = (1 - sigma)^2 on a flow schedule
-    raw (EDM F)    sigma^2 / c_out^2   c_out^2 / sigma^2
+    target         (p, q)                               k^2 = m^2 / a^2,  m = a k
+    epsilon        (1, 0)                               1                  m = a
+    v_prediction   (a, -s) / sqrt(a^2 + s^2)            (snr + 1) / snr    m = sqrt(a^2 + s^2)
+    sample (x0)    (0, 1)                               1 / snr            m = -s
+    flow (eps-x0)  (1, -1)                              ((a + s) / a)^2    m = a + s
+    raw (EDM F)    (-c_skip s, 1 - c_skip) / c_out      sigma^2 / c_out^2  m = -s / c_out
 
-So "min_snr" with v-prediction gives ``min(snr, gamma) / (snr + 1)`` (what diffusers uses),
-"debias" with v-prediction ``sqrt(snr) / (snr + 1)`` and on the flow target
-``sigma (1 - sigma)``. Some trainers use ``1/(snr + 1)`` or ``1/sqrt(snr + 1)`` for "debias +
-v-prediction": those are different objectives.
+(a DDPM schedule's v is diffusers' ``get_velocity``, a = sqrt(abar), s = sqrt(1 - abar)).
+The ratio is computed as ``k_S^2 / k_y^2 = m_S^2 / m_y^2``, which stays finite at zero SNR
+(a = 0) except into the epsilon target. So "min_snr" with v-prediction gives
+``min(snr, gamma) / (snr + 1)`` (what diffusers uses), "debias" with v-prediction
+``sqrt(snr) / (snr + 1)`` and on the flow target ``sigma (1 - sigma)``. Some trainers use
+``1/(snr + 1)`` or ``1/sqrt(snr + 1)`` for "debias + v-prediction": those are different
+objectives.
 
 The weightings and their spaces:
 
@@ -36,13 +39,20 @@ The weightings and their spaces:
              cosmap       2 / (pi (1 - 2 sigma + 2 sigma^2))   mode only change sampling)
     sample   edm          (sigma^2 + sd^2) / (sigma sd)^2      Karras et al. 2022 (EDM only)
 
+Weights are computed in float64 from the schedule's tables (flow / EDM: diffusers' float32
+sigmas), whatever the data's dtype; only a DDPM schedule's v-prediction target rows depend on
+it (``loss_table``).
+
 Options: ``normalize=True`` divides the weights by their mean over t in their declared space
 (off by default, as in the official code); ``max_weight=c`` caps them there, before
-conversion (off by default). An unbounded weight (debias at zero terminal SNR, sigma_sqrt at
-sigma = 0, any weight converted into a space where it has no finite value) is a ValueError
-naming ``max_weight``, never an inf or NaN. Where snr == 0 and the target's factor vanishes,
-the epsilon-space weightings convert to their limit snr -> 0+ (there x_t = eps, so the epsilon
-error is zero whatever the network says); it is finite for every built-in weighting.
+conversion (off by default). An unbounded weight (debias at zero terminal SNR — every flow
+schedule has snr = 0 at sigma = 1 —, sigma_sqrt at sigma = 0, a table holding inf) is a
+ValueError naming ``max_weight``, never an inf or NaN. Where snr == 0 and the target's factor
+vanishes, the epsilon-space weightings convert to their limit snr -> 0+ (the converted
+weight's continuous extension); it is finite for every built-in weighting but p2 with k=0
+and gamma > 1. A weighting declared on another target has no finite
+value as an epsilon weight at snr == 0 (any epsilon error there is an infinite error of that
+target): a ValueError as well, which a cap in the declared space cannot lift.
 """
 
 from __future__ import annotations
@@ -53,7 +63,8 @@ from typing import Any
 
 import torch
 
-from debias.schedules import NoiseSchedule, _check_prediction, as_schedule
+from debias.schedules import FAMILIES, NoiseSchedule, _check_prediction, as_schedule
+from debias.schedules import check_timesteps as check_timesteps  # re-exported: ops import it
 
 WEIGHTINGS = ("constant", "debias", "p2", "min_snr", "none", "sigma_sqrt", "cosmap",
               "logit_normal", "mode", "edm")  # fmt: skip
@@ -64,6 +75,11 @@ SPACES = {"constant": "epsilon", "debias": "epsilon", "p2": "epsilon", "min_snr"
 # The family a space-bound weighting needs (its formula reads that family's sigma).
 _FAMILY = {"none": "flow", "sigma_sqrt": "flow", "cosmap": "flow", "logit_normal": "flow",
            "mode": "flow", "edm": "edm"}  # fmt: skip
+# The named weightings each family accepts (epsilon-space ones convert to every family).
+FAMILY_WEIGHTINGS = {
+    family: tuple(name for name in WEIGHTINGS if _FAMILY.get(name, family) == family)
+    for family in FAMILIES
+}
 Weighting = str | torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
 
 # Default parameters per weighting; a parameter not listed here is refused for that weighting.
@@ -75,6 +91,7 @@ _PARAMS: dict[str, dict[str, float]] = {
     **{name: {} for name in _FAMILY},
 }
 _OPTIONS = ("k", "gamma", "max_weight", "normalize")
+_DATA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def weight_table(
@@ -87,10 +104,15 @@ def weight_table(
 
     Args:
         schedule: a ``NoiseSchedule`` or a diffusers scheduler.
-        weighting: a name from ``WEIGHTINGS``, a ``[T]`` tensor or a callable of snr.
+        weighting: a name from ``WEIGHTINGS`` (default "debias"), a ``[T]`` tensor or a
+            callable of snr (both epsilon space).
         prediction: "epsilon", "v_prediction", "sample" ("denoised"), "flow" or "raw"; None
             takes the schedule's.
         **options: ``gamma``, ``k`` (weighting parameters), ``max_weight``, ``normalize``.
+
+    Raises:
+        ValueError: a weighting or prediction the schedule's family does not have, bad
+            options, or a weight with no finite value (the message names ``max_weight``).
     """
     schedule = as_schedule(schedule)
     prediction = resolve_prediction(schedule, prediction)
@@ -107,33 +129,52 @@ def weight_table(
     w = _declared_weight(weighting, name, params, schedule)
     if max_weight is not None:
         w = w.clamp(max=max_weight)
-    unbounded = ~torch.isfinite(w)
+    unbounded = torch.isinf(w)  # NaN and negative weights were refused
     if (prediction == space or normalize) and unbounded.any():
-        _refuse_unbounded(name, schedule, unbounded)
+        _refuse_unbounded(name, space, schedule, unbounded)
     if normalize:
         w = w / w.mean()
     if prediction == space:
         return w
 
-    to_target, from_space = _inverse_k2(schedule, prediction), _inverse_k2(schedule, space)
-    out = w * to_target / from_space
-    bad = ~torch.isfinite(out)
-    if bad.any():
-        # snr == 0 with an epsilon-space weighting: the limit snr -> 0+ where it is finite
-        limit = bad & unbounded & (schedule.snr == 0) & (to_target == 0) & (space == "epsilon")
-        if limit.any():
-            out = torch.where(limit, _zero_snr_limit(name, params), out)
-        if (bad & ~limit).any():
-            _refuse_unbounded(name, schedule, bad & ~limit, converted_to=prediction)
+    factor = conversion_factor(schedule, space, prediction)
+    out = w * factor
+    # inf * 0: an epsilon-space weight at snr == 0 into a target whose factor vanishes there
+    limit = unbounded & (factor == 0)
+    if limit.any():
+        if space != "epsilon" or not bool((schedule.snr[limit] == 0).all()):
+            _refuse_unbounded(name, space, schedule, limit)
+        out = torch.where(limit, _zero_snr_limit(name, params), out)
+    if (unbounded & (factor > 0)).any():
+        _refuse_unbounded(name, space, schedule, unbounded & (factor > 0))
+    # A zero weight ignores that t in every space (0 * inf would be NaN).
+    out = torch.where(w == 0, 0.0, out)
+    no_value = torch.isinf(factor) & (w > 0)
+    if no_value.any():
+        _refuse_conversion(name, space, prediction, schedule, no_value)
     return out
+
+
+def conversion_factor(schedule: NoiseSchedule, space: str, target: str) -> torch.Tensor:
+    """``[T]`` float64 ``k_space^2 / k_target^2``: a weight declared on target ``space``
+    times this trains the same objective on ``target`` (module docstring). In [0, inf]; inf
+    only into the epsilon target at snr == 0. Epsilon-space factors are the closed forms
+    1, snr / (snr + 1), snr, (a / (a + s))^2, c_out^2 / s^2."""
+    if space == target:
+        return torch.ones_like(schedule.snr)
+    if space == "epsilon":
+        return _inverse_k2(schedule, target)
+    return (_m(schedule, space) / _m(schedule, target)) ** 2
 
 
 def target_table(schedule: Any, prediction: str | None, dtype: torch.dtype) -> torch.Tensor:
     """``[2, T]`` float64 (p, q) of the target y = p eps + q x0 for data of ``dtype``:
     epsilon (1, 0), sample (0, 1), flow (1, -1); v_prediction on a DDPM schedule the (a, -s)
     of ``noise_table(dtype)`` (as diffusers' get_velocity rounds them), elsewhere the
-    variance-preserving (alpha, -sigma) / sqrt(alpha^2 + sigma^2); raw (EDM's network output
-    under its preconditioning D = c_skip x_t + c_out F): (-c_skip sigma, 1 - c_skip) / c_out."""
+    variance-preserving (alpha, -sigma) / sqrt(alpha^2 + sigma^2) in float64; raw (EDM's
+    network output under its preconditioning D = c_skip x_t + c_out F):
+    (-c_skip sigma, 1 - c_skip) / c_out = (-sd, sigma / sd) / sqrt(sigma^2 + sd^2), negated
+    with c_out for diffusers' "v_prediction" EDM schedulers."""
     schedule = as_schedule(schedule)
     prediction = resolve_prediction(schedule, prediction)
     one = torch.ones_like(schedule.sigma)
@@ -145,19 +186,27 @@ def target_table(schedule: Any, prediction: str | None, dtype: torch.dtype) -> t
         return torch.stack((one, -one))
     if prediction == "v_prediction":
         if schedule.family == "ddpm":
-            a, s = schedule.noise_table(dtype, torch.device("cpu")).double()
+            a, s = schedule.noise_table(dtype).double()
             return torch.stack((a, -s))
-        norm = (schedule.alpha**2 + schedule.sigma**2).sqrt()
+        norm = torch.hypot(schedule.alpha, schedule.sigma)
         return torch.stack((schedule.alpha / norm, -schedule.sigma / norm))
-    c_skip, c_out = _edm_preconditioning(schedule)
-    return torch.stack((-c_skip * schedule.sigma / c_out, (1 - c_skip) / c_out))
+    # (-c_skip sigma, 1 - c_skip) / c_out simplified, without 1 - c_skip's cancellation
+    sigma, sd, sign = schedule.sigma, schedule.sigma_data, schedule.c_out_sign
+    norm = (sigma**2 + sd**2).sqrt()
+    return torch.stack((-sign * sd / norm, sign * sigma / (sd * norm)))
 
 
 def loss_table(
-    schedule: Any, weighting: Weighting, prediction: str | None, dtype: torch.dtype,
+    schedule: Any,
+    weighting: Weighting,
+    prediction: str | None,
+    dtype: torch.dtype,
     options: dict[str, Any],
-) -> torch.Tensor:  # fmt: skip
-    """``[3, T]`` float64: the rows (w, p, q) the loss kernels take for data of ``dtype``."""
+) -> torch.Tensor:
+    """``[3, T]`` float64 rows (w, p, q) for data of ``dtype``: ``weight_table(schedule,
+    weighting, prediction, **options)`` and ``target_table(schedule, prediction, dtype)``."""
+    if dtype not in _DATA_DTYPES:
+        raise TypeError(f"dtype must be one of {_DATA_DTYPES}, got {dtype}")
     w = weight_table(schedule, weighting, prediction, **options)
     return torch.cat((w[None], target_table(schedule, prediction, dtype)))
 
@@ -182,8 +231,8 @@ def loss_weight(
     return table[index]
 
 
-# Tables are constants of a compiled graph: torch.compile evaluates this once while tracing
-# (its checks read data, which tracing cannot) and keeps the result.
+# Tables are constants of a compiled graph: torch.compile evaluates these once while tracing
+# (their checks read data, which tracing cannot) and keeps the result.
 @torch.compiler.assume_constant_result
 def cached_weight_table(
     schedule: NoiseSchedule,
@@ -198,7 +247,7 @@ def cached_weight_table(
     prediction = resolve_prediction(schedule, prediction)
     if not isinstance(weighting, str):
         return weight_table(schedule, weighting, prediction, **options).to(device, dtype)
-    key = ("weight", weighting, prediction, dtype, tuple(sorted(options.items())))
+    key = ("weight", _options_key(weighting, options), prediction, dtype)
     return schedule.table(
         key, lambda: weight_table(schedule, weighting, prediction, **options).to(dtype), device
     )
@@ -208,32 +257,39 @@ def cached_weight_table(
 def cached_loss_table(
     schedule: NoiseSchedule,
     weighting: Weighting,
-    prediction: str,
-    dtype: torch.dtype,
-    compute: torch.dtype,
+    prediction: str | None,
+    data_dtype: torch.dtype,
+    compute_dtype: torch.dtype,
     device: torch.device,
     options: dict[str, Any],
 ) -> torch.Tensor:
-    """``loss_table`` for data of ``dtype``, cast to ``compute`` on ``device``; cached on the
-    schedule for named weightings (tables and callables are rebuilt on each call)."""
+    """``loss_table`` for data of ``data_dtype``, cast to ``compute_dtype`` on ``device``;
+    cached on the schedule for named weightings (tables and callables are rebuilt on each
+    call)."""
+    prediction = resolve_prediction(schedule, prediction)
     if not isinstance(weighting, str):
-        return loss_table(schedule, weighting, prediction, dtype, options).to(device, compute)
-    key = ("loss", weighting, prediction, dtype, compute, tuple(sorted(options.items())))
+        table = loss_table(schedule, weighting, prediction, data_dtype, options)
+        return table.to(device, compute_dtype)
+    key = ("loss", _options_key(weighting, options), prediction, data_dtype, compute_dtype)
     return schedule.table(
-        key, lambda: loss_table(schedule, weighting, prediction, dtype, options).to(compute),
+        key,
+        lambda: loss_table(schedule, weighting, prediction, data_dtype, options).to(compute_dtype),
         device,
-    )  # fmt: skip
+    )
 
 
 def resolve_prediction(schedule: NoiseSchedule, prediction: str | None) -> str:
-    """The prediction type to use (None: the schedule's), checked against the family."""
-    prediction = _check_prediction(schedule.prediction_type if prediction is None else prediction)
-    if prediction == "raw" and schedule.family != "edm":
-        raise ValueError(
-            f"prediction 'raw' is EDM's preconditioned network output; this schedule is "
-            f"{schedule.family}"
-        )
-    return prediction
+    """The prediction type to use (None: the schedule's; "denoised" is "sample"), checked
+    against the schedule's family ("raw" is EDM's only)."""
+    prediction = schedule.prediction_type if prediction is None else prediction
+    return _check_prediction(prediction, "prediction", schedule.family)
+
+
+def _options_key(weighting: str, options: dict[str, Any]) -> tuple:
+    """A hashable cache key of checked options (so a bad option is refused by name, not by
+    the cache's hash)."""
+    name, params, max_weight, normalize = _parse(weighting, options)
+    return (name, tuple(sorted(params.items())), max_weight, normalize)
 
 
 def _parse(weighting: Weighting, options: dict[str, Any]):
@@ -270,7 +326,7 @@ def _parse(weighting: Weighting, options: dict[str, Any]):
 
 
 def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
@@ -281,7 +337,7 @@ def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
 def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: NoiseSchedule):
     """The weights in their declared space (SPACES), float64 [T]."""
     snr, sigma = schedule.snr, schedule.sigma
-    if name in ("none", "logit_normal", "mode"):
+    if name in ("none", "logit_normal", "mode", "constant"):
         return torch.ones_like(snr)
     if name == "sigma_sqrt":
         return sigma**-2.0
@@ -290,8 +346,6 @@ def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: No
     if name == "edm":
         sd = schedule.sigma_data
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
-    if name == "constant":
-        return torch.ones_like(snr)
     if name == "debias":
         return snr.rsqrt()
     if name == "p2":
@@ -310,44 +364,70 @@ def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: No
     return w
 
 
-def _inverse_k2(schedule: NoiseSchedule, space: str) -> torch.Tensor:
+def _inverse_k2(schedule: NoiseSchedule, target: str) -> torch.Tensor:
     """1 / k^2 per t (module docstring): ||eps - eps_hat||^2 / ||y - y_hat||^2 at fixed x_t,
-    the factor that carries an epsilon-space weight to target ``space``."""
+    the factor that carries an epsilon-space weight to ``target``, in closed form."""
     snr, a, s = schedule.snr, schedule.alpha, schedule.sigma
-    if space == "epsilon":
+    if target == "epsilon":
         return torch.ones_like(snr)
-    if space == "v_prediction":
+    if target == "v_prediction":
         return snr / (snr + 1)
-    if space == "sample":
+    if target == "sample":
         return snr
-    if space == "flow":
+    if target == "flow":
         return (a / (a + s)) ** 2
-    _, c_out = _edm_preconditioning(schedule)
-    return c_out**2 / s**2
+    sd = schedule.sigma_data  # raw: c_out^2 / s^2
+    return sd**2 / (s**2 + sd**2)
 
 
-def _edm_preconditioning(schedule: NoiseSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """EDM's c_skip and c_out per t (Karras et al. 2022, Table 1)."""
-    sigma, sd = schedule.sigma, schedule.sigma_data
-    return sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt()
+def _m(schedule: NoiseSchedule, target: str) -> torch.Tensor:
+    """|a k| per t for ``target`` (module docstring): zero only for epsilon at snr == 0."""
+    a, s = schedule.alpha, schedule.sigma
+    if target == "epsilon":
+        return a
+    if target == "v_prediction":
+        return torch.hypot(a, s)
+    if target == "sample":
+        return s
+    if target == "flow":
+        return a + s
+    sd = schedule.sigma_data  # raw: s / |c_out|
+    return (s**2 + sd**2).sqrt() / sd
 
 
-def _refuse_unbounded(
-    name: str, schedule: NoiseSchedule, where: torch.Tensor, converted_to: str | None = None
-):
-    t_bad = where.nonzero().flatten().tolist()
-    i = t_bad[0]
-    what = f"has no finite value as a {converted_to} weight" if converted_to else "is unbounded"
+def _where(schedule: NoiseSchedule, mask: torch.Tensor) -> str:
+    """Where ``mask`` holds, in the schedule's own timesteps, for a message."""
+    index = mask.nonzero().flatten()
+    i = int(index[0])
+    at = f"snr={schedule.snr[i]:.3g}, sigma={schedule.sigma[i]:.3g}"
+    if schedule.family == "ddpm":
+        return f"t={index[:4].tolist()} ({at})"
+    return f"timesteps {schedule.timesteps[index[:4]].tolist()} (table index {i}: {at})"
+
+
+def _refuse_unbounded(name: str, space: str, schedule: NoiseSchedule, where: torch.Tensor):
     raise ValueError(
-        f"weighting {name!r} {what} at t={t_bad[:4]} (snr={schedule.snr[i]:.3g}, "
-        f"sigma={schedule.sigma[i]:.3g}). Pass max_weight=<cap> (e.g. max_weight=1e3) to cap "
-        "the weight in its own space, or use another weighting"
+        f"weighting {name!r} is unbounded at {_where(schedule, where)}. Pass "
+        f"max_weight=<cap> (e.g. max_weight=1e3) to cap the weight in its own ({space}) "
+        "space, or use another weighting"
+    )
+
+
+def _refuse_conversion(
+    name: str, space: str, target: str, schedule: NoiseSchedule, where: torch.Tensor
+):
+    raise ValueError(
+        f"weighting {name!r}, declared on the {space} target, has no finite value as a "
+        f"weight on the {target} target at {_where(schedule, where)}: x_t is pure noise "
+        f"there, so any {target} error is an infinite {space} error. max_weight caps "
+        f"weights in their declared space and cannot bound this: train prediction={space!r}, "
+        "or use an epsilon-space weighting (constant, debias, p2, min_snr)"
     )
 
 
 def _zero_snr_limit(name: str, params: dict) -> float:
-    """lim_{snr->0+} w(snr) * factor(snr) for weightings unbounded at snr == 0; both
-    conversion factors behave like snr there."""
+    """lim_{snr->0+} w(snr) * factor(snr) for weightings unbounded at snr == 0; every
+    target's conversion factor behaves like snr there."""
     if name == "debias":  # snr^-1/2 * snr
         return 0.0
     if name == "p2":  # k == 0: snr^-gamma * snr

@@ -7,6 +7,7 @@ import torch
 
 import debias
 from debias import NoiseSchedule, weight_table
+from debias.weighting import FAMILY_WEIGHTINGS, SPACES
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -213,3 +214,239 @@ def test_loss_weight_gathers_per_sample():
         debias.loss_weight(torch.tensor([1000]), s)
     with pytest.raises(TypeError, match="t must be an integer"):
         debias.loss_weight(torch.tensor([1.0]), s)
+
+
+# ---- every family -------------------------------------------------------------------------
+
+FAMILY_SCHEDULES = {
+    "ddpm": lambda: NoiseSchedule.linear(1000),
+    "ddpm-zero-snr": lambda: NoiseSchedule.scaled_linear().rescale_zero_terminal_snr(),
+    "flow": lambda: NoiseSchedule.flow_matching(1000, shift=3.0),
+    "flow-T7": lambda: NoiseSchedule.flow_matching(7),
+    "edm": lambda: NoiseSchedule.edm(1000),
+    "edm-sd1": lambda: NoiseSchedule.edm(33, sigma_data=1.0),
+}
+TARGETS = ("epsilon", "v_prediction", "sample", "flow", "raw")
+
+
+def _targets(schedule):
+    return [p for p in TARGETS if p != "raw" or schedule.family == "edm"]
+
+
+def _weightings(schedule):
+    """(label, weighting, options, declared space): every weighting the family accepts, with
+    options, plus a table and a callable (epsilon space)."""
+    T = schedule.num_timesteps
+    bounded = {"max_weight": 100.0} if (schedule.snr == 0).any() else {}
+    out = [(name, name, bounded if name == "debias" else {}, SPACES[name])
+           for name in FAMILY_WEIGHTINGS[schedule.family]]  # fmt: skip
+    out += [
+        ("p2-0.5", "p2", {"k": 1.0, "gamma": 0.5}, "epsilon"),
+        ("min_snr-1-normalized", "min_snr", {"gamma": 1.0, "normalize": True}, "epsilon"),
+        ("constant-capped", "constant", {"max_weight": 0.5}, "epsilon"),
+        ("table", torch.linspace(0.1, 2.0, T, dtype=torch.float64), {}, "epsilon"),
+        ("callable", lambda snr: 1 / (snr + 2), {}, "epsilon"),
+    ]
+    if schedule.family == "edm":
+        out.append(("edm-capped-normalized", "edm", {"max_weight": 10.0, "normalize": True},
+                    "sample"))  # fmt: skip
+    if schedule.family == "flow":
+        out.append(("sigma_sqrt-normalized", "sigma_sqrt", {"normalize": True}, "flow"))
+    return out
+
+
+def _errors(schedule, idx, g):
+    """Squared errors ``[B]`` of one network's prediction in every target's space, at
+    fixed x_t (from random x0, eps and the network's eps_hat)."""
+    a, s = schedule.alpha[idx][:, None], schedule.sigma[idx][:, None]
+    x0, eps, eps_hat = (torch.randn(len(idx), 10, dtype=torch.float64, generator=g)
+                        for _ in range(3))  # fmt: skip
+    x_t = a * x0 + s * eps
+    x0_hat = (x_t - s * eps_hat) / a
+    errors = {}
+    for prediction in _targets(schedule):
+        p, q = debias.weighting.target_table(schedule, prediction, torch.float64)[:, idx, None]
+        errors[prediction] = ((p * eps + q * x0) - (p * eps_hat + q * x0_hat)).square().sum(1)
+    return errors
+
+
+@pytest.mark.parametrize("family", FAMILY_SCHEDULES, ids=FAMILY_SCHEDULES.keys())
+def test_every_target_weighs_the_same_objective(family):
+    """The real test of the conversion: for random x0, eps and a network's eps_hat at fixed
+    x_t, the weighted squared error in every target's space is one number, for every
+    weighting, whatever space it is declared in."""
+    schedule = FAMILY_SCHEDULES[family]()
+    T = schedule.num_timesteps
+    g = torch.Generator().manual_seed(2)
+    # away from snr = 0, where x0 (and so the error of every target but epsilon) is undefined
+    idx = torch.randint(0, T, (64,), generator=g)
+    idx = idx[schedule.snr[idx] > 0]
+    errors = _errors(schedule, idx, g)
+    for label, weighting, options, space in _weightings(schedule):
+        objective = weight_table(schedule, weighting, space, **options)[idx] * errors[space]
+        for prediction in _targets(schedule):
+            if prediction == "epsilon" and space != "epsilon" and (schedule.snr == 0).any():
+                continue  # no finite epsilon weight at snr = 0: test_refusals
+            w = weight_table(schedule, weighting, prediction, **options)
+            assert w.dtype == torch.float64 and w.shape == (T,), label
+            assert torch.isfinite(w).all() and (w >= 0).all(), label
+            torch.testing.assert_close(
+                w[idx] * errors[prediction], objective, rtol=1e-9, atol=0,
+                msg=lambda m, p=prediction, n=label: f"{n} -> {p}: {m}",
+            )  # fmt: skip
+
+
+def test_flow_weightings_closed_forms():
+    flow = NoiseSchedule.flow_matching(1000, shift=3.0)
+    sigma, snr = flow.sigma, flow.snr
+    assert sigma[0] == 1 and snr[0] == 0  # t = 1000 is pure noise
+    # epsilon-space weightings on the flow target: w (1 - sigma)^2
+    torch.testing.assert_close(weight_table(flow, "debias"), sigma * (1 - sigma), rtol=1e-12,
+                               atol=0)  # fmt: skip
+    torch.testing.assert_close(weight_table(flow, "constant"), (1 - sigma) ** 2, rtol=1e-15,
+                               atol=0)  # fmt: skip
+    min_snr = torch.where(snr > 0, torch.clamp(snr, max=5.0) / snr, 1.0) * (1 - sigma) ** 2
+    torch.testing.assert_close(weight_table(flow, "min_snr"), min_snr, rtol=1e-13, atol=0)
+    p2 = (1 + snr) ** -0.5 * (1 - sigma) ** 2
+    torch.testing.assert_close(weight_table(flow, "p2", gamma=0.5), p2, rtol=1e-13, atol=0)
+    # diffusers' compute_loss_weighting_for_sd3, on the flow-matching loss
+    torch.testing.assert_close(weight_table(flow, "sigma_sqrt"), sigma**-2.0, rtol=0, atol=0)
+    cosmap = 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))
+    torch.testing.assert_close(weight_table(flow, "cosmap"), cosmap, rtol=0, atol=0)
+    for name in ("none", "logit_normal", "mode"):
+        assert torch.equal(weight_table(flow, name), torch.ones_like(sigma))
+    # flow-space weights on other targets: ||u - u_hat||^2 = ||x0 - x0_hat||^2 / sigma^2
+    torch.testing.assert_close(weight_table(flow, "sigma_sqrt", "sample"), sigma**-4.0,
+                               rtol=1e-14, atol=0)  # fmt: skip
+    v = weight_table(flow, "none", "v_prediction")
+    torch.testing.assert_close(v, 1 / ((1 - sigma) ** 2 + sigma**2), rtol=1e-14, atol=0)
+    assert v[0] == 1.0  # at sigma = 1 the v, x0 and flow errors are all the x0 error
+
+
+def test_edm_weightings_closed_forms():
+    edm = NoiseSchedule.edm(1000)
+    s, sd = edm.sigma, 0.5
+    lam = (s**2 + sd**2) / (s * sd) ** 2
+    torch.testing.assert_close(weight_table(edm, "edm", "sample"), lam, rtol=0, atol=0)
+    torch.testing.assert_close(weight_table(edm, "edm", "denoised"), lam, rtol=0, atol=0)
+    c_out = s * sd / (s**2 + sd**2).sqrt()
+    torch.testing.assert_close(weight_table(edm, "edm"), lam * c_out**2, rtol=1e-14, atol=0)
+    assert torch.allclose(weight_table(edm, "edm"), torch.ones_like(s), rtol=1e-14, atol=0)
+    # EDM's lambda is the weight that makes the raw network output's loss uniform
+    torch.testing.assert_close(weight_table(edm, "edm", "epsilon"), lam * s**2, rtol=1e-14,
+                               atol=0)  # fmt: skip
+    torch.testing.assert_close(weight_table(edm, "debias", "sample"), 1 / s, rtol=1e-14, atol=0)
+
+
+def test_target_rows():
+    ddpm, flow, edm = NoiseSchedule.linear(), NoiseSchedule.flow_matching(), NoiseSchedule.edm()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a, s = ddpm.noise_table(dtype).double()
+        rows = debias.weighting.loss_table(ddpm, "debias", "v_prediction", dtype, {})
+        assert rows.dtype == torch.float64 and rows.shape == (3, 1000)
+        assert torch.equal(rows[1:], torch.stack((a, -s)))  # get_velocity's rounding
+        torch.testing.assert_close(rows[0], weight_table(ddpm, "debias", "v_prediction"))
+    rows = debias.weighting.loss_table(flow, "logit_normal", None, torch.bfloat16, {})
+    assert torch.equal(
+        rows, torch.stack([torch.ones(1000), torch.ones(1000), -torch.ones(1000)]).double()
+    )
+    pq = debias.weighting.target_table(flow, "v_prediction", torch.float32)
+    norm = (flow.alpha**2 + flow.sigma**2).sqrt()
+    torch.testing.assert_close(pq, torch.stack((flow.alpha / norm, -flow.sigma / norm)))
+    # raw: D = c_skip x_t + c_out F with D = x0 gives F = p eps + q x0
+    s, sd = edm.sigma, edm.sigma_data
+    c_skip, c_out = sd**2 / (s**2 + sd**2), s * sd / (s**2 + sd**2).sqrt()
+    p, q = debias.weighting.target_table(edm, "raw", torch.float32)
+    torch.testing.assert_close(p, -c_skip * s / c_out, rtol=1e-13, atol=0)
+    torch.testing.assert_close(q, (1 - c_skip) / c_out, rtol=1e-9, atol=0)
+    for name, table in (("epsilon", (1, 0)), ("sample", (0, 1)), ("flow", (1, -1))):
+        pq = debias.weighting.target_table(edm, name, torch.float16)
+        assert pq[0].eq(table[0]).all() and pq[1].eq(table[1]).all(), name
+    with pytest.raises(TypeError, match="dtype"):
+        debias.weighting.loss_table(ddpm, "debias", None, torch.int32, {})
+
+
+def test_refusals():
+    flow, edm, ddpm = (NoiseSchedule.flow_matching(1000), NoiseSchedule.edm(),
+                       NoiseSchedule.linear())  # fmt: skip
+    # epsilon-space debias is unbounded where snr = 0: every flow schedule's t = 1000
+    with pytest.raises(ValueError, match=r"unbounded at timesteps \[1000.0\].*max_weight"):
+        weight_table(flow, "debias", "epsilon")
+    with pytest.raises(ValueError, match="max_weight"):
+        weight_table(flow, "debias", normalize=True)
+    capped = weight_table(flow, "debias", "epsilon", max_weight=100.0)
+    assert capped[0] == 100.0 and torch.isfinite(capped).all()
+    # a flow-space weight has no finite value as an epsilon weight at sigma = 1
+    with pytest.raises(
+        ValueError, match=r"no finite value as a weight on the epsilon target.*max_weight"
+    ):
+        weight_table(flow, "cosmap", "epsilon")
+    with pytest.raises(ValueError, match="no finite value"):
+        weight_table(flow, "none", "epsilon", max_weight=10.0)
+    # a table holding inf, or p2 with k = 0 (growing like 1/snr^gamma) past its limit
+    table = torch.ones(1000, dtype=torch.float64)
+    table[0] = math.inf
+    with pytest.raises(ValueError, match="max_weight"):
+        weight_table(flow, table)
+    with pytest.raises(ValueError, match="max_weight"):
+        weight_table(flow, "p2", k=0.0, gamma=2.0)
+    torch.testing.assert_close(weight_table(flow, "p2", k=0.0, gamma=1.0)[0].item(), 1.0)
+    # a weighting or target of another family
+    for schedule in (ddpm, edm):
+        with pytest.raises(ValueError, match="defined on flow schedules"):
+            weight_table(schedule, "sigma_sqrt")
+    for schedule in (ddpm, flow):
+        with pytest.raises(ValueError, match="defined on edm schedules"):
+            weight_table(schedule, "edm", "sample")
+        with pytest.raises(ValueError, match="prediction 'raw' is EDM's"):
+            weight_table(schedule, "debias", "raw")
+
+
+def test_loss_weight_on_float_timesteps():
+    flow = NoiseSchedule.flow_matching(1000, shift=3.0)
+    t = flow.timesteps[torch.tensor([0, 999, 3])]
+    w = debias.loss_weight(t, flow, "cosmap")
+    assert w.dtype == torch.float32
+    torch.testing.assert_close(w, weight_table(flow, "cosmap")[[0, 999, 3]].float())
+    with pytest.raises(ValueError, match="t must hold timesteps"):
+        debias.loss_weight(torch.tensor([0.5]), flow)
+    with pytest.raises(TypeError, match="t must be a float tensor"):
+        debias.loss_weight(torch.tensor([3]), flow)
+
+
+def test_cached_tables():
+    from debias.weighting import cached_loss_table, cached_weight_table
+
+    s = NoiseSchedule.flow_matching(1000)
+    table = cached_loss_table(s, "debias", None, torch.bfloat16, torch.float32, "cpu", {})
+    assert table.dtype == torch.float32 and table.shape == (3, 1000)
+    torch.testing.assert_close(
+        table, debias.weighting.loss_table(s, "debias", "flow", torch.bfloat16, {}).float()
+    )
+    assert cached_loss_table(s, "debias", "flow", torch.bfloat16, torch.float32, "cpu", {}) is table
+    other = cached_loss_table(s, "debias", None, torch.bfloat16, torch.float32, "cpu",
+                              {"max_weight": 0.1})  # fmt: skip
+    assert other is not table and other[0].max() <= 0.1
+    w64 = cached_weight_table(s, "cosmap", None, torch.float64, "cpu", {})
+    assert w64.dtype == torch.float64 and cached_weight_table(
+        s, "cosmap", None, torch.float64, "cpu", {}) is w64  # fmt: skip
+    # a bad option is refused by name, not by the cache's hash
+    with pytest.raises(TypeError, match="max_weight"):
+        cached_loss_table(s, "debias", None, torch.float32, torch.float32, "cpu",
+                          {"max_weight": [1.0]})  # fmt: skip
+    with pytest.raises(TypeError, match="unknown option"):
+        cached_weight_table(s, "debias", None, torch.float32, "cpu", {"cap": 1.0})
+
+
+def test_module_surface():
+    from debias.weighting import check_timesteps
+
+    check_timesteps(torch.tensor([0, 1]), 2)
+    with pytest.raises(TypeError, match="t must be an integer"):
+        check_timesteps(torch.tensor([0.0]), 2)
+    assert FAMILY_WEIGHTINGS["ddpm"] == ("constant", "debias", "p2", "min_snr")
+    assert "cosmap" in FAMILY_WEIGHTINGS["flow"] and "edm" in FAMILY_WEIGHTINGS["edm"]
+    assert debias.schedules.PREDICTION_TYPES == ("epsilon", "v_prediction", "sample", "flow",
+                                                 "raw")  # fmt: skip
+    assert debias.weighting.resolve_prediction(NoiseSchedule.edm(), "denoised") == "sample"
+    assert debias.weighting.resolve_prediction(NoiseSchedule.flow_matching(), None) == "flow"

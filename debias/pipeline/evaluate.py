@@ -53,7 +53,10 @@ from tqdm.auto import tqdm
 
 from debias._checks import check_int
 from debias.ops.knn import knn
-from debias.schedules import PREDICTION_TYPES, NoiseSchedule, as_schedule
+from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
+
+# The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
+_PREDICTIONS = FAMILY_PREDICTIONS["ddpm"][:3]
 
 __all__ = [
     "FeatureNet",
@@ -114,10 +117,8 @@ def _check_feature_pair(
 
 def _check_prediction(prediction: Any, schedule: NoiseSchedule) -> str:
     prediction = schedule.prediction_type if prediction is None else prediction
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(
-            f"prediction must be one of {PREDICTION_TYPES} or None, got {prediction!r}"
-        )
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"prediction must be one of {_PREDICTIONS} or None, got {prediction!r}")
     return prediction
 
 

@@ -40,7 +40,10 @@ import torch
 from tqdm.auto import tqdm
 
 from debias._checks import check_int
-from debias.schedules import PREDICTION_TYPES, NoiseSchedule, as_schedule
+from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
+
+# The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
+_PREDICTIONS = FAMILY_PREDICTIONS["ddpm"][:3]
 
 __all__ = ["respace", "sample", "space_timesteps"]
 
@@ -232,8 +235,8 @@ def sample(
     eta = _check_eta(eta, method)
     if prediction is None:
         prediction = schedule.prediction_type
-    if prediction not in PREDICTION_TYPES:
-        raise ValueError(f"prediction must be one of {PREDICTION_TYPES}, got {prediction!r}")
+    if prediction not in _PREDICTIONS:
+        raise ValueError(f"prediction must be one of {_PREDICTIONS}, got {prediction!r}")
     if not isinstance(clip, bool):
         raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     if batch_size is not None:

@@ -44,7 +44,7 @@ from debias.pipeline.data import (
     split_held_out,
 )
 from debias.pipeline.unet import UNet
-from debias.weighting import WEIGHTINGS
+from debias.weighting import FAMILY_WEIGHTINGS
 
 SCHEDULES = ("linear", "cosine")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
@@ -129,7 +129,7 @@ def _check_config(c: TrainConfig) -> None:
     for name in ("warmup", "eval_every", "sample_every", "checkpoint_every", "monitor_every"):
         check_int(name, getattr(c, name), 0)  # 0 turns the periodic job off
     for name, allowed in (("schedule", SCHEDULES), ("prediction", PREDICTIONS),
-                          ("weighting", WEIGHTINGS), ("split", SPLITS)):  # fmt: skip
+                          ("weighting", FAMILY_WEIGHTINGS["ddpm"]), ("split", SPLITS)):  # fmt: skip
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {getattr(c, name)!r}")
     if not 0.0 <= c.held_out < 1.0:
