@@ -1,14 +1,17 @@
 """The loss side of one diffusion training step — noising, weighted loss, backward — per
-provider, on the same inputs; and one training step of a small UNet around it.
+provider, on the same inputs, for two families: DDPM (epsilon target, debias weighting) and
+flow matching (Flux/SD3: target noise - x0, cosmap weighting); and one training step of a
+small UNet around the DDPM one.
 
     pytest benchmarks/bench_noise_loss.py --benchmark-json=bench.json
     python benchmarks/report.py bench.json
 
-Providers: ``eager`` is debias.reference, the code trainers run today; ``compile`` is
-torch.compile of that same function; the others are debias' fused ops on one backend, and on
-a GPU in each of the two gradient designs (``GRAD_IN_FORWARD``, below). Before a provider is
-timed, its x_t, loss and gradient are checked against eager on the same inputs and the same
-noise; a provider that disagrees fails its test and is never timed.
+Providers: ``eager`` is the code trainers run today (DDPM: debias.reference, as diffusers'
+train_text_to_image.py; flow: the lines of diffusers' Flux/SD3 DreamBooth scripts);
+``compile`` is torch.compile of that same function; the others are debias' fused ops on one
+backend, and on a GPU in each of the two gradient designs (``GRAD_IN_FORWARD``, below).
+Before a provider is timed, its x_t, loss and gradient are checked against eager on the same
+inputs and the same noise; a provider that disagrees fails its test and is never timed.
 
 Runs on CUDA when there is a GPU, else on the CPU; DEBIAS_BENCH_DEVICE=cpu|cuda forces one.
 On the CPU pytest-benchmark times each case (host clock). On CUDA the times come from CUDA
@@ -21,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
+import math
 import os
 import platform
 import shlex
@@ -52,7 +56,20 @@ CPU_SHAPES = ((128, 3, 32, 32), (32, 4, 64, 64), (8, 4, 128, 128))
 # 96 MiB, far beyond the L2 cache; the report checks the performance targets on those.
 GPU_SHAPES = ((128, 3, 32, 32), (256, 3, 64, 64), (64, 4, 64, 64), (256, 4, 128, 128),
               (32, 3, 512, 512))  # fmt: skip
-SHAPES = GPU_SHAPES if ON_GPU else CPU_SHAPES
+# Flow-matching latents, 16 channels: Flux/SD3 images of 1024 px (16x16x128x128) and video
+# latents of 21 frames at 60x104 (4x16x21x60x104), the issue's sizes, measured on a GPU. On
+# the CPU they are scaled down to the size of the DDPM cases, where one eager step takes a
+# few ms and per-call overhead shows: 4x16x64x64 (1/16 of the image batch) and 1x16x9x30x52
+# (1/37 of the video one); the full sizes follow, since they fit too (eager 35-90 ms a step
+# on the 2-core reference machine with malloc pinned as below; ~30 s more for the suite).
+FLOW_GPU_SHAPES = ((16, 16, 128, 128), (4, 16, 21, 60, 104))
+FLOW_CPU_SHAPES = ((4, 16, 64, 64), (1, 16, 9, 30, 52), *FLOW_GPU_SHAPES)
+FAMILY_SHAPES = {
+    "ddpm": GPU_SHAPES if ON_GPU else CPU_SHAPES,
+    "flow": FLOW_GPU_SHAPES if ON_GPU else FLOW_CPU_SHAPES,
+}
+# As the flow scripts call it (--weighting_scheme cosmap); shift 3, SD3's.
+FLOW_SHIFT, FLOW_WEIGHTING = 3.0, "cosmap"
 TRAIN_SHAPE = (128, 3, 32, 32)  # CIFAR-10 sized batch for the training-step measurement
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # assert_close's rtol per dtype; atol is rtol times the reference's largest magnitude, since
@@ -77,29 +94,47 @@ torch._dynamo.config.recompile_limit = 64
 @dataclass
 class Case:
     """One benchmark input: the batch, its timesteps and the network output standing in for
-    the model (a leaf, so backward stops at the loss side)."""
+    the model (a leaf, so backward stops at the loss side).
 
+    ``t`` is what debias' ops take (DDPM: integer timesteps; flow: the schedule's float
+    timesteps); ``eager_t`` and ``tables`` are what the family's eager code takes after x0, t
+    and pred (EAGER[family]); ``loss_args`` are fused_loss's arguments beyond pred, noise, t
+    and the schedule."""
+
+    family: str
     x0: torch.Tensor
     t: torch.Tensor
     pred: torch.Tensor
     schedule: debias.NoiseSchedule
-    abar: torch.Tensor
-    weights: torch.Tensor
+    eager_t: torch.Tensor
+    tables: tuple[torch.Tensor, ...]
+    loss_args: dict[str, Any]
 
     @classmethod
-    def make(cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Case:
+    def make(
+        cls, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, family: str = "ddpm"
+    ) -> Case:
         # Drawn on the device: on a GPU the large cases would spend seconds in CPU randn.
         gen = torch.Generator(device=device).manual_seed(0)
-        schedule = debias.NoiseSchedule.linear(1000)
-        return cls(
-            x0=torch.randn(shape, generator=gen, device=device).to(dtype),
-            t=torch.randint(0, 1000, (shape[0],), generator=gen, device=device),
-            pred=torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_(),
-            schedule=schedule,
+        x0 = torch.randn(shape, generator=gen, device=device).to(dtype)
+        if family == "ddpm":
+            schedule = debias.NoiseSchedule.linear(1000)
+            t = torch.randint(0, 1000, (shape[0],), generator=gen, device=device)
+            pred = torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_()
             # float32, as diffusers' scheduler keeps it; reference.add_noise casts per call.
-            abar=schedule.alphas_cumprod.float().to(device),
-            weights=debias.weight_table(schedule, "debias").float().to(device),
-        )
+            abar = schedule.alphas_cumprod.float().to(device)
+            weights = debias.weight_table(schedule, "debias").float().to(device)
+            return cls(family, x0, t, pred, schedule, t, (abar, weights), {"weighting": "debias"})
+        schedule = debias.NoiseSchedule.flow_matching(1000, shift=FLOW_SHIFT)
+        # The scripts' draw for cosmap (uniform u): indices = (u * T).long(), then
+        # timesteps = scheduler.timesteps[indices].
+        u = torch.rand(shape[0], generator=gen, device=device)
+        indices = (u * schedule.num_timesteps).long()
+        t = schedule.timesteps.to(device)[indices]
+        pred = torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_()
+        sigmas = schedule.sigma.float().to(device)  # diffusers' float32 scheduler.sigmas
+        loss_args = {"weighting": FLOW_WEIGHTING, "x0": x0}
+        return cls(family, x0, t, pred, schedule, indices, (sigmas,), loss_args)
 
 
 Forward = Callable[[Case], tuple[torch.Tensor, torch.Tensor]]
@@ -140,28 +175,63 @@ def loss_side(
     return x_t, loss
 
 
-_compiled_loss_side = torch.compile(loss_side, dynamic=False)
+def cosmap(sigmas: torch.Tensor) -> torch.Tensor:
+    """diffusers.training_utils.compute_loss_weighting_for_sd3("cosmap", sigmas), written out:
+    importing diffusers.training_utils takes ~4 s here, and the GPU image may lack diffusers."""
+    bot = 1 - 2 * sigmas + 2 * sigmas**2
+    return 2 / (math.pi * bot)
+
+
+def flow_loss_side(
+    x0: torch.Tensor,
+    indices: torch.Tensor,
+    pred: torch.Tensor,
+    sigma_table: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What diffusers' train_dreambooth_lora_flux.py / _sd3.py run around the transformer call
+    (minus the model), --weighting_scheme cosmap. Their get_sigmas finds each timestep's index
+    with one host-synchronising ``(timesteps == t).nonzero().item()`` per sample; here the
+    indices they drew the timesteps from are passed in, which only makes eager faster."""
+    if noise is None:
+        noise = torch.randn_like(x0)
+    # get_sigmas: the float32 table in x0's dtype, gathered, viewed [B, 1, ...]
+    sigmas = sigma_table.to(dtype=x0.dtype)[indices].view((-1,) + (1,) * (x0.dim() - 1))
+    x_t = (1.0 - sigmas) * x0 + sigmas * noise
+    weighting = cosmap(sigmas)
+    target = noise - x0
+    loss = torch.mean(
+        (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1
+    )
+    return x_t, loss.mean()
+
+
+# The eager code of each family: (x0, eager_t, pred, *tables, noise=None) -> (x_t, loss).
+EAGER = {"ddpm": loss_side, "flow": flow_loss_side}
+_COMPILED = {family: torch.compile(fn, dynamic=False) for family, fn in EAGER.items()}
 
 
 def _eager(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-    return loss_side(case.x0, case.t, case.pred, case.abar, case.weights)
+    return EAGER[case.family](case.x0, case.eager_t, case.pred, *case.tables)
 
 
 def _eager_train(case: Case, model: torch.nn.Module) -> torch.Tensor:
+    abar, weights = case.tables  # DDPM only (TRAIN_SHAPE)
     noise = torch.randn_like(case.x0)
-    x_t = reference.add_noise(case.x0, case.t, case.abar, noise)
-    return reference.noise_loss(model(x_t, case.t), noise, case.t, case.weights)
+    x_t = reference.add_noise(case.x0, case.t, abar, noise)
+    return reference.noise_loss(model(x_t, case.t), noise, case.t, weights)
 
 
 def _compiled(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
-    return _compiled_loss_side(case.x0, case.t, case.pred, case.abar, case.weights)
+    return _COMPILED[case.family](case.x0, case.eager_t, case.pred, *case.tables)
 
 
 def _compiled_checked(case: Case) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Inductor draws randn_like with its own generator, which eager cannot reproduce; the same
     # function with the noise passed in checks the compiled arithmetic.
     noise = torch.randn_like(case.x0)
-    x_t, loss = _compiled_loss_side(case.x0, case.t, case.pred, case.abar, case.weights, noise)
+    compiled = _COMPILED[case.family]
+    x_t, loss = compiled(case.x0, case.eager_t, case.pred, *case.tables, noise)
     return x_t, loss, noise
 
 
@@ -173,7 +243,7 @@ def _fused(
     def run(case: Case) -> tuple[torch.Tensor, torch.Tensor, debias.PhiloxNoise]:
         x_t, noise = debias.add_noise(case.x0, case.t, case.schedule, backend=backend)
         loss = debias.fused_loss(
-            case.pred, noise, case.t, case.schedule, weighting="debias", backend=backend
+            case.pred, noise, case.t, case.schedule, backend=backend, **case.loss_args
         )
         return x_t, loss, noise
 
@@ -188,7 +258,7 @@ def _fused(
     def train(case: Case, model: torch.nn.Module) -> torch.Tensor:
         x_t, noise = debias.add_noise(case.x0, case.t, case.schedule, backend=backend)
         return debias.fused_loss(
-            model(x_t, case.t), noise, case.t, case.schedule, weighting="debias", backend=backend
+            model(x_t, case.t), noise, case.t, case.schedule, backend=backend, **case.loss_args
         )
 
     return Provider(backend, forward, checked, train, grad_in_forward, devices)
@@ -218,9 +288,11 @@ def design_name(grad_in_forward: bool | None) -> str:
     return {True: "kept", False: "recompute"}.get(grad_in_forward, "")
 
 
-def fused_bytes(numel: int, itemsize: int, grad_in_forward: bool | None = True) -> int:
+def fused_bytes(
+    numel: int, itemsize: int, grad_in_forward: bool | None = True, reads_x0: bool = False
+) -> int:
     """Bytes the fused design must move for one step, the numerator of a provider's GB/s
-    (N = numel * itemsize; epsilon target, as benchmarked):
+    (N = numel * itemsize; epsilon target, the DDPM cases):
 
         add_noise                     read x0, write x_t                          2N
         kept (grad_in_forward=True)   loss: read pred, write the gradient it keeps 2N
@@ -228,12 +300,16 @@ def fused_bytes(numel: int, itemsize: int, grad_in_forward: bool | None = True) 
         recompute (False)             loss: read pred                              N
                                       backward: read pred, write pred.grad         2N  = 5N
 
-    The noise never reaches memory; a v or x0 target adds a read of x0 to each pass over pred
-    (+N kept, +2N recompute). eager, compile and cpu are measured against the kept design's
-    6N, a common yardstick rather than the bytes they move: eager moves several times more
+    The noise never reaches memory; a target with an x0 term (v, x0, flow's noise - x0:
+    ``reads_x0``) adds a read of x0 to each pass over pred (+N kept, +2N recompute: 7N
+    either way). eager, compile and cpu are measured against the kept design's bytes (6N,
+    7N with x0), a common yardstick rather than the bytes they move: eager moves several times more
     (noise, float copies, temporaries), and the compute-bound cpu backend keeps the noise it
     generates (PhiloxNoise.values) and skips the backward pass when grad_output is 1."""
-    return (5 if grad_in_forward is False else 6) * numel * itemsize
+    passes = 5 if grad_in_forward is False else 6
+    if reads_x0:
+        passes += 2 if grad_in_forward is False else 1
+    return passes * numel * itemsize
 
 
 def _sync(device: torch.device) -> None:
@@ -266,7 +342,7 @@ def _check(provider: Provider, case: Case) -> None:
     case.pred.grad = None
 
     pred = case.pred.detach().clone().requires_grad_()
-    want_x_t, want_loss = loss_side(case.x0, case.t, pred, case.abar, case.weights, noise)
+    want_x_t, want_loss = EAGER[case.family](case.x0, case.eager_t, pred, *case.tables, noise)
     want_loss.backward()
     rtol = RTOL[case.x0.dtype]
     for name, got, want in (
@@ -530,21 +606,24 @@ def copy_bandwidth(_threads: None) -> dict[str, Any]:
     return dict(gbps=2 * COPY_BYTES / seconds / 1e9, method=method)
 
 
+# Ids name the family first ("flow-bf16-4x16x64x64-cpu"): `-k flow` or `-k ddpm` picks one.
 CASES = [
-    pytest.param(dtype, shape, name, id=f"{dtype}-{_shape_id(shape)}-{name}")
+    pytest.param(family, dtype, shape, name, id=f"{family}-{dtype}-{_shape_id(shape)}-{name}")
+    for family, shapes in FAMILY_SHAPES.items()
     for dtype in DTYPES
-    for shape in SHAPES
+    for shape in shapes
     for name in PROVIDERS
 ]
 
 
 @pytest.mark.benchmark(min_rounds=20, max_time=1.0, warmup=True, warmup_iterations=5)
-@pytest.mark.parametrize(("dtype", "shape", "name"), CASES)
+@pytest.mark.parametrize(("family", "dtype", "shape", "name"), CASES)
 def test_noise_loss(
     benchmark: Any,
     copy_bandwidth: dict[str, Any],
     malloc_config: str,
     monkeypatch: pytest.MonkeyPatch,
+    family: str,
     dtype: str,
     shape: tuple[int, ...],
     name: str,
@@ -552,7 +631,7 @@ def test_noise_loss(
     provider = PROVIDERS[name]
     _prepare(provider, monkeypatch)
     torch.manual_seed(0)
-    case = Case.make(shape, DTYPES[dtype], DEVICE)
+    case = Case.make(shape, DTYPES[dtype], DEVICE, family)
     if provider.checked is not None:
         _check(provider, case)
     step = _step(provider, case)
@@ -562,15 +641,17 @@ def test_noise_loss(
 
     peak, peak_method = _peak_memory(step, reset, DEVICE)  # also compiles and warms the step
 
-    benchmark.group = f"{dtype}-{_shape_id(shape)}"
+    benchmark.group = f"{family}-{dtype}-{_shape_id(shape)}"
     info = benchmark.extra_info
     info.update(_common_info(name, provider, copy_bandwidth, malloc_config))
+    numel, itemsize = case.x0.numel(), case.x0.element_size()
     info.update(
         kind="loss_side",
+        family=family,
         shape=_shape_id(shape),
         dtype=dtype,
-        numel=case.x0.numel(),
-        bytes=fused_bytes(case.x0.numel(), case.x0.element_size(), provider.grad_in_forward),
+        numel=numel,
+        bytes=fused_bytes(numel, itemsize, provider.grad_in_forward, family == "flow"),
         peak_mem_bytes=peak,
         peak_mem_method=peak_method,
     )
@@ -704,6 +785,7 @@ def test_train_step(
     info.update(_common_info(name, provider, copy_bandwidth, malloc_config))
     info.update(
         kind="train_step",
+        family="ddpm",
         shape=_shape_id(TRAIN_SHAPE),
         dtype="fp32",
         numel=case.x0.numel(),

@@ -7,11 +7,14 @@
 #     OUT=/some/dir bash benchmarks/gpu_run.sh
 #
 # Each stage runs under its own time limit and a failing stage does not stop the next; the
-# exit status of each is in $OUT/summary.txt. What lands in $OUT (7 files):
+# exit status of each is in $OUT/summary.txt. What lands in $OUT (8 files):
 #   env.txt             nvidia-smi, versions
 #   resource_usage.txt  nvcc --resource-usage for sm_90, per kernel of csrc/cuda/*.cu
-#   bench.json          pytest-benchmark's JSON (CUDA-event times in extra_info)
-#   noise_loss_<gpu>.csv, noise_loss_<gpu>.md   the report (also in benchmarks/results/)
+#   bench.json          pytest-benchmark's JSON of the DDPM cases and the training step
+#                       (CUDA-event times in extra_info)
+#   bench_flow.json     the same for the flow-matching cases
+#   noise_loss_<gpu>.csv, noise_loss_<gpu>.md   the report of both (also in
+#                       benchmarks/results/)
 #   logs.tar.gz         every stage's full log, and the knn benchmark's knn.json and its
 #                       report knn_<gpu>.csv/.md (also in benchmarks/results/)
 #   summary.txt         each stage's exit status (124: out of time), the elapsed time and the
@@ -28,8 +31,12 @@ PY=${PYTHON:-python3}
 BUDGET=${DEBIAS_GPU_BUDGET:-500}
 # Kept back for the noise_loss benchmark and its report while the tests run before it, and
 # for the knn benchmark and its report while both run before it (the knn stage then also gets
-# whatever the noise_loss benchmark leaves, before the CPU tests get the rest).
+# whatever the noise_loss benchmark leaves, before the CPU tests get the rest). Of the
+# noise_loss reserve, FLOW_RESERVE is kept for its flow-matching cases (4 cases, two of them
+# compiled by Inductor) while the DDPM ones run, so that running out of time cuts both
+# families rather than the one that runs last.
 BENCH_RESERVE=210
+FLOW_RESERVE=60
 KNN_RESERVE=90
 XDIST_WORKERS=${DEBIAS_GPU_XDIST:-4}
 export PYTHONUNBUFFERED=1
@@ -136,11 +143,21 @@ TEE=1 run_stage gpu-tests-large $((BUDGET - SECONDS - BENCH_RESERVE - KNN_RESERV
   "${PYTEST[@]}" tests -m "gpu and slow" --maxfail=4
 
 # ---- benchmark and report ------------------------------------------------------------------
-run_stage bench $((BUDGET - SECONDS - KNN_RESERVE - 30)) \
-  "${PYTEST[@]}" benchmarks/bench_noise_loss.py --benchmark-json="$OUT/bench.json"
+# Case ids start with the family (ddpm-..., flow-...); the training step is a DDPM one.
+run_stage bench $((BUDGET - SECONDS - FLOW_RESERVE - KNN_RESERVE - 30)) \
+  "${PYTEST[@]}" benchmarks/bench_noise_loss.py -k "not flow" --benchmark-json="$OUT/bench.json"
 tail -n 25 "$LOGS/bench.log" || true
-if [[ -s $OUT/bench.json ]]; then
-  TEE=1 run_stage report 60 "$PY" benchmarks/report.py "$OUT/bench.json" \
+run_stage bench-flow $((BUDGET - SECONDS - KNN_RESERVE - 30)) \
+  "${PYTEST[@]}" benchmarks/bench_noise_loss.py -k flow --benchmark-json="$OUT/bench_flow.json"
+tail -n 25 "$LOGS/bench-flow.log" || true
+BENCH_JSONS=()
+for json in "$OUT/bench.json" "$OUT/bench_flow.json"; do
+  if [[ -s $json ]]; then
+    BENCH_JSONS+=("$json")
+  fi
+done
+if ((${#BENCH_JSONS[@]})); then
+  TEE=1 run_stage report 60 "$PY" benchmarks/report.py "${BENCH_JSONS[@]}" \
     --out-dir benchmarks/results
   # the report names its files after the GPU: the newest two are this run's
   for ext in csv md; do
@@ -151,7 +168,7 @@ if [[ -s $OUT/bench.json ]]; then
   done
 fi
 
-# ---- knn benchmark and report: into the logs tarball (the file count in $OUT stays 7) -------
+# ---- knn benchmark and report: into the logs tarball (the file count in $OUT stays 8) -------
 # Cases in order of priority (bench_knn.GPU_CASES): cut short at its limit, pytest still writes
 # the JSON of the cases it finished.
 run_stage knn-bench $((BUDGET - SECONDS - 30)) \

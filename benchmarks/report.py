@@ -1,15 +1,18 @@
 """Turn bench_noise_loss.py's ``--benchmark-json`` output into a CSV and a Markdown table.
 
-    python benchmarks/report.py bench.json [--out-dir benchmarks/results]
+    python benchmarks/report.py bench.json [more.json ...] [--out-dir benchmarks/results]
+
+Several JSONs (say, gpu_run.sh's DDPM and flow stages) are reported as one run: their results
+in order, the commit and date of the first.
 
 bench_knn.py's results (extra_info ``op == "knn"``, in the same JSON or their own) go to
 report_knn.py, which writes ``knn_<device>.csv/.md`` the same way.
 
 Writes ``noise_loss_<device>.csv`` (one row per case and provider, and per provider of the
-training step) and ``noise_loss_<device>.md`` (providers side by side, then one line per case
-and provider with its bandwidth, memory and, on a GPU, the performance targets), and prints
-the Markdown. A provider whose correctness check did not pass is left out: no speed-up is
-reported for a wrong answer.
+training step; a case is family, dtype and shape: "flow bf16 4x16x64x64") and
+``noise_loss_<device>.md`` (providers side by side, then one line per case and provider with
+its bandwidth, memory and the performance targets), and prints the Markdown. A provider whose
+correctness check did not pass is left out: no speed-up is reported for a wrong answer.
 """
 
 from __future__ import annotations
@@ -34,10 +37,13 @@ BUSY = 0.05  # share of CPU time used by other processes above which a result is
 TARGET_MIN_FP32_BYTES = 64 * 2**20
 TARGET_COPY, TARGET_EAGER, TARGET_COMPILE = 0.85, 4.0, 1.3
 GPU_BACKENDS = ("triton", "cuda")
+# Target for the `cpu` provider (the CPU backend's default design) on every CPU case of
+# every family: at least this speed-up over eager.
+TARGET_CPU_EAGER = 3.0
 COLUMNS = (
     "device", "device_type", "threads", "malloc", "torch", "triton", "git_sha", "date",
-    "kind", "shape", "dtype", "provider", "design", "model", "timer", "median_ms", "q20_ms",
-    "q80_ms", "rounds", "elements_per_s", "bytes_per_step", "gb_per_s", "copy_gb_per_s",
+    "kind", "family", "shape", "dtype", "provider", "design", "model", "timer", "median_ms",
+    "q20_ms", "q80_ms", "rounds", "elements_per_s", "bytes_per_step", "gb_per_s", "copy_gb_per_s",
     "copy_fraction", "vs_eager", "vs_compile", "peak_mem_mib", "targets", "loss_side_ms",
     "loss_share", "other_cpu",
 )  # fmt: skip
@@ -61,7 +67,13 @@ def git_sha(commit: dict[str, Any]) -> str:
 
 def _targets(r: dict[str, Any]) -> str | None:
     """ "met", or "missed: ..." naming each target missed; None where no target applies."""
-    if not (r["device_type"] == "cuda" and r["kind"] == "loss_side"):
+    if r["kind"] != "loss_side":
+        return None
+    if r["device_type"] == "cpu":
+        if r["provider"] != "cpu":
+            return None
+        return verdict((("eager", r["vs_eager"], TARGET_CPU_EAGER),), "×")
+    if r["device_type"] != "cuda":
         return None
     if r["backend"] not in GPU_BACKENDS or r["numel"] * 4 < TARGET_MIN_FP32_BYTES:
         return None
@@ -109,6 +121,7 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "git_sha": sha,
             "date": date,
             "kind": kind,
+            "family": info.get("family", "ddpm"),  # results from before flow cases: DDPM
             "shape": info["shape"],
             "dtype": info["dtype"],
             "provider": info["provider"],
@@ -143,13 +156,23 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             row["loss_share"] = info["loss_side_median_s"] / median
         out.append(row)
     # Ratios are times: a baseline's median over this provider's, same case (>1 is faster).
-    medians = {(r["kind"], r["dtype"], r["shape"], r["provider"]): r["median_ms"] for r in out}
+    medians = {(*_case(r), r["provider"]): r["median_ms"] for r in out}
     for r in out:
         for base in ("eager", "compile"):
-            ref = medians.get((r["kind"], r["dtype"], r["shape"], base))
+            ref = medians.get((*_case(r), base))
             r[f"vs_{base}"] = ref / r["median_ms"] if ref else None
         r["targets"] = _targets(r)
     return out
+
+
+def _case(r: dict[str, Any]) -> tuple[str, str, str, str]:
+    """What makes two results the same case: kind, family, dtype, shape."""
+    return r["kind"], r["family"], r["dtype"], r["shape"]
+
+
+def case_label(r: dict[str, Any]) -> str:
+    """``"flow bf16 4x16x64x64"``."""
+    return f"{r['family']} {r['dtype']} {r['shape']}"
 
 
 def _fmt(value: Any) -> Any:
@@ -178,8 +201,8 @@ def _side_by_side(loss: list[dict[str, Any]]) -> list[str]:
     """One line per case: M elements/s of each provider, with its speed-up over eager and
     compile in brackets."""
     providers = list(dict.fromkeys(r["provider"] for r in loss))
-    cases = list(dict.fromkeys((r["dtype"], r["shape"]) for r in loss))
-    by_key = {(r["dtype"], r["shape"], r["provider"]): r for r in loss}
+    cases = list(dict.fromkeys(case_label(r) for r in loss))
+    by_key = {(case_label(r), r["provider"]): r for r in loss}
     lines = [
         "Million elements per second for one loss side (noising + weighted loss + backward),"
         " median; in brackets the speed-up over eager and over compile.",
@@ -187,10 +210,10 @@ def _side_by_side(loss: list[dict[str, Any]]) -> list[str]:
         "| case | " + " | ".join(providers) + " |",
         "|---|" + "---:|" * len(providers),
     ]
-    for dtype, shape in cases:
+    for case in cases:
         cells = []
         for provider in providers:
-            r = by_key.get((dtype, shape, provider))
+            r = by_key.get((case, provider))
             if r is None:
                 cells.append("—")
                 continue
@@ -202,7 +225,7 @@ def _side_by_side(loss: list[dict[str, Any]]) -> list[str]:
             ratios = [x for x in ratios if x]
             cell = f"{r['elements_per_s'] / 1e6:.1f}"
             cells.append(cell + (f" ({', '.join(ratios)})" if ratios else ""))
-        lines.append(f"| {dtype} {shape} | " + " | ".join(cells) + " |")
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -212,8 +235,8 @@ def _details(loss: list[dict[str, Any]]) -> list[str]:
     lines = [
         "Per case and provider: median time with the 20th–80th percentiles; GB/s of the bytes"
         " the fused design must move (kept gradient 6N, recompute 5N, N = numel × itemsize;"
-        " eager, compile and cpu against 6N); the share of the copy bandwidth; peak memory"
-        " one step allocates.",
+        " eager, compile and cpu against 6N; flow, whose target reads x0, 7N in both);"
+        " the share of the copy bandwidth; peak memory one step allocates.",
         "",
         "| case | provider | design | median ms (q20–q80) | GB/s | of copy | vs eager"
         " | vs compile | peak MiB |" + (" targets |" if with_targets else ""),
@@ -221,7 +244,7 @@ def _details(loss: list[dict[str, Any]]) -> list[str]:
     ]
     for r in loss:
         cells = [
-            f"{r['dtype']} {r['shape']}",
+            case_label(r),
             r["provider"],
             r["design"] or "—",
             f"{r['median_ms']:.4g} ({r['q20_ms']:.4g}–{r['q80_ms']:.4g})",
@@ -241,6 +264,18 @@ def _target_summary(loss: list[dict[str, Any]]) -> list[str]:
     graded = [r for r in loss if r["targets"] is not None]
     if not graded:
         return []
+    if graded[0]["device_type"] == "cpu":
+        missed = [
+            f"{case_label(r)} ({_num(r['vs_eager'], '.2f', '×')})"
+            for r in graded
+            if r["targets"] != "met"
+        ]
+        families = ", ".join(dict.fromkeys(r["family"] for r in graded))
+        return [
+            f"Target, the `cpu` provider on every case ({families}): at least"
+            f" {TARGET_CPU_EAGER:g}× eager. Met on {len(graded) - len(missed)} of {len(graded)}"
+            + (f"; missed on {', '.join(missed)}." if missed else "."),
+        ]
     shapes = ", ".join(dict.fromkeys(r["shape"] for r in graded))
     met = [f"{r['provider']} {r['dtype']} {r['shape']}" for r in graded if r["targets"] == "met"]
     return [
@@ -316,11 +351,13 @@ def markdown(table: list[dict[str, Any]], bench_command: str, report_command: st
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, help="pytest --benchmark-json output")
+    parser.add_argument("json", type=Path, nargs="+", help="pytest --benchmark-json output(s)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    data = json.loads(args.json.read_text())
+    data = json.loads(args.json[0].read_text())
+    for more in args.json[1:]:
+        data["benchmarks"] += json.loads(more.read_text())["benchmarks"]
     report_command = shlex.join(["python", *sys.argv])
     # One JSON may hold both suites (`pytest benchmarks/`): knn results carry op="knn".
     by_op: dict[str, list[dict[str, Any]]] = {}
@@ -335,11 +372,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     table = rows({**data, "benchmarks": by_op["noise_loss"]})
     if not table:
-        sys.exit(f"{args.json}: no benchmark passed its check; nothing to report")
+        names = " ".join(map(str, args.json))
+        sys.exit(f"{names}: no benchmark passed its check; nothing to report")
     name = f"noise_loss_{slug(table[0]['device'])}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.out_dir / f"{name}.csv")
-    text = markdown(table, table[0]["command"], report_command)
+    # one command per benchmark JSON that went into the table (gpu_run.sh runs two)
+    bench_commands = "\n    ".join(dict.fromkeys(r["command"] for r in table))
+    text = markdown(table, bench_commands, report_command)
     (args.out_dir / f"{name}.md").write_text(text)
     print(text, end="")
 

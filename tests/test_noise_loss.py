@@ -1137,3 +1137,18 @@ def test_learned_variance_mean_channels_read_in_place(backend, design):
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(out.grad[:, :4], copy.grad, rtol=0, atol=0)
     assert not out.grad[:, 4:].any()
+
+
+def test_timesteps_looked_up_once_per_step_and_again_when_changed(backend):
+    """fused_loss reuses add_noise's lookup of the same t, and only while t is unchanged."""
+    x0, noise, pred, t, index = _family_inputs(FLOW, (3, 5), torch.float32)
+    debias.add_noise(x0, t, FLOW, noise=noise, backend=backend)
+    first = debias.fused_loss(pred, noise, t, FLOW, "cosmap", x0=x0, backend=backend)
+    t[:] = FLOW.timesteps[index.flip(0)]  # in place: a new version of the same tensor
+    changed = debias.fused_loss(pred, noise, t, FLOW, "cosmap", x0=x0, backend=backend)
+    fresh = debias.fused_loss(pred, noise, t.clone(), FLOW, "cosmap", x0=x0, backend=backend)
+    torch.testing.assert_close(changed, fresh, rtol=0, atol=0)
+    assert not torch.equal(first, changed)
+    t[0] = 0.5  # not a timestep of the schedule: refused although t was seen before
+    with pytest.raises(ValueError, match=r"\bt\b"):
+        debias.fused_loss(pred, noise, t, FLOW, "cosmap", x0=x0, backend=backend)
