@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from debias._checks import check_int
+from debias._checks import check_float, check_int
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "raw")
 # Other names trainers use for a prediction type.
@@ -195,7 +195,7 @@ class NoiseSchedule:
         s = timestep / T, sigma = shift s / (1 + (shift - 1) s), timestep = sigma T;
         x_t = (1 - sigma) x0 + sigma eps; the default target is ``eps - x0`` ("flow")."""
         T = _check_timesteps(num_timesteps)
-        shift = _check_positive("shift", shift)
+        shift = check_float("shift", shift, low=0.0)
         s = torch.arange(T, 0, -1, dtype=torch.float64).float() / T
         sigmas = shift * s / (1 + (shift - 1) * s)
         return cls._from_sigmas("flow", sigmas, sigmas * T, prediction_type)
@@ -218,10 +218,10 @@ class NoiseSchedule:
         network output F under the paper's preconditioning D = c_skip x_t + c_out F,
         "sample" the denoised D."""
         T = _check_timesteps(num_timesteps)
-        smin = _check_positive("sigma_min", sigma_min)
-        smax = _check_positive("sigma_max", sigma_max)
-        sd = _check_positive("sigma_data", sigma_data)
-        rho = _check_positive("rho", rho)
+        smin = check_float("sigma_min", sigma_min, low=0.0)
+        smax = check_float("sigma_max", sigma_max, low=0.0)
+        sd = check_float("sigma_data", sigma_data, low=0.0)
+        rho = check_float("rho", rho, low=0.0)
         if smin >= smax:
             raise ValueError(f"sigma_min must be < sigma_max, got {smin} and {smax}")
         # All T + 1 entries, as diffusers computes them, then the T training ones.
@@ -476,22 +476,6 @@ def _check_timesteps(num_timesteps: int) -> int:
     return num_timesteps
 
 
-def _check_positive(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return float(value)
-
-
-def _check_number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
-
-
 def _check_prediction(prediction: Any, name: str = "prediction", family: str | None = None) -> str:
     """A prediction type (aliases resolved), checked against ``family`` when given."""
     if not isinstance(prediction, str):
@@ -586,9 +570,12 @@ def sample_timesteps(
             f"scheme {scheme!r} does not apply to a {schedule.family} schedule; use one of "
             f"{allowed}"
         )
-    logit_mean, p_mean = _check_number("logit_mean", logit_mean), _check_number("p_mean", p_mean)
-    logit_std, p_std = _check_positive("logit_std", logit_std), _check_positive("p_std", p_std)
-    mode_scale = _check_number("mode_scale", mode_scale)
+    logit_mean, p_mean = check_float("logit_mean", logit_mean), check_float("p_mean", p_mean)
+    logit_std, p_std = (
+        check_float("logit_std", logit_std, low=0.0),
+        check_float("p_std", p_std, low=0.0),
+    )
+    mode_scale = check_float("mode_scale", mode_scale)
     lo, hi = _MODE_SCALE_RANGE
     if not lo <= mode_scale <= hi:
         raise ValueError(

@@ -63,8 +63,9 @@ from typing import Any
 
 import torch
 
+from debias._checks import check_float
 from debias.schedules import FAMILIES, NoiseSchedule, _check_prediction, as_schedule
-from debias.schedules import check_timesteps as check_timesteps  # re-exported: ops import it
+from debias.schedules import check_timesteps as check_timesteps  # its home before families
 
 WEIGHTINGS = ("constant", "debias", "p2", "min_snr", "none", "sigma_sqrt", "cosmap",
               "logit_normal", "mode", "edm")  # fmt: skip
@@ -315,23 +316,14 @@ def _parse(weighting: Weighting, options: dict[str, Any]):
             continue
         if key not in defaults:
             raise ValueError(f"option {key!r} does not apply to weighting {name!r}")
-        params[key] = _positive(key, options[key], allow_zero=key == "k")
+        params[key] = check_float(key, options[key], low=0.0, inclusive=key == "k")
     max_weight = options.get("max_weight")
     if max_weight is not None:
-        max_weight = _positive("max_weight", max_weight)
+        max_weight = check_float("max_weight", max_weight, low=0.0)
     normalize = options.get("normalize", False)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
     return name, params, max_weight, normalize
-
-
-def _positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0")
-    return value
 
 
 def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: NoiseSchedule):
