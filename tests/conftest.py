@@ -34,3 +34,17 @@ def backend(request) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def step_indices(scheduler, timesteps) -> list[int]:
+    """The table index of each timestep, as get_sigmas of diffusers' train_dreambooth_lora_
+    {sd3,flux,sdxl}.py finds it (one host-synchronising lookup per sample)."""
+    return [(scheduler.timesteps == t).nonzero().item() for t in timesteps]
+
+
+def get_sigmas(scheduler, timesteps, n_dim=4, dtype=torch.float32):
+    """Those scripts' get_sigmas (a closure over their scheduler there), on the CPU."""
+    sigma = scheduler.sigmas.to(dtype=dtype)[step_indices(scheduler, timesteps)].flatten()
+    while len(sigma.shape) < n_dim:
+        sigma = sigma.unsqueeze(-1)
+    return sigma

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DTYPE_IDS, DTYPES
+from conftest import DTYPE_IDS, DTYPES, get_sigmas
 
 import debias
 
@@ -302,17 +302,6 @@ def script_timesteps(noise_scheduler_copy, weighting_scheme, bsz, generator=None
     )
     indices = (u * noise_scheduler_copy.config.num_train_timesteps).long()
     return noise_scheduler_copy.timesteps[indices]
-
-
-def get_sigmas(noise_scheduler, timesteps, n_dim=4, dtype=torch.float32):
-    """The scripts' get_sigmas (a closure over their scheduler there)."""
-    sigmas = noise_scheduler.sigmas.to(dtype=dtype)
-    schedule_timesteps = noise_scheduler.timesteps
-    step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
-    sigma = sigmas[step_indices].flatten()
-    while len(sigma.shape) < n_dim:
-        sigma = sigma.unsqueeze(-1)
-    return sigma
 
 
 def make_transformer(script: str) -> torch.nn.Module:

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import get_sigmas, step_indices
 
 import debias
 from debias import NoiseSchedule, sample_timesteps
@@ -21,17 +22,6 @@ from diffusers import (  # noqa: E402
 from diffusers.training_utils import compute_density_for_timestep_sampling  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _get_sigmas(scheduler, timesteps, n_dim, dtype):
-    """get_sigmas of diffusers' train_dreambooth_lora_{sd3,flux,sdxl}.py, on the CPU."""
-    sigmas = scheduler.sigmas.to(dtype=dtype)
-    schedule_timesteps = scheduler.timesteps
-    step_indices = [(schedule_timesteps == t).nonzero().item() for t in timesteps]
-    sigma = sigmas[step_indices].flatten()
-    while len(sigma.shape) < n_dim:
-        sigma = sigma.unsqueeze(-1)
-    return sigma, step_indices
 
 
 def _schedulers():
@@ -189,10 +179,10 @@ def test_index_is_get_sigmas_lookup(case):
     g = torch.Generator().manual_seed(3)
     idx = torch.cat((torch.tensor([0, 999, 17, 17]), torch.randint(0, 1000, (60,), generator=g)))
     timesteps = scheduler.timesteps[idx]
-    _, step_indices = _get_sigmas(scheduler, timesteps, 1, torch.float32)
+    indices = step_indices(scheduler, timesteps)
     for schedule in (ours, as_schedule(scheduler)):
         index = schedule.index(timesteps)
-        assert index.dtype == torch.int64 and index.tolist() == step_indices == idx.tolist()
+        assert index.dtype == torch.int64 and index.tolist() == indices == idx.tolist()
         # any float dtype holding the same values: compared in float32, as get_sigmas does
         assert torch.equal(schedule.index(timesteps.double()), index)
     assert ours.index(timesteps[:0]).shape == (0,)
@@ -260,7 +250,7 @@ def test_noise_table_rounds_as_the_trainers(case, dtype):
     noise = torch.randn(6, 4, 5, 7, generator=g).to(dtype)
     timesteps = scheduler.timesteps[torch.tensor([0, 999, 17, 500, 17, 3])]
     if ours.family == "flow":  # the SD3 / Flux scripts' line
-        sigmas, _ = _get_sigmas(scheduler, timesteps, x0.ndim, x0.dtype)
+        sigmas = get_sigmas(scheduler, timesteps, x0.ndim, x0.dtype)
         expected = (1.0 - sigmas) * x0 + sigmas * noise
     else:
         expected = scheduler.add_noise(x0, noise, timesteps)
