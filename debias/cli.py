@@ -267,8 +267,8 @@ def _add_score(sub) -> None:
 # Help for each TrainConfig field; the `train` options are generated from the dataclass so the
 # command line and the stored config can never drift apart.
 _TRAIN_HELP = {
-    "data": "digits (bundled, default), gmm (Gaussian mixture), a folder of images, .npy/.npz, "
-    "or a CIFAR-10 python folder",
+    "data": "digits (bundled, default), colored-digits (digits inked from a fixed palette), gmm "
+    "(Gaussian mixture), a folder of images, .npy/.npz, or a CIFAR-10 python folder",
     "image_size": "resize images to this side (default: the source's)",
     "classes": "keep only these labels, e.g. 0,1",
     "proportions": "class fractions after --classes, e.g. 0.9,0.1",
@@ -281,10 +281,15 @@ _TRAIN_HELP = {
     "num_res_blocks": "depth: residual blocks per level",
     "attention_resolutions": "image sides with self-attention",
     "dropout": "dropout in the residual blocks",
-    "schedule": "noise schedule",
+    "family": "ddpm, or flow (rectified flow as SD3 / Flux train it)",
+    "schedule": "noise schedule (default: linear for ddpm, flow_matching for flow)",
     "num_timesteps": "diffusion steps T",
-    "prediction": "what the network predicts",
-    "weighting": "loss weighting, defined in epsilon space",
+    "prediction": "what the network predicts (default: epsilon for ddpm, flow for flow)",
+    "weighting": "loss weighting, defined in its own space and converted exactly to the "
+    "target (flow also takes none / sigma_sqrt / cosmap)",
+    "learn_sigma": "ddpm: learn the variance (2C outputs; hybrid loss with the vb term)",
+    "timestep_sampling": "flow: uniform, logit_normal or mode (SD3's densities)",
+    "shift": "flow: the schedule's shift (SD3: 3)",
     "steps": "training steps",
     "batch_size": "global batch size (split across processes)",
     "lr": "AdamW learning rate (after a linear warm-up)",
@@ -298,10 +303,12 @@ _TRAIN_HELP = {
     "eval_size": "held-out images in the held-out loss",
     "sample_every": "steps between sample grids (0: never)",
     "sample_steps": "sampler steps for grids and the monitor",
+    "sample_method": "sampler for grids and the monitor (default: ddpm, or euler for flow)",
     "checkpoint_every": "steps between checkpoints (0: only at the end)",
     "monitor_every": "steps between memorization measurements (0: never)",
     "monitor_samples": "samples the monitor draws and scores",
     "stop_on_memorization": "stop when samples start drifting toward their training images",
+    "report_to": "none, or tensorboard: also write scalars and grids to RUN/tensorboard",
 }
 
 
@@ -313,6 +320,27 @@ def _comma_list(kind):
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s") from err
 
     return parse
+
+
+def _train_choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the string options, over every family (TrainConfig checks the pair)."""
+    from debias.pipeline import train as t
+    from debias.pipeline.sampling import METHODS
+    from debias.schedules import TIMESTEP_SCHEMES
+
+    def union(table: dict) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(v for family in t.FAMILIES for v in table[family]))
+
+    return {
+        "family": t.FAMILIES,
+        "schedule": union(t.SCHEDULES),
+        "prediction": union(t.PREDICTIONS),
+        "weighting": union(FAMILY_WEIGHTINGS),
+        "timestep_sampling": union(TIMESTEP_SCHEMES),
+        "split": t.SPLITS,
+        "sample_method": METHODS,
+        "report_to": t.REPORT_TO,
+    }
 
 
 def _add_train(sub) -> None:
@@ -350,10 +378,7 @@ def _add_train(sub) -> None:
             kind, shown = float, default
         else:
             kind, shown = str, default
-        choices = {
-            "weighting": FAMILY_WEIGHTINGS["ddpm"], "split": ("full", "a", "b"),
-            "schedule": ("linear", "cosine"), "prediction": ("epsilon", "v_prediction", "sample"),
-        }.get(f.name)  # fmt: skip
+        choices = _train_choices().get(f.name)
         if "(default:" not in text:
             text += f" (default: {'all' if shown is None else shown})"
         train.add_argument(flag, type=kind, default=None, choices=choices, help=text)
@@ -389,8 +414,12 @@ def _train(args: argparse.Namespace) -> int:
         config = TrainConfig.from_dict({**meta["config"], **given})
     else:
         config = TrainConfig(**given)
-        stem = Path(config.data).stem if config.data not in ("digits", "gmm") else config.data
-        name = args.name or f"{stem}-{config.weighting}" + ("-ab" if config.two_models else "")
+        builtin = ("digits", "colored-digits", "gmm")
+        stem = config.data if config.data in builtin else Path(config.data).stem
+        family = "" if config.family == "ddpm" else f"{config.family}-"
+        name = args.name or f"{stem}-{family}{config.weighting}" + (
+            "-ab" if config.two_models else ""
+        )
         run_dir = Path(args.out) / name
     trainer = Trainer(
         config, run_dir, resume=bool(args.resume), device=args.device, progress=args.progress,
@@ -452,7 +481,8 @@ def _sample(args: argparse.Namespace) -> int:
     save_grid(images, out)
     arrays = out.with_suffix(".npz")
     np.savez(arrays, samples=images.numpy())
-    print(f"{args.n} samples at step {meta['step']} ({args.method}, {args.steps or 'all'} steps, "
+    method = args.method or ("euler" if schedule.family == "flow" else "ddpm")
+    print(f"{args.n} samples at step {meta['step']} ({method}, {args.steps or 'all'} steps, "
           f"seed {args.seed}): wrote {out} and {arrays}")  # fmt: skip
     return 0
 
@@ -504,14 +534,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_methods() -> tuple[str, ...]:
+    from debias.pipeline.sampling import METHODS
+
+    return METHODS
+
+
 def _add_sampling_args(parser, *, n_default: int, out_default: str) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
     parser.add_argument("--n", type=_positive_int, default=n_default,
                         help=f"samples (default: {n_default})")  # fmt: skip
     parser.add_argument("--steps", type=_positive_int, default=None,
                         help="sampler steps, respaced (default: all T)")  # fmt: skip
-    parser.add_argument("--method", default="ddpm", choices=("ddpm", "ddim"),
-                        help="ancestral DDPM or DDIM (default: ddpm)")  # fmt: skip
+    parser.add_argument(
+        "--method", default=None, choices=_sampling_methods(),
+        help="ddpm (ancestral; learned variance when trained with it), ddim, dpm++2m "
+        "(DPM-Solver++ 2M), unipc; flow models: euler, heun (default: ddpm, or euler for flow)",
+    )  # fmt: skip
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument("--member", default="", choices=("", "a", "b"),

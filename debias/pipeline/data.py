@@ -2,7 +2,8 @@
 
 Every loader returns an :class:`ImageData` holding float32 images ``[N, C, H, W]`` in [-1, 1]
 and int64 labels ``[N]`` (-1 where unlabelled). Nothing is downloaded: sources are the
-scikit-learn digits, a synthetic Gaussian mixture, or files already on disk.
+scikit-learn digits (plain, or tinted from a fixed palette for colour-shift studies), a
+synthetic Gaussian mixture, or files already on disk.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ _CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _GRAY_MODES = ("1", "L", "LA", "I;16", "I;16L", "I;16B")
 # float arrays are taken as already scaled; this slack absorbs rounding from a save/load trip
 _FLOAT_RANGE_SLACK = 1e-3
+# colored-digits: the RGB ink colours in [0, 1] (red, orange, yellow, green, blue, violet),
+# one per image, drawn uniformly with a fixed seed so the set is the same on every machine.
+PALETTE = (
+    (0.90, 0.20, 0.15),
+    (0.95, 0.60, 0.10),
+    (0.90, 0.85, 0.20),
+    (0.20, 0.70, 0.30),
+    (0.20, 0.40, 0.90),
+    (0.60, 0.30, 0.80),
+)
+_PALETTE_SEED = 20231016
 
 
 @dataclass
@@ -112,6 +124,24 @@ def load_digits(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     return _resize(images, size), torch.from_numpy(digits.target).long()
 
 
+def colored_digits(size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The digits with their ink tinted: each image takes one colour of :data:`PALETTE`
+    (drawn uniformly, fixed seed), pixel = 2 * ink * colour - 1 on a black background, so the
+    data's per-channel means are known and a sampler's colour shift shows against them.
+
+    Returns:
+        ``(images [1797, 3, size, size] float32, labels [1797] int64 digit classes,
+        colours [1797] int64 palette indices)``.
+    """
+    gray, labels = load_digits(size)
+    ink = (gray + 1) / 2  # [0, 1]
+    gen = torch.Generator().manual_seed(_PALETTE_SEED)
+    colours = torch.randint(0, len(PALETTE), (len(labels),), generator=gen)
+    rgb = torch.tensor(PALETTE, dtype=torch.float32)[colours]  # [N, 3]
+    images = 2 * ink * rgb[:, :, None, None] - 1
+    return images, labels, colours
+
+
 def load_data(
     source: str | os.PathLike = "digits", *, size: int | None = None, seed: int = 0, **gmm_kwargs
 ) -> ImageData:
@@ -120,6 +150,8 @@ def load_data(
     Args:
         source: one of
             - ``"digits"``: scikit-learn's 1797 8x8 digits, labels 0-9;
+            - ``"colored-digits"``: the same digits, RGB, inked in one colour of a fixed
+              palette each (:func:`colored_digits`), labels 0-9;
             - ``"gmm"``: :func:`gaussian_mixture` (``gmm_kwargs`` are passed on);
             - a folder of PNG/JPEG images, read in sorted relative-path order. Files all at
               the top level are unlabelled; files in sub-folders are labelled by the
@@ -145,7 +177,8 @@ def load_data(
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(
             f"source must be a str or a path, got {type(source).__name__}; allowed: "
-            "'digits', 'gmm', an image folder, a .npy/.npz file or a CIFAR-10 python folder"
+            "'digits', 'colored-digits', 'gmm', an image folder, a .npy/.npz file or a CIFAR-10 "
+            "python folder"
         )
     if size is not None:
         check_int("size", size, 1)
@@ -157,6 +190,9 @@ def load_data(
     if source == "digits":
         images, labels = load_digits(8)
         return ImageData(_resize(images, size), labels, "digits")
+    if source == "colored-digits":
+        images, labels, _ = colored_digits(8)
+        return ImageData(_resize(images, size), labels, "colored-digits")
     if source == "gmm":
         return gaussian_mixture(size=8 if size is None else size, seed=seed, **gmm_kwargs)
 
@@ -164,7 +200,8 @@ def load_data(
     name = os.fspath(source)
     if not path.exists():
         raise ValueError(
-            f"source {name!r} is neither 'digits' nor 'gmm' and no such file or folder exists"
+            f"source {name!r} is none of 'digits', 'colored-digits', 'gmm' and no such file or "
+            "folder exists"
         )
     if path.is_dir():
         if (path / "data_batch_1").is_file():

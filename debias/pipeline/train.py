@@ -1,8 +1,16 @@
 """`debias train`: a diffusion model trained with the fused ops, watched for memorization.
 
-One step: draw a batch (an epoch-wise permutation of the training split), uniform timesteps,
-``debias.add_noise`` (noise drawn inside the kernel), the UNet, ``debias.fused_loss`` with the
-chosen weighting and target, AdamW with gradient clipping, an EMA of the weights.
+One step: draw a batch (an epoch-wise permutation of the training split), timesteps
+(``debias.sample_timesteps``: uniform for DDPM; uniform, logit-normal or SD3's mode density
+for rectified flow), ``debias.add_noise`` (noise drawn inside the kernel), the UNet,
+``debias.fused_loss`` with the chosen weighting and target, AdamW with gradient clipping, an
+EMA of the weights. With ``learn_sigma`` the UNet outputs 2C channels and the loss is
+guided-diffusion's hybrid: ``fused_loss`` on the first C (read in place) plus the
+variational-bound term on the last C with the mean detached, times T/1000 (RESCALED_MSE).
+
+The step makes no host synchronisation: per-step statistics, the NaN check included, are
+accumulated on the device and read every ``log_every`` steps (and before any evaluation,
+sample grid or checkpoint, so a non-finite loss never reaches a checkpoint).
 
 Everything random comes from one ``torch.Generator`` per process (batch order, timesteps,
 the Philox key of the noise) plus torch's global generator (dropout), and all of it is in the
@@ -33,7 +41,7 @@ import torch
 from torch import nn
 
 import debias
-from debias._checks import check_int
+from debias._checks import check_float, check_int
 from debias.pipeline import checkpoint as ckpt
 from debias.pipeline.data import (
     ImageData,
@@ -44,10 +52,14 @@ from debias.pipeline.data import (
     split_held_out,
 )
 from debias.pipeline.unet import UNet
+from debias.schedules import TIMESTEP_SCHEMES
 from debias.weighting import FAMILY_WEIGHTINGS
 
-SCHEDULES = ("linear", "cosine")
-PREDICTIONS = ("epsilon", "v_prediction", "sample")
+FAMILIES = ("ddpm", "flow")
+# Per family: the schedules, the targets the samplers invert (the first is the default).
+SCHEDULES = {"ddpm": ("linear", "cosine"), "flow": ("flow_matching",)}
+PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "flow": ("flow",)}
+REPORT_TO = ("none", "tensorboard")
 SPLITS = ("full", "a", "b")
 BUCKETS = 10  # per-t loss buckets of T/10 timesteps each
 
@@ -76,10 +88,14 @@ class TrainConfig:
     attention_resolutions: list[int] = field(default_factory=lambda: [4])
     dropout: float = 0.0
     # diffusion
-    schedule: str = "linear"
+    family: str = "ddpm"  # "ddpm" or "flow" (rectified flow, as SD3 / Flux train)
+    schedule: str | None = None  # ddpm: "linear" (default) or "cosine"; flow: flow_matching
     num_timesteps: int = 1000
-    prediction: str = "epsilon"
+    prediction: str | None = None  # default: "epsilon" for ddpm, "flow" (eps - x0) for flow
     weighting: str = "debias"
+    learn_sigma: bool = False  # ddpm: learned variance, guided-diffusion's hybrid loss
+    timestep_sampling: str = "uniform"  # flow: also "logit_normal" or "mode"
+    shift: float = 1.0  # flow: the scheduler's shift (SD3 uses 3)
     # optimisation
     steps: int = 3000
     batch_size: int = 64
@@ -95,10 +111,12 @@ class TrainConfig:
     eval_size: int = 256
     sample_every: int = 500
     sample_steps: int = 50
+    sample_method: str | None = None  # sampler of grids and the monitor; default per family
     checkpoint_every: int = 500
     monitor_every: int = 500
     monitor_samples: int = 64
     stop_on_memorization: bool = False
+    report_to: str = "none"  # "tensorboard": also write the scalars and grids for TensorBoard
 
     def __post_init__(self) -> None:
         _check_config(self)
@@ -118,7 +136,7 @@ class TrainConfig:
 # Fields a resumed run may change; every other one must match the checkpoint's.
 RESUMABLE = frozenset(
     {"steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "monitor_every",
-     "stop_on_memorization"}
+     "stop_on_memorization", "report_to", "sample_method"}
 )  # fmt: skip
 
 
@@ -128,10 +146,37 @@ def _check_config(c: TrainConfig) -> None:
         check_int(name, getattr(c, name), 1)
     for name in ("warmup", "eval_every", "sample_every", "checkpoint_every", "monitor_every"):
         check_int(name, getattr(c, name), 0)  # 0 turns the periodic job off
-    for name, allowed in (("schedule", SCHEDULES), ("prediction", PREDICTIONS),
-                          ("weighting", FAMILY_WEIGHTINGS["ddpm"]), ("split", SPLITS)):  # fmt: skip
+    if c.family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {c.family!r}")
+    # Unset family-dependent fields take the family's default (stored resolved).
+    c.schedule = SCHEDULES[c.family][0] if c.schedule is None else c.schedule
+    c.prediction = PREDICTIONS[c.family][0] if c.prediction is None else c.prediction
+    choices = {
+        "schedule": SCHEDULES[c.family],
+        "prediction": PREDICTIONS[c.family],
+        "weighting": FAMILY_WEIGHTINGS[c.family],
+        "timestep_sampling": TIMESTEP_SCHEMES[c.family],
+        "split": SPLITS,
+        "report_to": REPORT_TO,
+    }
+    for name, allowed in choices.items():
         if getattr(c, name) not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {getattr(c, name)!r}")
+            raise ValueError(
+                f"{name} must be one of {allowed} for family {c.family!r}, got {getattr(c, name)!r}"
+            )
+    if c.sample_method is not None:
+        from debias.pipeline.sampling import FAMILY_METHODS
+
+        if c.sample_method not in FAMILY_METHODS[c.family]:
+            raise ValueError(
+                f"sample_method must be one of {FAMILY_METHODS[c.family]} for family "
+                f"{c.family!r}, got {c.sample_method!r}"
+            )
+    if c.learn_sigma and c.family != "ddpm":
+        raise ValueError("learn_sigma applies to family 'ddpm' (a flow model has no variance)")
+    c.shift = check_float("shift", c.shift, low=0.0)
+    if c.family != "flow" and c.shift != 1.0:
+        raise ValueError(f"shift applies to family 'flow' only, got {c.shift} for {c.family!r}")
     if not 0.0 <= c.held_out < 1.0:
         raise ValueError(f"held_out must be in [0, 1), got {c.held_out!r}")
     if not 0.0 <= c.ema_decay < 1.0:
@@ -144,6 +189,8 @@ def _check_config(c: TrainConfig) -> None:
         raise ValueError("two_models trains on both halves; leave split at 'full'")
     if c.train_size is not None:
         check_int("train_size", c.train_size, 1)
+    if c.report_to == "tensorboard":
+        _summary_writer()  # fails here, with the install line, when tensorboard is missing
     if c.held_out == 0 and (c.eval_every or c.monitor_every):
         raise ValueError(
             "held_out=0 leaves no held-out images for eval_every / monitor_every; set both to 0"
@@ -186,6 +233,8 @@ def prepare_data(c: TrainConfig) -> tuple[list[ImageData], ImageData]:
 
 def build_schedule(c: TrainConfig) -> debias.NoiseSchedule:
     make = getattr(debias.NoiseSchedule, c.schedule)
+    if c.family == "flow":
+        return make(c.num_timesteps, shift=c.shift, prediction_type=c.prediction)
     return make(c.num_timesteps, prediction_type=c.prediction)
 
 
@@ -196,6 +245,7 @@ def build_model(c: TrainConfig, shape: tuple[int, int, int]) -> UNet:
     return UNet(
         image_size=height,
         in_channels=channels,
+        out_channels=2 * channels if c.learn_sigma else channels,
         base_channels=c.base_channels,
         channel_mult=tuple(c.channel_mult),
         num_res_blocks=c.num_res_blocks,
@@ -210,9 +260,13 @@ def build_model(c: TrainConfig, shape: tuple[int, int, int]) -> UNet:
 class _Member:
     """A model with its EMA, optimizer, data order and random stream."""
 
-    def __init__(self, tag: str, data: ImageData, model: nn.Module, c: TrainConfig, rank: int):
+    def __init__(
+        self, tag: str, data: ImageData, model: nn.Module, c: TrainConfig, rank: int,
+        device: torch.device,
+    ) -> None:  # fmt: skip
         self.tag = tag  # "" for the only model, "a" / "b" for two
         self.data = data
+        self.images = data.images.to(device)  # small sets: kept on the device, no copy a step
         self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
@@ -390,7 +444,7 @@ class Trainer:
         for tag, part in zip(tags, parts, strict=True):
             torch.manual_seed(config.seed)  # both models of a pair start from the same weights
             model = build_model(config, part.shape).to(self.dist.device)
-            self.members.append(_Member(tag, part, model, config, self.dist.rank))
+            self.members.append(_Member(tag, part, model, config, self.dist.rank, self.dist.device))
         self.forward = [self._wrap(m.model) for m in self.members]
         self.monitor = self._make_monitor(parts)
         self.step = 0
@@ -400,7 +454,7 @@ class Trainer:
         if stored is not None:
             self._restore(tensors, stored)
             self._last_saved = self.step
-        self._stats = [_Interval(self.dist.device) for _ in self.members]
+        self._stats = [_Interval(self.dist.device, config.num_timesteps) for _ in self.members]
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -458,62 +512,60 @@ class Trainer:
         if self.dist.main:
             self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.json").write_text(json.dumps(c.to_dict(), indent=2))
-        self._logs = _Logs(self.dir) if self.dist.main else None
+        self._logs = _Logs(self.dir, c.report_to) if self.dist.main else None
         start_step, started = self.step, time.perf_counter()
         bar = tqdm(
             total=c.steps, initial=self.step, desc=f"train {self.dir.name}", unit="step",
             disable=not self.progress, dynamic_ncols=True,
         )  # fmt: skip
         stopped = None
-        with _Interrupt() as interrupt:
-            while self.step < c.steps:
-                for i, member in enumerate(self.members):
-                    self._train_step(i, member)
-                self.step += 1
-                bar.update(1)
-                if self.progress and self.step % c.log_every == 0:
-                    bar.set_postfix(loss=f"{self._stats[0].last:.4f}")
-                reason = self._periodic()
-                if reason is None and interrupt.requested:
-                    reason = "interrupted"
-                # One collective a step: every process stops at the same step boundary.
-                if self._any(reason is not None):
-                    stopped = reason or "stopped with the other processes"
-                    break
-        bar.close()
-        self._flush_logs(force=True)
-        if self._last_saved != self.step:
-            self.save()
+        try:
+            with _Interrupt() as interrupt:
+                while self.step < c.steps:
+                    for i, member in enumerate(self.members):
+                        self._train_step(i, member)
+                    self.step += 1
+                    bar.update(1)
+                    if self.progress and self.step % c.log_every == 0:
+                        bar.set_postfix(loss=f"{self._stats[0].last:.4f}")
+                    reason = self._periodic()
+                    if reason is None and interrupt.requested:
+                        reason = "interrupted"
+                    # Every process stops at the same step boundary. With several processes
+                    # that takes a collective, so it is taken at log and monitor steps only
+                    # (Ctrl-C under torchrun acts at the next log step).
+                    if self.dist.world == 1 or self._due(c.log_every) or self._due(c.monitor_every):
+                        if self._any(reason is not None):
+                            stopped = reason or "stopped with the other processes"
+                            break
+            bar.close()
+            self._check_finite()
+            self._flush_logs(force=True)
+            if self._last_saved != self.step:
+                self.save()
+        finally:
+            bar.close()
+            if self._logs is not None:
+                self._logs.close()
         elapsed = time.perf_counter() - started
         return self._finish(stopped or "completed", (self.step - start_step) / max(elapsed, 1e-9))
+
+    def _due(self, every: int) -> bool:
+        return bool(every) and self.step % every == 0
 
     def _train_step(self, i: int, m: _Member) -> None:
         c, dev = self.c, self.dist.device
         rows = m.next_indices(self.local_batch, self.dist.rank, self.dist.world)
-        x0 = m.data.images[rows].to(dev, non_blocking=True)
-        t = torch.randint(0, c.num_timesteps, (len(rows),), generator=m.gen).to(dev)
+        x0 = m.images[rows.to(dev, non_blocking=True)]
+        t = debias.sample_timesteps(
+            len(rows), self.schedule, c.timestep_sampling, generator=m.gen
+        ).to(dev, non_blocking=True)
         x_t, noise = debias.add_noise(x0, t, self.schedule, generator=m.gen)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pred = self.forward[i](x_t, t)
-        losses = debias.fused_loss(
-            pred, noise, t, self.schedule, c.weighting, prediction=c.prediction,
-            x0=None if c.prediction == "epsilon" else x0, reduction="none",
-        )  # fmt: skip
-        loss = losses.mean()
-        if not self._all_finite(loss):
-            tag = f" (model {m.tag})" if m.tag else ""
-            kept = (
-                f"the last good checkpoint is {self._last_good}"
-                if self._last_good is not None
-                else "no checkpoint had been written yet"
-            )
-            self._flush_logs(force=True)
-            raise NonFiniteLoss(
-                f"the loss became {loss.item()} at step {self.step + 1}{tag}; the run stopped "
-                f"and {kept}"
-            )
+            out = self.forward[i](x_t, t)
+        losses = self._losses(out, noise, x0, x_t, t, c.weighting)
         m.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        losses.mean().backward()
         clip = c.grad_clip if c.grad_clip > 0 else math.inf
         grad_norm = nn.utils.clip_grad_norm_(m.model.parameters(), clip)
         lr = c.lr * min(1.0, (self.step + 1) / c.warmup) if c.warmup else c.lr
@@ -521,13 +573,32 @@ class Trainer:
             group["lr"] = lr
         m.opt.step()
         m.update_ema(self.step, c.ema_decay)
-        self._stats[i].add(losses.detach(), t, grad_norm.detach(), lr, c.num_timesteps)
+        self._stats[i].add(losses.detach(), t, grad_norm.detach(), lr, self.step + 1)
+
+    def _losses(self, out, noise, x0, x_t, t, weighting: str) -> torch.Tensor:
+        """Per-sample loss ``[B]``: the weighted loss on the prediction channels, plus with
+        ``learn_sigma`` the vb term on the variance channels (mean detached) x T/1000."""
+        c = self.c
+        channels = x0.shape[1]
+        losses = debias.fused_loss(
+            out[:, :channels], noise, t, self.schedule, weighting, prediction=c.prediction,
+            x0=None if c.prediction == "epsilon" else x0, reduction="none",
+        )  # fmt: skip
+        if c.learn_sigma:
+            from debias.pipeline.variance import vb_loss
+
+            vb = vb_loss(out[:, channels:], out[:, :channels], x0, x_t, t, self.schedule,
+                         c.prediction)  # fmt: skip
+            losses = losses + vb * (c.num_timesteps / 1000.0)
+        return losses
 
     def _periodic(self) -> str | None:
         """Logging, held-out loss, sample grids, monitor and checkpoints due at this step;
         returns why the run stops, if it does."""
-        c, step = self.c, self.step
-        due = lambda every: every and step % every == 0  # noqa: E731
+        c, due = self.c, self._due
+        if any(due(e) for e in (c.log_every, c.eval_every, c.monitor_every, c.sample_every,
+                                c.checkpoint_every)):  # fmt: skip
+            self._check_finite()
         held = self._evaluate() if due(c.eval_every) and self.dist.main else None
         if due(c.log_every) or due(c.eval_every):  # every process: the row is all-reduced
             self._flush_logs(held=held)
@@ -542,13 +613,39 @@ class Trainer:
             self.save()
         return reason  # only the main process scores; run() takes the stop to every process
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        ok = torch.isfinite(loss.detach()).to(torch.int32)
+    def _check_finite(self) -> None:
+        """Raises :class:`NonFiniteLoss` when a loss since the last check was NaN or inf (read
+        from the device-side statistics: one synchronisation per check, not per step)."""
+        first = torch.stack([stats.first_bad for stats in self._stats]).min()
         if self.dist.world > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first.item())
+        if first == _NO_STEP:
+            return
+        pairs = zip(self.members, self._stats, strict=True)
+        seen = [(m, s) for m, s in pairs if int(s.first_bad.item()) == first]
+        if not seen:  # another process saw it
+            what, tag = "the loss became non-finite on another process", ""
+        else:
+            m, stats = seen[0]
+            tag = f" (model {m.tag})" if m.tag else ""
+            loss = stats.bad_loss.item()
+            what = (
+                f"the loss became {loss}"
+                if not math.isfinite(loss)
+                else f"the gradient norm became non-finite (loss {loss:.4g})"
+            )
+        kept = (
+            f"the last good checkpoint is {self._last_good}"
+            if self._last_good is not None
+            else "no checkpoint had been written yet"
+        )
+        self._flush_logs(force=True)
+        raise NonFiniteLoss(
+            f"{what} at step {first}{tag}; the run stopped at step {self.step} and {kept}"
+        )
 
     def _any(self, flag: bool) -> bool:
         """True on every process when it is true on one (a stop must be taken together)."""
@@ -569,16 +666,17 @@ class Trainer:
         c, dev = self.c, self.dist.device
         x0 = self.held.images[: c.eval_size].to(dev)
         n = len(x0)
-        t = torch.linspace(0, c.num_timesteps - 1, n).round().long().to(dev)
+        index = torch.linspace(0, c.num_timesteps - 1, n).round().long()
+        t = (index if c.family == "ddpm" else self.schedule.timesteps[index]).to(dev)
         gen = torch.Generator().manual_seed(c.seed + 17)
         noise = torch.randn(x0.shape, generator=gen).to(dev)
         x_t, _ = debias.add_noise(x0, t, self.schedule, noise=noise)
         rows = []
         for m in self.members:
-            pred = m.ema(x_t, t).float()
-            kw = dict(prediction=c.prediction, x0=None if c.prediction == "epsilon" else x0)
-            weighted = debias.fused_loss(pred, noise, t, self.schedule, c.weighting, **kw)
-            mse = debias.fused_loss(pred, noise, t, self.schedule, "constant", **kw)
+            out = m.ema(x_t, t).float()
+            # The loss the run minimises (with learn_sigma: the hybrid) and the plain MSE.
+            weighted = self._losses(out, noise, x0, x_t, t, c.weighting).mean()
+            mse = self._losses(out[:, : x0.shape[1]], noise, x0, x_t, t, "constant").mean()
             rows.append({"held_out_loss": weighted.item(), "held_out_mse": mse.item()})
         if rows[0]["held_out_loss"] < self.best["held_out_loss"]:
             self.best = {"step": self.step, "held_out_loss": rows[0]["held_out_loss"]}
@@ -590,9 +688,10 @@ class Trainer:
 
         shape = (n, *self.members[0].data.shape)
         return [
-            sample(m.ema, self.schedule, shape, steps=self.c.sample_steps, generator=seed).cpu()
+            sample(m.ema, self.schedule, shape, steps=self.c.sample_steps,
+                   method=self.c.sample_method, generator=seed).cpu()
             for m in self.members
-        ]
+        ]  # fmt: skip
 
     def _watch(self, held: list[dict] | None) -> tuple[list[torch.Tensor], str | None]:
         samples = self.draw(self.c.monitor_samples, self.c.seed + 29)
@@ -614,6 +713,7 @@ class Trainer:
         for s, m in zip(samples, self.members, strict=True):
             suffix = f"_{m.tag}" if m.tag else ""
             save_grid(s, self.dir / "samples" / f"step_{self.step:07d}{suffix}.png")
+            self._logs.grid(f"samples{suffix}", s, self.step)
 
     # ---- files ----------------------------------------------------------------------------
 
@@ -699,12 +799,19 @@ def _check_resumable(stored: dict, config: TrainConfig) -> None:
         raise ValueError(f"checkpoint does not match this run's settings ({pairs})")
 
 
-class _Interval:
-    """Loss statistics since the last log row, kept on the device (no sync per step)."""
+_NO_STEP = 2**62  # first_bad before any non-finite loss
 
-    def __init__(self, device: torch.device) -> None:
+
+class _Interval:
+    """Loss statistics since the last log row, kept on the device (no sync per step), and the
+    first step whose loss or gradient norm was not finite (kept until read)."""
+
+    def __init__(self, device: torch.device, num_timesteps: int) -> None:
         self.device = device
+        self.num_timesteps = num_timesteps
         self.last = math.nan
+        self.first_bad = torch.full((), _NO_STEP, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float64, device=device)  # its mean loss
         self._reset()
 
     def _reset(self) -> None:
@@ -714,11 +821,16 @@ class _Interval:
         self.count, self.images, self.lr = 0, 0, math.nan
         self.started = time.perf_counter()
 
-    def add(self, losses, t, grad_norm, lr, num_timesteps) -> None:
-        bucket = (t * BUCKETS) // num_timesteps
+    def add(self, losses, t, grad_norm, lr, step: int) -> None:
+        # Bucket b holds t in [b T/10, (b + 1) T/10): integer DDPM steps, float flow times.
+        bucket = (t.double() * BUCKETS / self.num_timesteps).long().clamp_(0, BUCKETS - 1)
         self.sum.index_add_(0, bucket, losses.double())
         self.num.index_add_(0, bucket, torch.ones_like(losses, dtype=torch.float64))
         self.grad += grad_norm.double()
+        bad = ~(torch.isfinite(losses).all() & torch.isfinite(grad_norm))
+        first = bad & (self.first_bad == _NO_STEP)
+        self.bad_loss = torch.where(first, losses.double().mean(), self.bad_loss)
+        self.first_bad = torch.where(first, step, self.first_bad)
         self.count += 1
         self.images += len(losses)
         self.lr = lr
@@ -753,16 +865,54 @@ _METRIC_FIELDS = ["step", "model", "loss", *[f"loss_t{b}" for b in range(BUCKETS
 
 
 class _Logs:
-    """metrics.csv / metrics.jsonl and monitor.csv, appended row by row and flushed."""
+    """metrics.csv / metrics.jsonl and monitor.csv, appended row by row and flushed; with
+    ``report_to="tensorboard"`` the same scalars and the sample grids also go to
+    ``run_dir/tensorboard`` (``tensorboard --logdir runs``)."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, report_to: str) -> None:
         self.dir = run_dir
+        self.board = None
+        if report_to == "tensorboard":
+            self.board = _summary_writer()(log_dir=str(run_dir / "tensorboard"))
 
     def metrics(self, row: dict) -> None:
         _append(self.dir / "metrics.jsonl", self.dir / "metrics.csv", _METRIC_FIELDS, row)
+        self._scalars("train", row)
 
     def monitor(self, row: dict) -> None:
         _append(self.dir / "monitor.jsonl", self.dir / "monitor.csv", None, row)
+        self._scalars("monitor", row)
+
+    def grid(self, tag: str, images: torch.Tensor, step: int) -> None:
+        if self.board is not None:
+            self.board.add_image(tag, (grid_image(images) + 1) / 2, step)
+            self.board.flush()
+
+    def _scalars(self, group: str, row: dict) -> None:
+        if self.board is None:
+            return
+        prefix = f"{group}/" + (f"{row['model']}/" if row.get("model", "-") != "-" else "")
+        for key, value in row.items():
+            if key not in ("step", "model") and isinstance(value, (int, float)):
+                if not isinstance(value, bool) and math.isfinite(value):
+                    self.board.add_scalar(prefix + key, value, row["step"])
+        self.board.flush()
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def _summary_writer():
+    """torch's SummaryWriter, which needs the tensorboard package (an optional extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ValueError(
+            "report_to='tensorboard' needs the tensorboard package: pip install "
+            f"'debias-kernels[tensorboard]' (or pip install tensorboard) ({err})"
+        ) from None
+    return SummaryWriter
 
 
 def _append(jsonl: Path, csv_path: Path, fields: list[str] | None, row: dict) -> None:
@@ -791,20 +941,28 @@ def _truncate_logs(run_dir: Path, step: int) -> None:
             _append(jsonl, run_dir / f"{stem}.csv", fields, r)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """A PNG grid of ``[n, C, H, W]`` images in [-1, 1]; small images are enlarged (nearest)
-    so an 8x8 digit stays visible."""
-    from PIL import Image
-
+def grid_image(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """``[n, C, H, W]`` images in [-1, 1] tiled into one ``[C, H', W']`` image, 1-pixel
+    borders, ``nrow`` per row (default: a square)."""
     n, channels, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     ncol = math.ceil(n / nrow)
     pad = 1
     grid = torch.full((channels, ncol * (h + pad) + pad, nrow * (w + pad) + pad), -1.0)
-    for i, img in enumerate(images.float().clamp(-1, 1)):
+    for i, img in enumerate(images.detach().cpu().float().clamp(-1, 1)):
         r, col = divmod(i, nrow)
         top, left = pad + r * (h + pad), pad + col * (w + pad)
         grid[:, top : top + h, left : left + w] = img
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """A PNG grid of ``[n, C, H, W]`` images in [-1, 1]; small images are enlarged (nearest)
+    so an 8x8 digit stays visible."""
+    from PIL import Image
+
+    grid = grid_image(images, nrow)
+    channels = grid.shape[0]
     pixels = ((grid + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
     picture = Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
     scale = max(1, 512 // max(grid.shape[1:]))
