@@ -1,5 +1,9 @@
 """Which implementation runs an op: `torch` (the reference), `cpu` (C++), `triton`, `cuda`.
 
+The C++ kernels load on first use: the ahead-of-time build `debias._C` when it matches this
+torch, else the same sources compiled here once and cached (debias/_build.py; DEBIAS_NO_JIT=1
+turns that off).
+
 Order of precedence: the op's ``backend=`` argument, then the environment variable
 DEBIAS_BACKEND, then the default for the tensors' device.
 """
@@ -10,34 +14,123 @@ import functools
 import importlib
 import importlib.util
 import os
+import sys
+import threading
 import warnings
 
 import torch
 
+from debias import _build
+
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 
 
-try:
-    _C = importlib.import_module("debias._C")
-except ImportError as err:  # built with DEBIAS_NO_EXTENSIONS=1, or without a compiler
-    _C, _MISSING = None, str(err)
+# The compiled kernels, loaded on first use by _load(): the ahead-of-time build debias._C when
+# it was built against this torch, else the same sources compiled here (debias/_build.py).
+_C = None
+_MISSING = "not loaded yet"
+_EXTENSION: dict = {"kind": None, "path": None, "built_against": None, "reason": _MISSING}
+_loaded = False
+_load_lock = threading.Lock()
 _warned = False
 
 
 def compiled():
-    """The compiled extension ``debias._C`` (which registers ``torch.ops.debias_C``), or None;
-    the first eager call without it warns once."""
+    """The compiled extension (which registers ``torch.ops.debias_C``), or None: loaded on the
+    first call (see ``extension``); without it the first eager call warns once."""
     global _warned
+    _ensure_loaded()
     if _C is None and not _warned and not torch.compiler.is_compiling():
         _warned = True
         warnings.warn(
             f"debias: the compiled kernels (debias._C) are not available ({_MISSING}); every "
-            "op runs on its torch backend, which is correct but slower. Reinstall with "
-            "`pip install --no-build-isolation .` to build them.",
+            f"op runs on its torch backend, which is correct but slower. {_remedy()}",
             RuntimeWarning,
             stacklevel=4,
         )
     return _C
+
+
+def extension() -> dict:
+    """How the compiled kernels were obtained, after loading them if not done yet:
+    ``kind`` "aot" (debias._C, built at install time), "jit" (compiled here on first use,
+    kept in torch's extension cache) or None; ``path`` of the library; ``built_against``: the
+    torch version recorded in it (None when the library predates the record); ``reason``: why
+    the ahead-of-time build was not used, or why there are no kernels."""
+    compiled()
+    return dict(_EXTENSION)
+
+
+def _remedy() -> str:
+    if _build.flag(_build.NO_JIT_ENV):
+        return (
+            f"Unset {_build.NO_JIT_ENV} to compile them on first use, or build them at install "
+            "time: `pip install ninja && pip install --no-build-isolation .`"
+        )
+    return (
+        "To get them, install a C++ compiler (g++) and ninja (`pip install ninja`): they then "
+        "compile on first use; or build them at install time with "
+        "`pip install --no-build-isolation .`"
+    )
+
+
+# Under torch.compile the first use loads at trace time and the graph keeps the answer.
+@torch.compiler.assume_constant_result
+def _ensure_loaded() -> bool:
+    if not _loaded:
+        with _load_lock:
+            if not _loaded:
+                _load()
+    return True
+
+
+def _load() -> None:
+    """Sets _C and _EXTENSION: the ahead-of-time debias._C when its recorded torch is this
+    one (or it has no record: a build made before the record existed, trusted as before);
+    otherwise, or when it fails to import, the CPU kernels compiled here; else nothing.
+
+    A process that blocks the module (``sys.modules["debias._C"] = None``, the standard way to
+    make an import fail) gets no compiled kernels at all, as an install without them would
+    have had before the build on first use existed."""
+    global _C, _MISSING, _loaded
+    info = {"kind": None, "path": None, "built_against": None, "reason": None}
+    blocked = "debias._C" in sys.modules and sys.modules["debias._C"] is None
+    spec = None if blocked else importlib.util.find_spec("debias._C")
+    reasons = []
+    if blocked:
+        reasons.append("the import of debias._C is blocked in this process")
+    elif spec is None or not spec.origin:
+        reasons.append("debias._C is not installed")
+    else:
+        stamp = _build.read_stamp(spec.origin)
+        if stamp is not None and stamp != torch.__version__:
+            # Never imported: it may load and misbehave against this torch.
+            reasons.append(
+                f"debias._C was built against torch {stamp}, this is {torch.__version__}"
+            )
+        else:
+            try:
+                _C = importlib.import_module("debias._C")
+                info.update(kind="aot", path=spec.origin, built_against=stamp)
+            except (ImportError, OSError) as err:  # e.g. an undefined symbol of another torch
+                reasons.append(f"debias._C does not load with torch {torch.__version__}: {err}")
+    if _C is None and not blocked:
+        why = _build.missing_tools()
+        if _build.flag(_build.NO_JIT_ENV):
+            reasons.append(f"{_build.NO_JIT_ENV} is set")
+        elif why is not None:
+            reasons.append(f"cannot compile them here: {why}")
+        else:
+            try:
+                _C, path = _build.jit_load()
+                info.update(kind="jit", path=path, built_against=torch.__version__)
+            except Exception as err:  # a failed build: the torch backend, and say why
+                lines = [line for line in str(err).strip().splitlines() if line.strip()]
+                reasons.append(f"compiling them here failed: {' / '.join(lines[-3:])}")
+    info["reason"] = "; ".join(reasons) or None
+    _MISSING = info["reason"] or ""
+    _EXTENSION.update(info)
+    _loaded = True
 
 
 def available(device: torch.device) -> tuple[str, ...]:
