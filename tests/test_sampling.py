@@ -613,5 +613,6 @@ def test_type_errors_and_bad_outputs():
         sample(MODELS["zeros"], schedule, (1, 1, 2, 2), steps=2.5)
     with pytest.raises(TypeError, match="model must be callable"):
         sample("unet", schedule, (1, 1, 2, 2))
-    with pytest.raises(ValueError, match=r"model output has shape \(1, 2, 2, 2\)"):
-        sample(lambda x, t: torch.cat([x, x], 1), schedule, (1, 1, 2, 2), generator=0)
+    # 2C channels are a learned variance (see the learned-variance tests); 3C is refused.
+    with pytest.raises(ValueError, match=r"model output has shape \(1, 3, 2, 2\)"):
+        sample(lambda x, t: torch.cat([x, x, x], 1), schedule, (1, 1, 2, 2), generator=0)

@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral sampling and DDIM, on the full or a respaced schedule.
+"""Samplers: DDPM ancestral sampling, DDIM, DPM-Solver++(2M) and UniPC on the full or a
+respaced DDPM schedule; Euler and Heun for rectified-flow schedules.
 
 Respacing follows guided-diffusion (``respace.py``): a subset of the training timesteps is
 kept, the schedule is rebuilt from the ``abar`` at those steps, and the network is still
@@ -17,13 +18,54 @@ Per step, with ``a = abar_t`` and ``a' = abar_prev`` of the (respaced) schedule,
     ddim:  x_{t'} = sqrt(a') x0_hat + sqrt(1 - a' - sigma^2) eps_hat + sigma z,
            sigma = eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')
 
+Learned variance (a model with 2C output channels, guided-diffusion's ``learn_sigma``): the
+first C channels are the prediction above, the last C are v. "ddpm" then draws with
+guided-diffusion's LEARNED_RANGE variance on the respaced schedule (``variance.py``):
+``log var = frac log(beta) + (1 - frac) log(beta_tilde clipped)``, ``frac = (v + 1) / 2``, in
+place of beta_tilde; the other methods use the first C channels and ignore v.
+
+The multistep solvers work in lambda = log(alpha / sigma) (alpha = sqrt(a), sigma = sqrt(1-a))
+on the data prediction m = x0_hat, over the points p_0 (noisiest kept step), ..., p_{S-1}
+(step 0) and p_S = the clean end (alpha = 1, sigma = 0, lambda = +inf); h = lambda_{k+1} -
+lambda_k:
+
+    dpm++2m (DPM-Solver++(2M), Lu et al. 2022; diffusers' DPMSolverMultistepScheduler):
+        x_{k+1} = (sigma_{k+1}/sigma_k) x_k - alpha_{k+1} (e^{-h} - 1) (m_k + D/2),
+        D = (h / h_prev) (m_k - m_{k-1}), first order (D = 0) at the first step and at the
+        last one, which lands on sigma = 0 and returns m_{S-1} (diffusers with
+        final_sigmas_type="zero" does the same whatever the number of steps, so its
+        lower_order_final rule for < 15 steps is always met).
+    unipc (UniPC, Zhao et al. 2023, bh2, order 2, data prediction; diffusers'
+        UniPCMultistepScheduler): the predictor UniP-2 is the dpm++2m update above; once
+        m_k is known, the corrector UniC replaces x_k by
+        (sigma_k/sigma_{k-1}) x_{k-1} - alpha_k B(h) (m_{k-1} + rho_t (m_k - m_{k-1})
+        + rho_1 (m_{k-2} - m_{k-1}) / r_1) with B(h) = e^{-h} - 1 and r_1 = (lambda_{k-2} -
+        lambda_{k-1}) / h, h = lambda_k - lambda_{k-1}; the rho solve diffusers' linear system
+        (rho_t = 1/2, rho_1 = 0 after a first-order predictor). m_k stays the one evaluated
+        at the uncorrected x_k. The corrector raises the order by one (UniPC-2 is of order 3
+        where the steps are smooth).
+
+Flow matching (``schedule.family == "flow"``, x_t = (1 - sigma) x0 + sigma eps, the model
+predicts u = eps - x0 and is called with the float timestep ``sigma T``): N sigmas spaced as
+diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N)`` does, then 0:
+``sigma = shift(linspace(sigma_max T, sigma_min T, N) / T)`` with
+``shift(s) = shift s / (1 + (shift - 1) s)``, sigma_max and sigma_min the training range
+(already shifted, so the smallest sigma is shifted twice, exactly as diffusers does; with
+shift 1 the sigmas are plain linspace). The shift is read back from the schedule's sigmas.
+
+    euler:  x_{k+1} = x_k + (sigma_{k+1} - sigma_k) u(x_k, sigma_k)
+    heun:   Euler, then x_{k+1} = x_k + (sigma_{k+1} - sigma_k) (u(x_k) + u(x_e)) / 2 with
+            x_e the Euler point; the last step (to sigma = 0) stays Euler (Karras et al.
+            2022; diffusers' FlowMatchHeunDiscreteScheduler), so 2N - 1 model calls.
+
 Noise contract (what makes paired samples of two models comparable): every tensor is drawn
 from the one generator, on the CPU, in float32, with the full batch shape ``[N, C, H, W]``,
 in this order and nothing else:
 
     1. x_T, unless the caller passes it;
     2. one tensor z per step, in sampling order (from the noisiest step down), drawn before
-       that step's model call, for every step, including the last one and DDIM with eta=0
+       that step's (first) model call, for every step and every method, including the last
+       step and the deterministic methods (DDIM with eta=0, dpm++2m, unipc, euler, heun),
        where it goes unused.
 
 So the noise depends on ``(generator, shape, number of steps)`` only: not on the model, the
@@ -36,18 +78,36 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from debias._checks import check_int
+from debias.pipeline.variance import model_log_variance, posterior_tables
 from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
 
 # The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
 _PREDICTIONS = FAMILY_PREDICTIONS["ddpm"][:3]
 
-__all__ = ["respace", "sample", "space_timesteps"]
+__all__ = [
+    "DDPM_METHODS",
+    "DEFAULT_METHOD",
+    "FLOW_METHODS",
+    "METHODS",
+    "flow_sigmas",
+    "respace",
+    "sample",
+    "space_timesteps",
+]
 
-METHODS = ("ddpm", "ddim")
+# The samplers of each schedule family, and the one ``method=None`` picks.
+DDPM_METHODS = ("ddpm", "ddim", "dpm++2m", "unipc")
+FLOW_METHODS = ("euler", "heun")
+METHODS = DDPM_METHODS + FLOW_METHODS
+DEFAULT_METHOD = {"ddpm": "ddpm", "flow": "euler"}
+# What a flow model may return: u = eps - x0, x0 or v = alpha eps - sigma x0 ("epsilon" has
+# no x0 at sigma = 1, where sampling starts).
+_FLOW_PREDICTIONS = ("flow", "sample", "v_prediction")
 
 
 def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> list[int]:
@@ -181,7 +241,7 @@ def sample(
     shape_or_noise: Sequence[int] | torch.Tensor,
     *,
     steps: int | str | None = None,
-    method: str = "ddpm",
+    method: str | None = None,
     eta: float = 0.0,
     prediction: str | None = None,
     generator: torch.Generator | int | None = None,
@@ -193,27 +253,36 @@ def sample(
     """Draw x_0 samples by running the reverse process of ``schedule``.
 
     Args:
-        model: ``model(x_t [B, C, H, W] float32, t [B] int64) -> [B, C, H, W]``, called with
-            the ORIGINAL timestep indices even when respaced. An ``nn.Module`` is run in eval
-            mode (each submodule's training flag is restored afterwards); an output object
-            with a ``.sample`` tensor (diffusers) is unwrapped.
-        schedule: the training schedule (T steps), a ``NoiseSchedule`` or diffusers scheduler.
+        model: ``model(x_t [B, C, H, W] float32, t [B]) -> [B, C, H, W]`` (or ``[B, 2C, H,
+            W]``: a learned variance, DDPM schedules only). DDPM: t is int64, the ORIGINAL
+            timestep indices even when respaced. Flow: t is float32, ``sigma * T`` (diffusers'
+            FlowMatchEulerDiscreteScheduler timesteps). An ``nn.Module`` is run in eval mode
+            (each submodule's training flag is restored afterwards); an output object with a
+            ``.sample`` tensor (diffusers) is unwrapped.
+        schedule: the training schedule (T steps), a ``NoiseSchedule`` or diffusers scheduler:
+            a DDPM schedule, or a flow-matching one (``NoiseSchedule.flow_matching``).
         shape_or_noise: ``(N, C, H, W)`` to draw x_T from ``generator``, or x_T itself
-            ``[N, C, H, W]``.
-        steps: None: all T steps. A str goes through ``space_timesteps`` ("50", "10,15,20",
-            "ddim50"). An int N in [1, T]: for "ddpm" N evenly spaced steps including 0 and
-            T-1 (``space_timesteps(T, N)``); for "ddim" ``space_timesteps(T, f"ddim{N}")``,
-            i.e. ``range(0, T, stride)`` (DDIM's spacing, e.g. 0, 20, ..., 980 for 50 of
-            1000), when an integer stride gives exactly N steps, else the even spacing.
-        method: "ddpm" (ancestral, posterior variance beta_tilde) or "ddim".
-        eta: DDIM's noise scale, >= 0 (0: deterministic, 1: DDPM-like). Must be 0 for ddpm.
-        prediction: what the model returns: "epsilon", "v_prediction" or "sample"; default
-            ``schedule.prediction_type``.
+            ``[N, C, H, W]`` (flow: the sample at sigma_max = 1, pure noise).
+        steps: DDPM methods: None: all T steps. A str goes through ``space_timesteps`` ("50",
+            "10,15,20", "ddim50"). An int N in [1, T]: N evenly spaced steps including 0 and
+            T-1 (``space_timesteps(T, N)``, guided-diffusion's even spacing), except for
+            "ddim": ``space_timesteps(T, f"ddim{N}")``, i.e. ``range(0, T, stride)`` (DDIM's
+            spacing, e.g. 0, 20, ..., 980 for 50 of 1000), when an integer stride gives exactly
+            N steps, else the even spacing. Flow methods: None: T steps; an int N >= 1 (or its
+            str): N sigmas spaced as in the module docstring.
+        method: None: ``DEFAULT_METHOD[schedule.family]`` ("ddpm" for DDPM, "euler" for flow).
+            DDPM schedules: "ddpm" (ancestral, posterior variance beta_tilde, or the learned
+            one), "ddim", "dpm++2m", "unipc". Flow schedules: "euler", "heun".
+        eta: DDIM's noise scale, >= 0 (0: deterministic, 1: DDPM-like). Must be 0 for the
+            other methods.
+        prediction: what the model returns; default ``schedule.prediction_type``. DDPM:
+            "epsilon", "v_prediction" or "sample". Flow: "flow" (u = eps - x0), "sample" or
+            "v_prediction" (alpha eps - sigma x0 with alpha = 1 - sigma).
         generator: a CPU ``torch.Generator``, an int seed (a fresh CPU generator), or None
             (torch's default generator; a model that itself draws from it then shifts the
             stream, so pass a seed for paired samples). See the module docstring for the
             order of the draws.
-        clip: clamp x0_hat to [-1, 1] at every step (and recompute eps_hat from it).
+        clip: clamp x0_hat to [-1, 1] at every step (and recompute eps_hat, or u, from it).
         batch_size: at most this many images per model call; None: all N at once. Does not
             change the result (noise is drawn for all N per step).
         device: where x_t lives and the result is returned; default the model's parameter
@@ -225,18 +294,23 @@ def sample(
         ``[N, C, H, W]`` float32 samples on ``device``.
 
     Raises:
-        ValueError: bad arguments (the message names them), or a non-finite model output
-            (the message names the step and timestep where it appeared).
+        ValueError: bad arguments (the message names them), a method of the other schedule
+            family, a model output with neither C nor (DDPM) 2C channels, or a non-finite
+            model output (the message names the step and timestep where it appeared).
     """
     schedule = as_schedule(schedule)
     T = schedule.num_timesteps
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    method = _check_method(method, schedule.family)
+    flow = schedule.family == "flow"
     eta = _check_eta(eta, method)
     if prediction is None:
         prediction = schedule.prediction_type
-    if prediction not in _PREDICTIONS:
-        raise ValueError(f"prediction must be one of {_PREDICTIONS}, got {prediction!r}")
+    allowed = _FLOW_PREDICTIONS if flow else _PREDICTIONS
+    if prediction not in allowed:
+        raise ValueError(
+            f"prediction must be one of {allowed} for a {schedule.family} schedule, got "
+            f"{prediction!r}"
+        )
     if not isinstance(clip, bool):
         raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     if batch_size is not None:
@@ -252,51 +326,78 @@ def sample(
     device = torch.device(device)
     call_device = model_device or device
 
-    kept = _resolve_steps(steps, T, method)
-    spaced, timestep_map = respace(schedule, kept)
-    abar = spaced.alphas_cumprod
-    if prediction == "epsilon" and (abar == 0).any():
-        raise ValueError(
-            "prediction='epsilon' cannot be sampled through a step with abar == 0 (a "
-            "zero-terminal-SNR schedule): x0 = (x_t - eps)/0 is undefined there; use "
-            "v_prediction or sample"
-        )
-    coefs = _step_coefficients(abar, method, eta)
+    if flow:
+        sigmas, model_t = flow_sigmas(schedule, _resolve_flow_steps(steps, T))
+        S = model_t.numel()
+        stepper: _Stepper = _FlowStepper(sigmas, model_t, method, prediction, clip)
+    else:
+        kept = _resolve_steps(steps, T, method)
+        spaced, timestep_map = respace(schedule, kept)
+        abar = spaced.alphas_cumprod
+        if prediction == "epsilon" and (abar == 0).any():
+            raise ValueError(
+                "prediction='epsilon' cannot be sampled through a step with abar == 0 (a "
+                "zero-terminal-SNR schedule): x0 = (x_t - eps)/0 is undefined there; use "
+                "v_prediction or sample"
+            )
+        S = abar.numel()
+        if method in ("ddpm", "ddim"):
+            stepper = _DDPMStepper(abar, timestep_map, method, eta, prediction, clip)
+        else:
+            stepper = _MultistepStepper(abar, timestep_map, method, prediction, clip)
 
     if x_T is None:
         x = torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
     else:
         x = x_T.detach().to(device, torch.float32, copy=True)
-    N = shape[0]
+    N, C = shape[0], shape[1]
     chunk = N if batch_size is None else batch_size
+
+    def evaluate(x: torch.Tensor, t_value: int | float, k: int) -> torch.Tensor:
+        """The model output at every x in chunks, float32 on ``device``, checked."""
+        dtype = torch.float32 if flow else torch.int64
+        t_batch = torch.full((min(chunk, N),), t_value, dtype=dtype, device=call_device)
+        out: torch.Tensor | None = None
+        for start in range(0, N, chunk):
+            xb = x[start : start + chunk]
+            pred = _call(model, xb.to(call_device), t_batch[: xb.shape[0]])
+            channels = (C,) if flow else (C, 2 * C)
+            if (
+                pred.dim() != xb.dim()
+                or pred.shape[0] != xb.shape[0]
+                or pred.shape[2:] != xb.shape[2:]
+                or pred.shape[1] not in channels
+            ):
+                allowed_shapes = " or ".join(str((xb.shape[0], c, *xb.shape[2:])) for c in channels)
+                raise ValueError(
+                    f"model output has shape {tuple(pred.shape)} at step {k} (t={t_value}) "
+                    f"but its input x_t has shape {tuple(xb.shape)}; it must be "
+                    f"{allowed_shapes}" + ("" if flow else " (2C: a learned variance)")
+                )
+            if out is None:
+                out = torch.empty((N, *pred.shape[1:]), dtype=torch.float32, device=device)
+            elif pred.shape[1] != out.shape[1]:
+                raise ValueError(
+                    f"model output has {pred.shape[1]} channels for one batch and "
+                    f"{out.shape[1]} for another at step {k} (t={t_value})"
+                )
+            out[start : start + chunk] = pred.to(device, torch.float32)
+        assert out is not None
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"model output is not finite at sampling step {k} of {S} "
+                f"(timestep t={t_value}, prediction={prediction!r})"
+            )
+        return out
 
     modules = list(model.modules()) if isinstance(model, torch.nn.Module) else []
     was_training = [m.training for m in modules]
     if modules:
         model.eval()
     try:
-        S = abar.numel()
         for k in tqdm(range(S), desc=f"sampling ({method})", unit="step", disable=not progress):
-            i = S - 1 - k
-            t_orig = int(timestep_map[i])
             z = torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
-            out = torch.empty_like(x)
-            t_batch = torch.full((min(chunk, N),), t_orig, dtype=torch.int64, device=call_device)
-            for start in range(0, N, chunk):
-                xb = x[start : start + chunk]
-                pred = _call(model, xb.to(call_device), t_batch[: xb.shape[0]])
-                if pred.shape != xb.shape:
-                    raise ValueError(
-                        f"model output has shape {tuple(pred.shape)} at step {k} (t={t_orig}) "
-                        f"but its input x_t has shape {tuple(xb.shape)}; they must match"
-                    )
-                out[start : start + chunk] = pred.to(device, torch.float32)
-            if not bool(torch.isfinite(out).all()):
-                raise ValueError(
-                    f"model output is not finite at sampling step {k} of {S} "
-                    f"(timestep t={t_orig}, prediction={prediction!r})"
-                )
-            x = _step(x, out, z, coefs[i], prediction, method, clip)
+            x = stepper.step(k, x, z, evaluate)
         if not bool(torch.isfinite(x).all()):
             raise ValueError(
                 f"the samples are not finite after the last step ({S} steps, method={method!r})"
@@ -373,6 +474,246 @@ def _step_coefficients(abar: torch.Tensor, method: str, eta: float) -> list[dict
     return coefs
 
 
+class _Stepper:
+    """One sampling step k (0 = the noisiest) of a method: its coefficients and its state."""
+
+    def step(
+        self,
+        k: int,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        evaluate: Callable[[torch.Tensor, int | float, int], torch.Tensor],
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _DDPMStepper(_Stepper):
+    """ "ddpm" (fixed small or learned variance) and "ddim" through ``_step``."""
+
+    def __init__(self, abar, timestep_map, method, eta, prediction, clip):
+        self.abar, self.timestep_map = abar, timestep_map
+        self.method, self.prediction, self.clip = method, prediction, clip
+        self.coefs = _step_coefficients(abar, method, eta)
+        self.log_var: tuple[list[float], list[float]] | None = None
+
+    def step(self, k, x, z, evaluate):
+        i = len(self.coefs) - 1 - k
+        out = evaluate(x, int(self.timestep_map[i]), k)
+        C = x.shape[1]
+        c = self.coefs[i]
+        if out.shape[1] == C or self.method == "ddim":
+            return _step(x, out[:, :C], z, c, self.prediction, self.method, self.clip)
+        # Learned variance: the fixed-variance mean, then LEARNED_RANGE noise (none at the end).
+        x_prev = _step(x, out[:, :C], z, {**c, "std": 0.0}, self.prediction, "ddpm", self.clip)
+        if i == 0:
+            return x_prev
+        if self.log_var is None:
+            tables = posterior_tables(self.abar)
+            self.log_var = (
+                tables["log_betas"].tolist(),
+                tables["posterior_log_variance_clipped"].tolist(),
+            )
+        log_var = model_log_variance(out[:, C:], self.log_var[0][i], self.log_var[1][i])
+        return x_prev + torch.exp(0.5 * log_var) * z
+
+
+class _MultistepStepper(_Stepper):
+    """ "dpm++2m" and "unipc" on the data prediction m = x0_hat; see the module docstring."""
+
+    def __init__(self, abar, timestep_map, method, prediction, clip):
+        S = abar.numel()
+        self.timestep_map, self.prediction, self.clip = timestep_map, prediction, clip
+        self.coefs = _step_coefficients(abar, "ddim", 0.0)
+        # Points p_0 .. p_S: the kept steps from the noisiest down, then the clean end.
+        a = abar.flip(0).tolist()
+        alpha = [math.sqrt(v) for v in a] + [1.0]
+        sigma = [math.sqrt(1.0 - v) for v in a] + [0.0]
+        lam = [_log_snr_half(al, si) for al, si in zip(alpha, sigma, strict=True)]
+        if any(lam[j + 1] <= lam[j] for j in range(S)):
+            raise ValueError(
+                f"method={method!r} needs abar strictly decreasing over the kept steps (each "
+                "step must lower the noise)"
+            )
+        order = [1 if k in (0, S - 1) else 2 for k in range(S)]
+        self.pred = [_dpm_coefficients(alpha, sigma, lam, k, order[k]) for k in range(S)]
+        self.corr = [None] + [
+            _unic_coefficients(alpha, sigma, lam, k, order[k - 1]) for k in range(1, S)
+        ]
+        self.use_corrector = method == "unipc"
+        self.last: torch.Tensor | None = None
+        self.m1: torch.Tensor | None = None  # m_{k-1}
+        self.m2: torch.Tensor | None = None  # m_{k-2}
+
+    def step(self, k, x, z, evaluate):
+        i = len(self.coefs) - 1 - k
+        out = evaluate(x, int(self.timestep_map[i]), k)
+        m = _data_prediction(x, out[:, : x.shape[1]], self.coefs[i], self.prediction, self.clip)
+        corr = self.corr[k]
+        if self.use_corrector and corr is not None:
+            cx, cm, ct, c2 = corr
+            x = cx * self.last + cm * self.m1 + ct * (m - self.m1)
+            if c2 != 0.0:
+                x = x + c2 * (self.m2 - self.m1)
+        cx, c0, c1 = self.pred[k]
+        x_next = cx * x + c0 * m
+        if c1 != 0.0:
+            x_next = x_next + c1 * (self.m1 - m)
+        self.last, self.m2, self.m1 = x, self.m1, m
+        return x_next
+
+
+class _FlowStepper(_Stepper):
+    """ "euler" and "heun" on u = eps - x0 from sigma_max down to 0."""
+
+    def __init__(self, sigmas, model_t, method, prediction, clip):
+        self.sigmas = [float(v) for v in sigmas]
+        self.model_t = [float(v) for v in model_t]
+        self.heun = method == "heun"
+        self.prediction, self.clip = prediction, clip
+
+    def step(self, k, x, z, evaluate):
+        sig, sig_next = self.sigmas[k], self.sigmas[k + 1]
+        u = _flow_velocity(x, evaluate(x, self.model_t[k], k), sig, self.prediction, self.clip)
+        x_euler = x + (sig_next - sig) * u
+        if not self.heun or sig_next == 0.0:
+            return x_euler
+        out = evaluate(x_euler, self.model_t[k + 1], k)
+        u_next = _flow_velocity(x_euler, out, sig_next, self.prediction, self.clip)
+        return x + (sig_next - sig) * 0.5 * (u + u_next)
+
+
+def _log_snr_half(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma), -inf at alpha = 0 and +inf at sigma = 0."""
+    if alpha == 0.0:
+        return -math.inf
+    if sigma == 0.0:
+        return math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def _dpm_coefficients(alpha, sigma, lam, k, order) -> tuple[float, float, float]:
+    """``(cx, c0, c1)`` of x_{k+1} = cx x_k + c0 m_k + c1 (m_{k-1} - m_k): DPM-Solver++(2M),
+    which is also UniPC's predictor UniP-2 with B(h) = e^{-h} - 1 (rho = 1/2)."""
+    h = lam[k + 1] - lam[k]
+    em = math.expm1(-h)
+    c1 = -0.5 * alpha[k + 1] * em * h / (lam[k - 1] - lam[k]) if order == 2 else 0.0
+    return sigma[k + 1] / sigma[k], -alpha[k + 1] * em, c1
+
+
+def _unic_coefficients(alpha, sigma, lam, k, order) -> tuple[float, float, float, float]:
+    """``(cx, cm, ct, c2)`` of UniC-``order`` (bh2, data prediction) replacing x_k by
+    cx x_{k-1} + cm m_{k-1} + ct (m_k - m_{k-1}) + c2 (m_{k-2} - m_{k-1}) (diffusers'
+    ``multistep_uni_c_bh_update`` written out for orders 1 and 2)."""
+    h = lam[k] - lam[k - 1]
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    b_h = h_phi_1  # bh2: B(h) = e^{-h} - 1
+    h_phi_k = h_phi_1 / hh - 1.0
+    b1 = h_phi_k / b_h
+    if order == 1:
+        rho_t, c2 = 0.5, 0.0
+    else:
+        b2 = (h_phi_k / hh - 0.5) * 2.0 / b_h
+        r1 = (lam[k - 2] - lam[k - 1]) / h
+        # diffusers solves [[1, 1], [r1, 1]] (rho_1, rho_t) = (b1, b2).
+        rho_1 = (b1 - b2) / (1.0 - r1)
+        rho_t = b1 - rho_1
+        c2 = -alpha[k] * b_h * rho_1 / r1
+    return sigma[k] / sigma[k - 1], -alpha[k] * h_phi_1, -alpha[k] * b_h * rho_t, c2
+
+
+def _data_prediction(
+    x: torch.Tensor, out: torch.Tensor, c: dict[str, float], prediction: str, clip: bool
+) -> torch.Tensor:
+    """x0_hat from a DDPM model output, clamped to [-1, 1] with ``clip``."""
+    if prediction == "epsilon":
+        x0 = (x - c["sqrt_1ma"] * out) * c["rsqrt_a"]
+    elif prediction == "v_prediction":
+        x0 = c["sqrt_a"] * x - c["sqrt_1ma"] * out
+    else:
+        x0 = out
+    return x0.clamp(-1.0, 1.0) if clip else x0
+
+
+def _flow_velocity(
+    x: torch.Tensor, out: torch.Tensor, sigma: float, prediction: str, clip: bool
+) -> torch.Tensor:
+    """u = eps - x0 at x = (1 - sigma) x0 + sigma eps (sigma > 0) from a flow model output;
+    with ``clip`` from the clamped x0_hat, u = (x - x0_hat) / sigma."""
+    if prediction == "flow" and not clip:
+        return out
+    alpha = 1.0 - sigma
+    if prediction == "flow":
+        x0 = x - sigma * out
+    elif prediction == "sample":
+        x0 = out
+    else:
+        # v = alpha eps - sigma x0 (not variance preserving here): invert the 2x2 system.
+        norm = alpha * alpha + sigma * sigma
+        x0 = (alpha * x - sigma * out) / norm
+        if not clip:
+            return (sigma * x + alpha * out) / norm - x0
+    if clip:
+        x0 = x0.clamp(-1.0, 1.0)
+    return (x - x0) / sigma
+
+
+def flow_sigmas(schedule: NoiseSchedule | Any, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling sigmas of a flow-matching schedule, as diffusers'
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps(num_steps)`` computes them.
+
+    ``timesteps = linspace(sigma_max T, sigma_min T, num_steps)`` in float64 over the
+    schedule's training range, ``s = timesteps / T``, ``sigma = shift s / (1 + (shift - 1) s)``
+    (the shift read back from the schedule's sigmas; sigma_max and sigma_min are already
+    shifted, so the smallest is shifted twice, as in diffusers), cast to float32; the model
+    timesteps are ``sigma * T`` in float32.
+
+    Args:
+        schedule: a flow schedule (``NoiseSchedule.flow_matching(T, shift)`` or a diffusers
+            FlowMatchEulerDiscreteScheduler).
+        num_steps: N >= 1.
+
+    Returns:
+        ``(sigmas [N + 1] float32 ending with 0, timesteps [N] float32)``.
+
+    Raises:
+        ValueError: not a flow schedule, or sigmas that no shift reproduces.
+    """
+    schedule = as_schedule(schedule)
+    if schedule.family != "flow":
+        raise ValueError(f"schedule must be a flow schedule, got a {schedule.family} schedule")
+    N = check_int("num_steps", num_steps, 1)
+    T = schedule.num_timesteps
+    shift = _flow_shift(schedule)
+    table = schedule.sigmas
+    s = np.linspace(table.max().item() * T, table.min().item() * T, N) / T
+    sig = torch.from_numpy(shift * s / (1 + (shift - 1) * s)).to(torch.float32)
+    return torch.cat([sig, sig.new_zeros(1)]), sig * T
+
+
+def _flow_shift(schedule: NoiseSchedule) -> float:
+    """The shift of sigma = shift s / (1 + (shift - 1) s), s = (T - k) / T, that rebuilds the
+    schedule's float32 sigmas (as ``NoiseSchedule.flow_matching`` builds them)."""
+    T = schedule.num_timesteps
+    table = schedule.sigmas
+    s32 = torch.arange(T, 0, -1, dtype=torch.float64).float() / T
+    s, sig = s32.double(), table.double()
+    usable = (s < 1) & (sig < 1)
+    if not usable.any():
+        return 1.0
+    est = sig[usable] * (1 - s[usable]) / (s[usable] * (1 - sig[usable]))
+    shift = est.median().item()
+    rebuilt = shift * s32 / (1 + (shift - 1) * s32)
+    if not math.isfinite(shift) or (rebuilt - table).abs().max().item() > 1e-5:
+        raise ValueError(
+            "schedule: the flow samplers space sigmas as diffusers' FlowMatchEulerDiscrete"
+            "Scheduler does, which needs training sigmas shift s / (1 + (shift - 1) s) with "
+            "s = T, T-1, .., 1 over T (NoiseSchedule.flow_matching(T, shift)); this schedule's "
+            "sigmas follow no shift"
+        )
+    return shift
+
+
 def _resolve_steps(steps: int | str | None, T: int, method: str) -> list[int]:
     if steps is None:
         return list(range(T))
@@ -424,6 +765,45 @@ def _check_shape_or_noise(
     return shape, None
 
 
+def _check_method(method: str | None, family: str) -> str:
+    if family not in DEFAULT_METHOD:
+        raise ValueError(
+            f"schedule: sample() runs ddpm and flow schedules, got a {family} schedule"
+        )
+    if method is None:
+        return DEFAULT_METHOD[family]
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if family == "ddpm" and method not in DDPM_METHODS:
+        raise ValueError(
+            f"method must be one of {DDPM_METHODS} for a ddpm schedule, got {method!r}: it "
+            "samples flow-matching schedules (NoiseSchedule.flow_matching)"
+        )
+    if family == "flow" and method not in FLOW_METHODS:
+        raise ValueError(
+            f"method must be one of {FLOW_METHODS} for a flow schedule, got {method!r}: it "
+            "samples DDPM schedules"
+        )
+    return method
+
+
+def _resolve_flow_steps(steps: int | str | None, T: int) -> int:
+    if steps is None:
+        return T
+    if isinstance(steps, str):
+        try:
+            steps = int(steps.strip())
+        except ValueError:
+            raise ValueError(
+                f"steps={steps!r}: a flow sampler takes a number of steps (an int such as 28)"
+            ) from None
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"steps must be None or an int for a flow sampler, got {steps!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    return steps
+
+
 def _check_eta(eta: float, method: str) -> float:
     if isinstance(eta, bool) or not isinstance(eta, (int, float)):
         raise TypeError(f"eta must be a float, got {type(eta).__name__}")
@@ -434,6 +814,11 @@ def _check_eta(eta: float, method: str) -> float:
         raise ValueError(
             f"eta={eta} only applies to method='ddim'; method='ddpm' uses the posterior "
             "variance and needs eta=0"
+        )
+    if method != "ddim" and eta != 0:
+        raise ValueError(
+            f"eta={eta} only applies to method='ddim'; method={method!r} is deterministic and "
+            "needs eta=0"
         )
     return eta
 
