@@ -72,7 +72,7 @@ def test_family_defaults_are_resolved_and_stored():
 def test_flow_training_uses_the_flow_schedule_and_resumes_exactly(tmp_path):
     common = dict(TINY, **{**QUIET, "eval_every": 4}, family="flow", shift=3.0,
                   timestep_sampling="logit_normal", steps=8, log_every=1)  # fmt: skip
-    train(TrainConfig(**common, checkpoint_every=4), tmp_path / "full", progress=False)
+    train(TrainConfig(**{**common, "checkpoint_every": 4}), tmp_path / "full", progress=False)
     train(TrainConfig(**{**common, "steps": 4}), tmp_path / "cut", progress=False)
     train(TrainConfig(**common), tmp_path / "cut", resume=True, progress=False)
     full, cut = _rows(tmp_path / "full"), _rows(tmp_path / "cut")
