@@ -57,7 +57,7 @@ import torch
 from debias.pipeline import sampling
 from debias.pipeline.train import TrainConfig, prepare_data
 
-__all__ = ["STUDIES", "add_arguments", "mean_interval", "run", "run_study"]
+__all__ = ["STUDIES", "Cell", "add_arguments", "mean_interval", "plan", "run", "run_study"]
 
 STUDIES = ("debias-weighting", "depth-bias", "biased-generalization")
 FAMILIES = ("ddpm", "flow")
@@ -683,8 +683,8 @@ class _Depth(_Study):
     def _data(self, dataset: str) -> dict[str, Any]:
         p = float(self.o["majority"])
         if dataset == "gmm":
-            return {"data": "gmm", "proportions": [p, 1.0 - p]}
-        return {"data": "digits", "classes": [3, 8], "proportions": [p, 1.0 - p]}
+            return {"data": "gmm", "proportions": [p, round(1.0 - p, 12)]}
+        return {"data": "digits", "classes": [3, 8], "proportions": [p, round(1.0 - p, 12)]}
 
     def cells(self, overrides: dict[str, Any]) -> list[Cell]:
         o = self.o
@@ -1142,28 +1142,12 @@ def run_study(
         ``overrides``, ``cells`` (one result each), ``aggregates`` (group -> measure -> mean
         and interval), ``findings``, ``notes``, ``status`` and ``files``.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"name must be one of {STUDIES}, got {name!r}")
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if family != "ddpm" and "family" not in _config_fields():
-        raise ValueError(
-            f"family={family!r}: TrainConfig has no 'family' field in this version of "
-            "debias.pipeline.train"
-        )
-    seed_list = _check_seeds(seeds)
     if max_cells is not None and (
         isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 0
     ):
         raise ValueError(f"max_cells must be an int >= 0 or None, got {max_cells!r}")
-    kind = _REGISTRY[name]
-    merged = _merge_options(kind, quick, options or {})
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - _config_fields())
-    if unknown:
-        raise ValueError(f"overrides: TrainConfig has no field(s) {unknown}")
-    study = kind(merged, family, seed_list)
-    cells = study.cells(overrides)
+    study, cells = _plan(name, quick, seeds, family, options, overrides)
+    merged, seed_list, overrides = study.o, study.seeds, study.overrides
 
     folder = Path(out_dir) / (f"study-{name}" + ("" if family == "ddpm" else f"-{family}"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -1208,6 +1192,45 @@ def run_study(
     if status == "interrupted":
         raise StudyInterrupted(f"study {name} interrupted; rerun the same command to resume")
     return report
+
+
+def plan(
+    name: str,
+    *,
+    quick: bool = False,
+    seeds: int | Sequence[int] | None = None,
+    family: str = "ddpm",
+    options: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[Cell]:
+    """The cells :func:`run_study` would run with these arguments (nothing is trained); each
+    cell's folder is ``study-<name>/cells/<cell.key>``."""
+    return _plan(name, quick, seeds, family, options, overrides)[1]
+
+
+def _plan(name, quick, seeds, family, options, overrides) -> tuple[_Study, list[Cell]]:
+    if name not in _REGISTRY:
+        raise ValueError(f"name must be one of {STUDIES}, got {name!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family != "ddpm" and "family" not in _config_fields():
+        raise ValueError(
+            f"family={family!r}: TrainConfig has no 'family' field in this version of "
+            "debias.pipeline.train"
+        )
+    seed_list = _check_seeds(seeds)
+    kind = _REGISTRY[name]
+    merged = _merge_options(kind, quick, options or {})
+    if overrides is not None and not isinstance(overrides, dict):
+        raise TypeError(f"overrides must be a dict or None, got {type(overrides).__name__}")
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - _config_fields())
+    if unknown:
+        raise ValueError(f"overrides: TrainConfig has no field(s) {unknown}")
+    study = kind(merged, family, seed_list)
+    cells = study.cells(overrides)
+    study.overrides = overrides
+    return study, cells
 
 
 def _check_seeds(seeds: int | Sequence[int] | None) -> list[int]:
