@@ -56,7 +56,7 @@ from debias.ops.knn import knn
 from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
 
 # The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
-_PREDICTIONS = FAMILY_PREDICTIONS["ddpm"][:3]
+_PREDICTIONS = FAMILY_PREDICTIONS["ddpm"]  # epsilon, v_prediction, sample, flow
 
 __all__ = [
     "FeatureNet",
@@ -563,6 +563,11 @@ def timestep_analysis(
         "epsilon":       eps_hat = o,                x0_hat = (x_t - b o) / a
         "v_prediction":  eps_hat = b x_t + a o,      x0_hat = a x_t - b o
         "sample":        eps_hat = (x_t - a o) / b,  x0_hat = o
+        "flow":          eps_hat = (x_t + a o) / (a + b),  x0_hat = (x_t - b o) / (a + b)
+
+    On a flow-matching schedule a = 1 - sigma, b = sigma, ``t`` indexes the schedule's table
+    and the model sees its float timestep; ``"abar"`` is then a^2. A model with 2C output
+    channels (learned variance) is read on its first C.
 
     Args:
         model: ``(x_t [B, C, H, W], t [B] int64) -> [B, C, H, W]``.
@@ -619,8 +624,14 @@ def timestep_analysis(
 
 
 def _timestep_row(model, schedule, x0, noise, t, prediction, batch_size, device) -> dict:
-    abar = float(schedule.alphas_cumprod[t])
-    a, b = math.sqrt(abar), math.sqrt(1.0 - abar)
+    if schedule.family == "ddpm":
+        abar = float(schedule.alphas_cumprod[t])
+        a, b = math.sqrt(abar), math.sqrt(1.0 - abar)
+        timestep = torch.tensor(t, dtype=torch.int64)
+    else:  # flow: x_t = (1 - sigma) x0 + sigma eps, the model sees the float timestep
+        a, b = float(schedule.alpha[t]), float(schedule.sigma[t])
+        abar = a * a
+        timestep = schedule.timesteps[t].float()
     x0_defined = not (prediction == "epsilon" and a == 0.0)
     channels = x0.shape[1]
     eps_sq = x0_sq = 0.0
@@ -629,9 +640,11 @@ def _timestep_row(model, schedule, x0, noise, t, prediction, batch_size, device)
         clean = x0[lo : lo + batch_size].double()
         eps = noise[lo : lo + batch_size].double()
         x_t = (a * clean + b * eps).to(x0.dtype)
-        t_batch = torch.full((x_t.shape[0],), t, dtype=torch.int64, device=device)
+        t_batch = timestep.expand(x_t.shape[0]).to(device)
         with torch.no_grad():
             out = model(x_t.to(device), t_batch)
+        if isinstance(out, torch.Tensor) and out.shape[1] == 2 * channels:
+            out = out[:, :channels]  # learned variance: the prediction is the first C channels
         if not isinstance(out, torch.Tensor) or out.shape != x_t.shape:
             got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model must return a tensor {list(x_t.shape)}, got {got}")
@@ -642,6 +655,8 @@ def _timestep_row(model, schedule, x0, noise, t, prediction, batch_size, device)
             x0_hat = (x_t - b * out) / a if x0_defined else None
         elif prediction == "v_prediction":
             eps_hat, x0_hat = b * x_t + a * out, a * x_t - b * out
+        elif prediction == "flow":  # out = eps - x0
+            eps_hat, x0_hat = (x_t + a * out) / (a + b), (x_t - b * out) / (a + b)
         else:
             eps_hat, x0_hat = (x_t - a * out) / b, out
         eps_sq += float((eps - eps_hat).square().sum())
