@@ -612,7 +612,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_evaluate(sub)
     _add_score(sub)
+    _add_module(sub, "study", "debias.pipeline.study",
+                "each paper's claim as one command: train a grid over seeds, evaluate it, write "
+                "study.json, study.md and plots to OUT/study-NAME/ (resumable)")  # fmt: skip
+    _add_module(sub, "info", "debias.info",
+                "versions, compiled kernels, CPU features, backends and GPU (--json for bug "
+                "reports)")  # fmt: skip
     return parser
+
+
+def _add_module(sub, name: str, module: str, text: str) -> None:
+    """A subcommand whose options and work live in ``module`` (``add_arguments``, ``run``)."""
+    import importlib
+
+    owner = importlib.import_module(module)
+    parser = sub.add_parser(name, help=text, description=text)
+    owner.add_arguments(parser)
+    parser.set_defaults(func=owner.run)
 
 
 def main(argv: list[str] | None = None) -> int:
