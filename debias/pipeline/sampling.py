@@ -31,10 +31,15 @@ lambda_k:
 
     dpm++2m (DPM-Solver++(2M), Lu et al. 2022; diffusers' DPMSolverMultistepScheduler):
         x_{k+1} = (sigma_{k+1}/sigma_k) x_k - alpha_{k+1} (e^{-h} - 1) (m_k + D/2),
-        D = (h / h_prev) (m_k - m_{k-1}), first order (D = 0) at the first step and at the
-        last one, which lands on sigma = 0 and returns m_{S-1} (diffusers with
-        final_sigmas_type="zero" does the same whatever the number of steps, so its
-        lower_order_final rule for < 15 steps is always met).
+        D = (h / h_prev) (m_k - m_{k-1}). First order (D = 0) at the first step, at the
+        step into the kept step 0 and at the last one, from step 0 to sigma = 0, which
+        returns m_{S-1}. Step 0 (sigma 0.01 on the linear schedule) plays the part of
+        diffusers' final sigma = 0, into which DPMSolverMultistepScheduler and
+        UniPCMultistepScheduler (final_sigmas_type="zero") always step with first order, so
+        their lower_order_final rule (first order at the end below 15 steps) holds at every
+        step count. A second-order step into step 0 extrapolates across the largest lambda
+        gap of an even t spacing: on Gaussian data it measured up to 5x (linear schedule) and
+        80x (cosine, 40 steps) worse than first order.
     unipc (UniPC, Zhao et al. 2023, bh2, order 2, data prediction; diffusers'
         UniPCMultistepScheduler): the predictor UniP-2 is the dpm++2m update above; once
         m_k is known, the corrector UniC replaces x_k by
@@ -42,8 +47,9 @@ lambda_k:
         + rho_1 (m_{k-2} - m_{k-1}) / r_1) with B(h) = e^{-h} - 1 and r_1 = (lambda_{k-2} -
         lambda_{k-1}) / h, h = lambda_k - lambda_{k-1}; the rho solve diffusers' linear system
         (rho_t = 1/2, rho_1 = 0 after a first-order predictor). m_k stays the one evaluated
-        at the uncorrected x_k. The corrector raises the order by one (UniPC-2 is of order 3
-        where the steps are smooth).
+        at the uncorrected x_k. The predictor's orders are dpm++2m's; the corrector, which
+        raises the order by one where the steps are smooth, follows the order of the
+        predictor step that produced x_k (diffusers' ``this_order``).
 
 Flow matching (``schedule.family == "flow"``, x_t = (1 - sigma) x0 + sigma eps, the model
 predicts u = eps - x0 and is called with the float timestep ``sigma T``): N sigmas spaced as
@@ -534,7 +540,8 @@ class _MultistepStepper(_Stepper):
                 f"method={method!r} needs abar strictly decreasing over the kept steps (each "
                 "step must lower the noise)"
             )
-        order = [1 if k in (0, S - 1) else 2 for k in range(S)]
+        # First order at the first step, into step 0 and from it (see the module docstring).
+        order = [1 if k == 0 or k >= S - 2 else 2 for k in range(S)]
         self.pred = [_dpm_coefficients(alpha, sigma, lam, k, order[k]) for k in range(S)]
         self.corr = [None] + [
             _unic_coefficients(alpha, sigma, lam, k, order[k - 1]) for k in range(1, S)
