@@ -165,12 +165,13 @@ def _check_config(c: TrainConfig) -> None:
                 f"{name} must be one of {allowed} for family {c.family!r}, got {getattr(c, name)!r}"
             )
     if c.sample_method is not None:
-        from debias.pipeline.sampling import FAMILY_METHODS
+        from debias.pipeline.sampling import DDPM_METHODS, FLOW_METHODS
 
-        if c.sample_method not in FAMILY_METHODS[c.family]:
+        methods = DDPM_METHODS if c.family == "ddpm" else FLOW_METHODS
+        if c.sample_method not in methods:
             raise ValueError(
-                f"sample_method must be one of {FAMILY_METHODS[c.family]} for family "
-                f"{c.family!r}, got {c.sample_method!r}"
+                f"sample_method must be one of {methods} for family {c.family!r}, got "
+                f"{c.sample_method!r}"
             )
     if c.learn_sigma and c.family != "ddpm":
         raise ValueError("learn_sigma applies to family 'ddpm' (a flow model has no variance)")
@@ -575,16 +576,17 @@ class Trainer:
         m.update_ema(self.step, c.ema_decay)
         self._stats[i].add(losses.detach(), t, grad_norm.detach(), lr, self.step + 1)
 
-    def _losses(self, out, noise, x0, x_t, t, weighting: str) -> torch.Tensor:
+    def _losses(self, out, noise, x0, x_t, t, weighting: str, vb: bool = True) -> torch.Tensor:
         """Per-sample loss ``[B]``: the weighted loss on the prediction channels, plus with
-        ``learn_sigma`` the vb term on the variance channels (mean detached) x T/1000."""
+        ``learn_sigma`` (and ``vb``) the vb term on the variance channels (mean detached)
+        x T/1000."""
         c = self.c
         channels = x0.shape[1]
         losses = debias.fused_loss(
             out[:, :channels], noise, t, self.schedule, weighting, prediction=c.prediction,
             x0=None if c.prediction == "epsilon" else x0, reduction="none",
         )  # fmt: skip
-        if c.learn_sigma:
+        if c.learn_sigma and vb:
             from debias.pipeline.variance import vb_loss
 
             vb = vb_loss(out[:, channels:], out[:, :channels], x0, x_t, t, self.schedule,
@@ -676,7 +678,7 @@ class Trainer:
             out = m.ema(x_t, t).float()
             # The loss the run minimises (with learn_sigma: the hybrid) and the plain MSE.
             weighted = self._losses(out, noise, x0, x_t, t, c.weighting).mean()
-            mse = self._losses(out[:, : x0.shape[1]], noise, x0, x_t, t, "constant").mean()
+            mse = self._losses(out, noise, x0, x_t, t, "constant", vb=False).mean()
             rows.append({"held_out_loss": weighted.item(), "held_out_mse": mse.item()})
         if rows[0]["held_out_loss"] < self.best["held_out_loss"]:
             self.best = {"step": self.step, "held_out_loss": rows[0]["held_out_loss"]}
