@@ -141,9 +141,11 @@ def normal_kl(
     return 0.5 * (torch.expm1(d) - d + (mean1 - mean2).square() * torch.exp(-logvar2))
 
 
-def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    # The tanh approximation guided-diffusion uses (its bits per dim are defined with it).
-    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+def _tanh_cdf_logit(x: torch.Tensor) -> torch.Tensor:
+    """The logit of guided-diffusion's tanh approximation of the standard normal CDF:
+    0.5 (1 + tanh(g)) = sigmoid(2 g), g = sqrt(2/pi) (x + 0.044715 x^3). Its bits per dim are
+    defined with this approximation; the sigmoid form keeps the tails' digits in float32."""
+    return (2.0 * math.sqrt(2.0 / math.pi)) * (x + 0.044715 * x.pow(3))
 
 
 def discretized_gaussian_log_likelihood(
@@ -152,18 +154,31 @@ def discretized_gaussian_log_likelihood(
     """Elementwise log-likelihood in nats of data ``x`` in [-1, 1] (8-bit images rescaled) under
     a Gaussian discretized to 255 bins of width 2/255: the mass of ``[x - 1/255, x + 1/255]``,
     with the edge bins extended to -inf (x < -0.999) and +inf (x > 0.999); probabilities
-    clamped at 1e-12 (guided-diffusion's ``discretized_gaussian_log_likelihood``).
+    clamped at 1e-12 (guided-diffusion's ``discretized_gaussian_log_likelihood``, with its tanh
+    approximation of the normal CDF).
+
+    The bin mass is taken on the side of the mean where both CDF values are small (for x above
+    the mean, ``(1 - cdf(min)) - (1 - cdf(plus))``), and the edge terms with ``logsigmoid``:
+    the same numbers as upstream's ``cdf(plus) - cdf(min)``, without its float32 cancellation
+    when the mean is several standard deviations from the bin.
 
     Args:
         x, means, log_scales: broadcastable tensors; ``log_scales`` is log(std).
     """
     centered = x - means
     inv_stdv = torch.exp(-log_scales)
-    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
-    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
-    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
-    log_one_minus_cdf_min = (1.0 - cdf_min).clamp(min=1e-12).log()
-    log_cdf_delta = (cdf_plus - cdf_min).clamp(min=1e-12).log()
+    plus = _tanh_cdf_logit(inv_stdv * (centered + 1.0 / 255.0))
+    minus = _tanh_cdf_logit(inv_stdv * (centered - 1.0 / 255.0))
+    log_floor = math.log(1e-12)
+    log_cdf_plus = torch.nn.functional.logsigmoid(plus).clamp(min=log_floor)
+    log_one_minus_cdf_min = torch.nn.functional.logsigmoid(-minus).clamp(min=log_floor)
+    above = centered > 0
+    delta = torch.where(
+        above,
+        torch.sigmoid(-minus) - torch.sigmoid(-plus),
+        torch.sigmoid(plus) - torch.sigmoid(minus),
+    )
+    log_cdf_delta = delta.clamp(min=1e-12).log()
     return torch.where(
         x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_cdf_delta)
     )
