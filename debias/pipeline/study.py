@@ -326,6 +326,17 @@ def _features(net, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([net.features(b.float()) for b in images.split(512)]).double()
 
 
+def _available_methods(family: str) -> tuple[str, ...]:
+    """The samplers this version of sampling.py offers for ``family``."""
+    per_family = getattr(sampling, "FAMILY_METHODS", None)
+    if per_family is not None:
+        return tuple(per_family.get(family, ()))
+    named = getattr(sampling, f"{family.upper()}_METHODS", None)
+    if named is not None:
+        return tuple(named)
+    return tuple(getattr(sampling, "METHODS", ("ddpm", "ddim"))) if family == "ddpm" else ()
+
+
 def _sample(model, schedule, shape, *, steps: int, method: str, seed: int) -> torch.Tensor:
     return sampling.sample(model, schedule, shape, steps=steps, method=method, generator=seed)
 
@@ -349,7 +360,7 @@ class _Weighting(_Study):
             "steps": 3000,
             "batch_size": 64,
             "checkpoint_every": 500,
-            "eval_every": 250,
+            "eval_every": 0,  # the study reads samples, not the held-out loss
             **_QUIET,
         },
     }
@@ -366,7 +377,7 @@ class _Weighting(_Study):
             "lr": 2e-3,
             "warmup": 20,
             "checkpoint_every": 100,
-            "eval_every": 100,
+            "eval_every": 0,
             "eval_size": 64,
             **_QUIET,
         },
@@ -399,7 +410,7 @@ class _Weighting(_Study):
             if v == "learned" and self.family != "ddpm":
                 raise ValueError("variances: 'learned' is a DDPM option (family='ddpm')")
         methods = o["methods"]
-        available = tuple(getattr(sampling, "METHODS", ("ddpm", "ddim")))
+        available = _available_methods(self.family)
         if methods is None:
             methods = [m for m in self._METHODS[self.family] if m in available]
             missing = [m for m in self._METHODS[self.family] if m not in available]
@@ -412,7 +423,9 @@ class _Weighting(_Study):
                 )
         for m in methods:
             if m not in available:
-                raise ValueError(f"methods: {m!r} is not in sampling.METHODS {available}")
+                raise ValueError(
+                    f"methods: {m!r} is not a {self.family} sampler of this version {available}"
+                )
         data = o["data"]
         if data is None:
             data = "colored-digits" if _data_available("colored-digits") else "digits"
@@ -488,6 +501,7 @@ class _Weighting(_Study):
             metrics[f"timesteps/{r['t']}/eps_mse"] = r["eps_mse"]
             metrics[f"timesteps/{r['t']}/x0_mse"] = r["x0_mse"]
         extra["timesteps"] = timesteps if rows else []
+        extra["timestep_snr"] = {str(r["t"]): r["snr"] for r in rows}
         return {"metrics": metrics, "extra": extra}
 
     def _steps_for_claim(self) -> int:
@@ -564,10 +578,11 @@ class _Weighting(_Study):
                         + _compare("debias", d[key], "constant", c[key], "is smaller")
                     )
                 if ts:
-                    key = f"timesteps/{ts[-1]}/x0_mse"
+                    noisiest = _noisiest(study, ts)
+                    key = f"timesteps/{noisiest}/x0_mse"
                     if key in d and key in c:
                         findings.append(
-                            f"{variance} variance, one-step x0 error at t={ts[-1]}: "
+                            f"{variance} variance, one-step x0 error at t={noisiest} (lowest SNR): "
                             + _compare("debias", d[key], "constant", c[key], "is smaller")
                         )
         return lines, findings
@@ -630,6 +645,15 @@ class _Weighting(_Study):
             plt.close(fig)
             written.append("timesteps.png")
         return written
+
+
+def _noisiest(study: dict[str, Any], ts: list[int]) -> int:
+    """The timestep of lowest SNR (DDPM: the largest t; flow tables run the other way)."""
+    for cell in study["cells"]:
+        snr = (cell.get("extra") or {}).get("timestep_snr")
+        if snr:
+            return min(ts, key=lambda t: snr.get(str(t), math.inf))
+    return ts[-1]
 
 
 def _timesteps_of(agg: dict[str, Any]) -> list[int]:
