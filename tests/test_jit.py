@@ -267,8 +267,8 @@ def fresh_env(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=600)
     exe = venv / "bin" / "python"
     pip = [str(exe), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, f"torch=={torch.__version__.split('+')[0]}", "numpy"], check=True,
-                   timeout=1800)  # fmt: skip
+    torch_pin = f"torch=={torch.__version__.split('+')[0]}"
+    subprocess.run([*pip, torch_pin, "numpy"], check=True, timeout=1800)
     src = _copy_source(base / "src")
     out = subprocess.run([*pip, "-v", str(src)], capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
@@ -340,13 +340,10 @@ def test_aot_build_records_its_torch(fresh_env):
     """`pip install --no-build-isolation .` builds debias._C ahead of time with the record of
     its torch; it is then preferred over the cached build on first use."""
     exe = fresh_env["exe"]
-    subprocess.run([str(exe), "-m", "pip", "install", "-q", "setuptools>=70.1", "ninja"],
-                   check=True, timeout=1800)  # fmt: skip
-    out = subprocess.run(
-        [str(exe), "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-         str(fresh_env["src"])],
-        capture_output=True, text=True, timeout=3600,
-    )  # fmt: skip
+    pip = [str(exe), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "setuptools>=70.1", "ninja"], check=True, timeout=1800)
+    aot = [*pip, "--no-build-isolation", "--no-deps", str(fresh_env["src"])]
+    out = subprocess.run(aot, capture_output=True, text=True, timeout=3600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     (library,) = (fresh_env["site"] / "debias").glob("_C*.so")
     assert _build.read_stamp(library) == torch.__version__
