@@ -167,6 +167,32 @@ def test_no_jit_and_no_compiler_fall_back_with_a_hint():
     assert "no C++ compiler" in out.stdout and "g++" in out.stdout, out.stdout
 
 
+def test_failed_build_falls_back_with_the_error(tmp_path):
+    """A build that fails (here: a broken source) prints the compiler's error and leaves the
+    torch backend, with a warning that says so."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "bindings.cpp").write_text("this is not C++;\n")
+    code = f"""
+    import warnings, torch, debias
+    from pathlib import Path
+    from debias import _build
+    from debias.ops import _backend
+    _build.read_stamp = lambda path: {_OTHER_TORCH!r}
+    _build.source_dir = lambda: Path({str(tmp_path / "src")!r})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x_t, noise = debias.add_noise(torch.randn(2, 3), torch.tensor([0, 9]),
+                                      debias.NoiseSchedule.linear())
+    assert noise.backend == "torch", noise.backend
+    assert _backend.extension()["kind"] is None
+    (message,) = [str(w.message) for w in caught if "debias._C" in str(w.message)]
+    print(message)
+    """
+    out = _python(code, env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "cache")})
+    assert "compiling them here failed" in out.stdout and "build error" in out.stdout
+    assert "compiling the C++ kernels failed" in out.stderr and "bindings.cpp" in out.stderr
+
+
 # ---- the lock -----------------------------------------------------------------------------
 
 _TINY = 'extern "C" int debias_lock_test_answer() { return 42; }\n'
@@ -270,7 +296,9 @@ def fresh_env(tmp_path_factory):
     torch_pin = f"torch=={torch.__version__.split('+')[0]}"
     subprocess.run([*pip, torch_pin, "numpy"], check=True, timeout=1800)
     src = _copy_source(base / "src")
-    out = subprocess.run([*pip, "-v", str(src)], capture_output=True, text=True, timeout=1800)
+    # -v shows the build backend's output, where setup.py says what it built.
+    plain = [str(exe), "-m", "pip", "install", "-v", str(src)]
+    out = subprocess.run(plain, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert "pure-Python wheel" in out.stdout + out.stderr
     site = Path(

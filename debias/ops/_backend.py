@@ -62,10 +62,16 @@ def extension() -> dict:
 
 
 def _remedy() -> str:
+    """How to get the kernels, for the warning."""
     if _build.flag(_build.NO_JIT_ENV):
         return (
             f"Unset {_build.NO_JIT_ENV} to compile them on first use, or build them at install "
             "time: `pip install ninja && pip install --no-build-isolation .`"
+        )
+    if "failed" in _MISSING:
+        return (
+            "Fix the build error printed above, or build them at install time with "
+            "`pip install --no-build-isolation .`; DEBIAS_NO_JIT=1 stops the attempts."
         )
     return (
         "To get them, install a C++ compiler (g++) and ninja (`pip install ninja`): they then "
@@ -115,7 +121,7 @@ def _load() -> None:
             except (ImportError, OSError) as err:  # e.g. an undefined symbol of another torch
                 reasons.append(f"debias._C does not load with torch {torch.__version__}: {err}")
     if _C is None and not blocked:
-        why = _build.missing_tools()
+        why = None if _build.flag(_build.NO_JIT_ENV) else _build.missing_tools()
         if _build.flag(_build.NO_JIT_ENV):
             reasons.append(f"{_build.NO_JIT_ENV} is set")
         elif why is not None:
@@ -125,6 +131,7 @@ def _load() -> None:
                 _C, path = _build.jit_load()
                 info.update(kind="jit", path=path, built_against=torch.__version__)
             except Exception as err:  # a failed build: the torch backend, and say why
+                print(f"debias: compiling the C++ kernels failed:\n{err}", file=sys.stderr)
                 lines = [line for line in str(err).strip().splitlines() if line.strip()]
                 reasons.append(f"compiling them here failed: {' / '.join(lines[-3:])}")
     info["reason"] = "; ".join(reasons) or None
