@@ -710,6 +710,16 @@ def _flow_shift(schedule: NoiseSchedule) -> float:
         return 1.0
     est = sig[usable] * (1 - s[usable]) / (s[usable] * (1 - sig[usable]))
     shift = est.median().item()
+    if not math.isfinite(shift) or shift <= 0:
+        shift = math.nan
+    else:
+        # The estimate carries float32 noise (1.7000002 for 1.7); the shift a user typed is
+        # the short decimal that rebuilds the table exactly, and matches diffusers to the bit.
+        for digits in (4, 6, 7):
+            short = float(f"{shift:.{digits}g}")
+            if torch.equal(short * s32 / (1 + (short - 1) * s32), table):
+                shift = short
+                break
     rebuilt = shift * s32 / (1 + (shift - 1) * s32)
     if not math.isfinite(shift) or (rebuilt - table).abs().max().item() > 1e-5:
         raise ValueError(
