@@ -6,7 +6,8 @@ Several JSONs (say, gpu_run.sh's DDPM and flow stages) are reported as one run: 
 in order, the commit and date of the first.
 
 bench_knn.py's results (extra_info ``op == "knn"``, in the same JSON or their own) go to
-report_knn.py, which writes ``knn_<device>.csv/.md`` the same way.
+report_knn.py, which writes ``knn_<device>.csv/.md`` the same way; report_common.py holds
+what the two share.
 
 Writes ``noise_loss_<device>.csv`` (one row per case and provider, and per provider of the
 training step; a case is family, dtype and shape: "flow bf16 4x16x64x64") and
@@ -18,19 +19,27 @@ correctness check did not pass is left out: no speed-up is reported for a wrong 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import re
 import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# Beside this file: its directory is sys.path[0] for a script.
+import report_knn
+from report_common import (
+    RESULTS,
+    busy_warning,
+    git_sha,
+    num,
+    side_by_side,
+    slug,
+    verdict,
+    write_csv,
+)
+
 CHECKED = ("passed", "reference")  # what the bench writes in extra_info["check"]
-BUSY = 0.05  # share of CPU time used by other processes above which a result is flagged
 # Targets for the fused GPU providers, on the cases whose fp32 tensors are at least 64 MiB
 # (bandwidth-bound; smaller ones are bound by launches): a share of the measured copy
 # bandwidth, and speed-ups over eager and over torch.compile.
@@ -47,22 +56,6 @@ COLUMNS = (
     "copy_fraction", "vs_eager", "vs_compile", "peak_mem_mib", "targets", "loss_side_ms",
     "loss_share", "other_cpu",
 )  # fmt: skip
-
-
-def slug(name: str) -> str:
-    """``"AMD EPYC 7B13"`` -> ``"amd-epyc-7b13"``."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
-
-
-def git_sha(commit: dict[str, Any]) -> str:
-    """Short sha of the benchmarked tree; "-dirty" when it had uncommitted changes. Where
-    pytest-benchmark found no git (a copy of the tree without .git: id "unversioned"),
-    DEBIAS_GIT_SHA."""
-    sha = commit.get("id") or ""
-    if sha in ("", "unversioned"):
-        return os.environ.get("DEBIAS_GIT_SHA", "")
-    sha = sha[:7]
-    return f"{sha}-dirty" if commit.get("dirty") else sha
 
 
 def _targets(r: dict[str, Any]) -> str | None:
@@ -84,18 +77,6 @@ def _targets(r: dict[str, Any]) -> str | None:
             ("compile", r["vs_compile"], TARGET_COMPILE),
         )
     )
-
-
-def verdict(checks: Any, unit: str = "") -> str:
-    """ "met", or "missed: ..." naming each (name, measured, goal) whose measurement is
-    missing or below its goal."""
-    missed = []
-    for name, value, goal in checks:
-        if value is None:
-            missed.append(f"{name} not measured")
-        elif value < goal:
-            missed.append(f"{name} {value:.2f}{unit} < {goal:g}{unit}")
-    return "missed: " + "; ".join(missed) if missed else "met"
 
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -175,58 +156,25 @@ def case_label(r: dict[str, Any]) -> str:
     return f"{r['family']} {r['dtype']} {r['shape']}"
 
 
-def _fmt(value: Any) -> Any:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else value
-
-
-def write_csv(table: list[dict[str, Any]], path: Path) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in table:
-            writer.writerow({k: _fmt(r[k]) for k in COLUMNS})
-
-
 def _ratio(value: float | None, base: str) -> str | None:
     return None if value is None else f"{value:.2f}× {base}"
-
-
-def _num(value: float | None, spec: str, suffix: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
 def _side_by_side(loss: list[dict[str, Any]]) -> list[str]:
     """One line per case: M elements/s of each provider, with its speed-up over eager and
     compile in brackets."""
-    providers = list(dict.fromkeys(r["provider"] for r in loss))
-    cases = list(dict.fromkeys(case_label(r) for r in loss))
-    by_key = {(case_label(r), r["provider"]): r for r in loss}
-    lines = [
+
+    def ratios(r: dict[str, Any]) -> list[str]:
+        bases = [b for b in ("eager", "compile") if r["provider"] not in ("eager", b)]
+        return [x for x in (_ratio(r[f"vs_{b}"], b) for b in bases) if x]
+
+    intro = (
         "Million elements per second for one loss side (noising + weighted loss + backward),"
-        " median; in brackets the speed-up over eager and over compile.",
-        "",
-        "| case | " + " | ".join(providers) + " |",
-        "|---|" + "---:|" * len(providers),
-    ]
-    for case in cases:
-        cells = []
-        for provider in providers:
-            r = by_key.get((case, provider))
-            if r is None:
-                cells.append("—")
-                continue
-            ratios = []
-            if provider != "eager":
-                ratios.append(_ratio(r["vs_eager"], "eager"))
-            if provider not in ("eager", "compile"):
-                ratios.append(_ratio(r["vs_compile"], "compile"))
-            ratios = [x for x in ratios if x]
-            cell = f"{r['elements_per_s'] / 1e6:.1f}"
-            cells.append(cell + (f" ({', '.join(ratios)})" if ratios else ""))
-        lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    return lines
+        " median; in brackets the speed-up over eager and over compile."
+    )
+    return side_by_side(
+        loss, case_label, intro, lambda r: f"{r['elements_per_s'] / 1e6:.1f}", ratios
+    )
 
 
 def _details(loss: list[dict[str, Any]]) -> list[str]:
@@ -250,8 +198,8 @@ def _details(loss: list[dict[str, Any]]) -> list[str]:
             f"{r['median_ms']:.4g} ({r['q20_ms']:.4g}–{r['q80_ms']:.4g})",
             f"{r['gb_per_s']:.1f}",
             f"{r['copy_fraction']:.0%}",
-            _num(r["vs_eager"], ".2f", "×"),
-            _num(r["vs_compile"], ".2f", "×"),
+            num(r["vs_eager"], ".2f", "×"),
+            num(r["vs_compile"], ".2f", "×"),
             f"{r['peak_mem_mib']:.1f}",
         ]
         if with_targets:
@@ -266,7 +214,7 @@ def _target_summary(loss: list[dict[str, Any]]) -> list[str]:
         return []
     if graded[0]["device_type"] == "cpu":
         missed = [
-            f"{case_label(r)} ({_num(r['vs_eager'], '.2f', '×')})"
+            f"{case_label(r)} ({num(r['vs_eager'], '.2f', '×')})"
             for r in graded
             if r["targets"] != "met"
         ]
@@ -303,7 +251,7 @@ def _train_table(train: list[dict[str, Any]]) -> list[str]:
         *(
             f"| {r['provider']} | {r['design'] or '—'} | {r['median_ms']:.4g}"
             f" ({r['q20_ms']:.4g}–{r['q80_ms']:.4g}) | {r['loss_side_ms']:.4g}"
-            f" | {r['loss_share']:.1%} | {_num(r['vs_eager'], '.2f', '×')}"
+            f" | {r['loss_share']:.1%} | {num(r['vs_eager'], '.2f', '×')}"
             f" | {r['peak_mem_mib']:.1f} |"
             for r in train
         ),
@@ -329,8 +277,15 @@ def markdown(table: list[dict[str, Any]], bench_command: str, report_command: st
         provenance += (
             f" Gradient design of each GPU backend by default: {first['default_designs']}."
         )
-    lines = [f"# noise_loss on {title}", "", provenance + " Produced by:", "",
-             f"    {bench_command}", f"    {report_command}", ""]  # fmt: skip
+    lines = [
+        f"# noise_loss on {title}",
+        "",
+        provenance + " Produced by:",
+        "",
+        f"    {bench_command}",
+        f"    {report_command}",
+        "",
+    ]
     if loss:
         lines += [*_side_by_side(loss), "", *_details(loss)]
         summary = _target_summary(loss)
@@ -338,14 +293,7 @@ def markdown(table: list[dict[str, Any]], bench_command: str, report_command: st
             lines += ["", *summary]
     if train:
         lines += ["", *_train_table(train)]
-    busy = [r for r in table if (r["other_cpu"] or 0.0) > BUSY]
-    if busy:
-        worst = max(r["other_cpu"] for r in busy)
-        lines += [
-            "",
-            f"Warning: other processes used up to {worst:.0%} of the machine's CPU time while "
-            f"{len(busy)} of these {len(table)} results were timed; they are not clean.",
-        ]
+    lines += busy_warning(table)
     return "\n".join(lines) + "\n"
 
 
@@ -364,10 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for bench in data["benchmarks"]:
         by_op.setdefault(bench["extra_info"].get("op", "noise_loss"), []).append(bench)
     if "knn" in by_op:
-        import report_knn  # beside this file: its directory is sys.path[0] for a script
-
-        print(report_knn.write({**data, "benchmarks": by_op["knn"]}, args.out_dir,
-                               report_command), end="")  # fmt: skip
+        knn_data = {**data, "benchmarks": by_op["knn"]}
+        print(report_knn.write(knn_data, args.out_dir, report_command), end="")
     if "noise_loss" not in by_op:
         return
     table = rows({**data, "benchmarks": by_op["noise_loss"]})
@@ -376,7 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(f"{names}: no benchmark passed its check; nothing to report")
     name = f"noise_loss_{slug(table[0]['device'])}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(table, args.out_dir / f"{name}.csv")
+    write_csv(table, args.out_dir / f"{name}.csv", COLUMNS)
     # one command per benchmark JSON that went into the table (gpu_run.sh runs two)
     bench_commands = "\n    ".join(dict.fromkeys(r["command"] for r in table))
     text = markdown(table, bench_commands, report_command)

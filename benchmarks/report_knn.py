@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from report import BUSY, _fmt, git_sha, slug, verdict
+from report_common import busy_warning, git_sha, num, side_by_side, slug, verdict, write_csv
 
 # Targets for the `debias` provider (the C++ CPU backend) on the in-memory CPU cases.
 TARGET_FAISS, TARGET_CDIST = 1.5, 2.0
@@ -47,27 +47,52 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
         mm32, mm_tf32 = info.get("mm_fp32_gflops"), info.get("mm_tf32_gflops")
         gflops = info["flops"] / median / 1e9
         peak_anon = info.get("peak_anon_bytes")
-        out.append({
-            **{key: info.get(key, "") for key in (
-                "device", "device_type", "threads", "faiss_threads", "torch", "triton", "faiss",
-                "case", "n", "m", "d", "k", "streamed", "provider", "timer", "check",
-                "exact_rows", "check_queries", "recall", "other_cpu", "cdist_block_queries",
-                "command", "mm_method", "peak_method",
-            )},
-            "git_sha": sha,
-            "date": date,
-            "median_ms": median * 1e3,
-            "q20_ms": info.get("q20_s", stats["min"]) * 1e3,
-            "q80_ms": info.get("q80_s", stats["max"]) * 1e3,
-            "rounds": info.get("rounds", stats["rounds"]),
-            "gflops": gflops,
-            "mm_fp32_gflops": mm32,
-            "mm_fraction": gflops / mm32 if mm32 else None,
-            "mm_tf32_gflops": mm_tf32,
-            "tf32_fraction": gflops / mm_tf32 if mm_tf32 else None,
-            "peak_rss_mib": info["peak_rss_bytes"] / 2**20,
-            "peak_anon_mib": None if peak_anon is None else peak_anon / 2**20,
-        })  # fmt: skip
+        out.append(
+            {
+                **{
+                    key: info.get(key, "")
+                    for key in (
+                        "device",
+                        "device_type",
+                        "threads",
+                        "faiss_threads",
+                        "torch",
+                        "triton",
+                        "faiss",
+                        "case",
+                        "n",
+                        "m",
+                        "d",
+                        "k",
+                        "streamed",
+                        "provider",
+                        "timer",
+                        "check",
+                        "exact_rows",
+                        "check_queries",
+                        "recall",
+                        "other_cpu",
+                        "cdist_block_queries",
+                        "command",
+                        "mm_method",
+                        "peak_method",
+                    )
+                },
+                "git_sha": sha,
+                "date": date,
+                "median_ms": median * 1e3,
+                "q20_ms": info.get("q20_s", stats["min"]) * 1e3,
+                "q80_ms": info.get("q80_s", stats["max"]) * 1e3,
+                "rounds": info.get("rounds", stats["rounds"]),
+                "gflops": gflops,
+                "mm_fp32_gflops": mm32,
+                "mm_fraction": gflops / mm32 if mm32 else None,
+                "mm_tf32_gflops": mm_tf32,
+                "tf32_fraction": gflops / mm_tf32 if mm_tf32 else None,
+                "peak_rss_mib": info["peak_rss_bytes"] / 2**20,
+                "peak_anon_mib": None if peak_anon is None else peak_anon / 2**20,
+            }
+        )
     # Ratios are times: a baseline's median over this provider's, same case (>1 is faster).
     medians = {(r["case"], r["provider"]): r["median_ms"] for r in out}
     for r in out:
@@ -78,39 +103,26 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _num(value: float | None, spec: str, suffix: str = "") -> str:
-    return "—" if value is None or value == "" else f"{value:{spec}}{suffix}"
-
-
 def _exact(r: dict[str, Any]) -> str:
     text = f"{r['exact_rows']}/{r['check_queries']}"
     return text if r["check"] == "exact" else f"{text} (recall {r['recall']:.3f})"
 
 
 def _side_by_side(table: list[dict[str, Any]]) -> list[str]:
-    providers = list(dict.fromkeys(r["provider"] for r in table))
-    cases = list(dict.fromkeys(r["case"] for r in table))
-    by_key = {(r["case"], r["provider"]): r for r in table}
-    lines = [
+    def ratios(r: dict[str, Any]) -> list[str]:
+        return [
+            f"{r[c]:.2f}× {b}"
+            for b, c in zip(BASELINES, ("vs_cdist", "vs_faiss"), strict=True)
+            if b != r["provider"] and r[c] is not None
+        ]
+
+    intro = (
         "Median seconds per search (all n queries); in brackets the speed-up over cdist+topk"
-        " and over faiss.",
-        "",
-        "| case | " + " | ".join(providers) + " |",
-        "|---|" + "---:|" * len(providers),
-    ]
-    for case in cases:
-        cells = []
-        for provider in providers:
-            r = by_key.get((case, provider))
-            if r is None:
-                cells.append("—")
-                continue
-            ratios = [f"{r[c]:.2f}× {b}" for b, c in zip(BASELINES, ("vs_cdist", "vs_faiss"),
-                      strict=True) if b != provider and r[c] is not None]  # fmt: skip
-            cell = f"{r['median_ms'] / 1e3:.3g}"
-            cells.append(cell + (f" ({', '.join(ratios)})" if ratios else ""))
-        lines.append(f"| {case} | " + " | ".join(cells) + " |")
-    return lines
+        " and over faiss."
+    )
+    return side_by_side(
+        table, lambda r: r["case"], intro, lambda r: f"{r['median_ms'] / 1e3:.3g}", ratios
+    )
 
 
 def _details(table: list[dict[str, Any]]) -> list[str]:
@@ -139,11 +151,11 @@ def _details(table: list[dict[str, Any]]) -> list[str]:
             r["case"],
             r["provider"],
             f"{r['median_ms']:.4g} ({r['q20_ms']:.4g}–{r['q80_ms']:.4g})",
-            _num(r["vs_cdist"], ".2f", "×"),
-            _num(r["vs_faiss"], ".2f", "×"),
+            num(r["vs_cdist"], ".2f", "×"),
+            num(r["vs_faiss"], ".2f", "×"),
             f"{r['gflops']:.1f}",
-            _num(r["mm_fraction"], ".0%"),
-            *([_num(r["tf32_fraction"], ".0%")] if on_gpu else []),
+            num(r["mm_fraction"], ".0%"),
+            *([num(r["tf32_fraction"], ".0%")] if on_gpu else []),
             peak,
             _exact(r),
         ]
@@ -167,40 +179,44 @@ def markdown(table: list[dict[str, Any]], report_command: str) -> str:
         + (f", faiss {faiss_threads}" if faiss_threads else "")
         + f"; timer: {', '.join(dict.fromkeys(r['timer'] for r in table))}."
     )
-    lines = [f"# knn on {title}", "", provenance + " Produced by:", "",
-             f"    {first['command']}", f"    {report_command}", "",
-             *_side_by_side(table), "", *_details(table)]  # fmt: skip
+    lines = [
+        f"# knn on {title}",
+        "",
+        provenance + " Produced by:",
+        "",
+        f"    {first['command']}",
+        f"    {report_command}",
+        "",
+        *_side_by_side(table),
+        "",
+        *_details(table),
+    ]
     mm = dict.fromkeys(f"{r['case']}: {r['mm_method']}" for r in table if r["mm_method"])
     peak = dict.fromkeys(r["peak_method"] for r in table if r["peak_method"])
-    lines += ["", "Matrix product rates: " + "; ".join(mm) + ".",
-              "Peak memory: " + "; ".join(peak) + "."]  # fmt: skip
+    lines += [
+        "",
+        "Matrix product rates: " + "; ".join(mm) + ".",
+        "Peak memory: " + "; ".join(peak) + ".",
+    ]
     graded = [r for r in table if r["targets"] is not None]
     if graded:
         met = [r["case"] for r in graded if r["targets"] == "met"]
-        lines += ["", f"Targets, `debias` on the in-memory CPU cases: at least {TARGET_FAISS:g}×"
-                  f" faiss and {TARGET_CDIST:g}× cdist+topk. Both met on {len(met)} of"
-                  f" {len(graded)}: {', '.join(met) or 'none'}."]  # fmt: skip
-    busy = [r for r in table if (r["other_cpu"] or 0.0) > BUSY]
-    if busy:
-        worst = max(r["other_cpu"] for r in busy)
-        lines += ["", f"Warning: other processes used up to {worst:.0%} of the machine's CPU"
-                  f" time while {len(busy)} of these {len(table)} results were timed; they"
-                  " are not clean."]  # fmt: skip
+        lines += [
+            "",
+            f"Targets, `debias` on the in-memory CPU cases: at least {TARGET_FAISS:g}×"
+            f" faiss and {TARGET_CDIST:g}× cdist+topk. Both met on {len(met)} of"
+            f" {len(graded)}: {', '.join(met) or 'none'}.",
+        ]
+    lines += busy_warning(table)
     return "\n".join(lines) + "\n"
 
 
 def write(data: dict[str, Any], out_dir: Path, report_command: str) -> str:
     """Writes knn_<device>.csv and .md into ``out_dir``; returns the Markdown."""
-    import csv
-
     table = rows(data)
     name = f"knn_{slug(table[0]['device'])}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    with (out_dir / f"{name}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in table:
-            writer.writerow({k: _fmt(r[k]) for k in COLUMNS})
+    write_csv(table, out_dir / f"{name}.csv", COLUMNS)
     text = markdown(table, report_command)
     (out_dir / f"{name}.md").write_text(text)
     return text

@@ -8,11 +8,11 @@
 // k plus a margin and certifies and re-ranks the candidates exactly in float64: this op only
 // has to be fast and to select exactly by the score it states.
 //
-// The n x m score matrix is never built. A block of queries times a tile of database rows goes
+// The n x m score matrix is never built. A chunk of queries times a tile of database rows goes
 // through BLAS (at::mm_out: MKL sgemm / dgemm) into a tile buffer of a few MiB, and a fused
 // scan turns each product row into scores and keeps a running top-k per query. Most scores
-// lose to the current k-th best with one compare; the scan tests a chunk of them at once and
-// looks at single scores only when one of the chunk wins.
+// lose to the current k-th best with one compare; the scan tests a tile of them at once and
+// looks at single scores only when one of the tile wins.
 //
 // knn_quantize and knn_candidates_int8 are the int8 pass: the same search on two levels of
 // int8 codes, with exact int32 products from at::_int_mm (oneDNN: AMX or VNNI); see the section
@@ -21,6 +21,8 @@
 // Layout of this file: the per-query top-k (sorted insertion for small k, a buffer compacted
 // by nth_element for large k), the row scan, the tiled driver, the launcher; then the int8
 // pass (quantisation, its scan, driver and launchers); the registration.
+//
+// Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -45,7 +47,7 @@ namespace {
 // compacted to its k best by nth_element whenever it fills up.
 constexpr int64_t kSortedMaxK = 32;
 // Scores tested together by the scan's threshold compare (two AVX2 vectors of float).
-constexpr int64_t kScanChunk = 16;
+constexpr int64_t kScanTile = 16;
 
 // The order of scores: NaN ranks as +inf.
 template <typename T>
@@ -162,9 +164,9 @@ struct TopK {
 
 // Scores of one query against a tile of database rows [j0, j0 + W) into its running top-k:
 // r_j = (qn + yn[j]) - 2 * p[j], the product p from BLAS. Until the top-k is full every score
-// enters; afterwards a chunk of kScanChunk scores is tested against thr at once and only a
-// chunk with a winner is walked score by score. This is the portable version: GCC does not
-// vectorise the chunk test well (the whole n=4000, m=50000, d=64, k=10 search, 2 threads,
+// enters; afterwards a tile of kScanTile scores is tested against thr at once and only a
+// tile with a winner is walked score by score. This is the portable version: GCC does not
+// vectorise the tile test well (the whole n=4000, m=50000, d=64, k=10 search, 2 threads,
 // idle machine: 0.27 s with it, 0.20 s with the AVX2 version below).
 template <typename T, bool kSorted>
 void _knn_scan_row_portable(const T* p,   // [W] products <q_i, y_j> of the tile
@@ -173,16 +175,16 @@ void _knn_scan_row_portable(const T* p,   // [W] products <q_i, y_j> of the tile
                             int64_t j0, int64_t W, TopK<T, kSorted>& top) {
   int64_t j = 0;
   for (; j < W && !top.full; ++j) top.push((qn + yn[j]) - T(2) * p[j], j0 + j);
-  for (; j + kScanChunk <= W; j += kScanChunk) {
-    T sc[kScanChunk];
+  for (; j + kScanTile <= W; j += kScanTile) {
+    T sc[kScanTile];
     const T thr = top.thr;
     int hit = 0;
-    for (int64_t t = 0; t < kScanChunk; ++t) {
+    for (int64_t t = 0; t < kScanTile; ++t) {
       sc[t] = (qn + yn[j + t]) - T(2) * p[j + t];
       hit |= sc[t] < thr;
     }
     if (!hit) continue;
-    for (int64_t t = 0; t < kScanChunk; ++t) {
+    for (int64_t t = 0; t < kScanTile; ++t) {
       if (sc[t] < top.thr) top.push(sc[t], j0 + j + t);
     }
   }
@@ -193,15 +195,15 @@ void _knn_scan_row_portable(const T* p,   // [W] products <q_i, y_j> of the tile
 }
 
 #if defined(__x86_64__)
-// AVX2 lanes of the scan: scores of kScanChunk database rows and the bit mask of those below
+// AVX2 lanes of the scan: scores of kScanTile database rows and the bit mask of those below
 // thr (ordered compare: NaN never passes). Same arithmetic as the portable scan, bit for bit:
 // p + p is 2 * p exactly, and nothing is fused.
-__attribute__((target("avx2"))) inline uint32_t _scan_chunk_avx2(const float* p,
+__attribute__((target("avx2"))) inline uint32_t _scan_tile_avx2(const float* p,
                                                                  const float* yn, float qn,
                                                                  float thr, float* sc) {
   const __m256 vq = _mm256_set1_ps(qn), vt = _mm256_set1_ps(thr);
   uint32_t mask = 0;
-  for (int h = 0; h < kScanChunk / 8; ++h) {
+  for (int h = 0; h < kScanTile / 8; ++h) {
     const __m256 pv = _mm256_loadu_ps(p + 8 * h);
     const __m256 s =
         _mm256_sub_ps(_mm256_add_ps(vq, _mm256_loadu_ps(yn + 8 * h)), _mm256_add_ps(pv, pv));
@@ -211,12 +213,12 @@ __attribute__((target("avx2"))) inline uint32_t _scan_chunk_avx2(const float* p,
   return mask;
 }
 
-__attribute__((target("avx2"))) inline uint32_t _scan_chunk_avx2(const double* p,
+__attribute__((target("avx2"))) inline uint32_t _scan_tile_avx2(const double* p,
                                                                  const double* yn, double qn,
                                                                  double thr, double* sc) {
   const __m256d vq = _mm256_set1_pd(qn), vt = _mm256_set1_pd(thr);
   uint32_t mask = 0;
-  for (int h = 0; h < kScanChunk / 4; ++h) {
+  for (int h = 0; h < kScanTile / 4; ++h) {
     const __m256d pv = _mm256_loadu_pd(p + 4 * h);
     const __m256d s =
         _mm256_sub_pd(_mm256_add_pd(vq, _mm256_loadu_pd(yn + 4 * h)), _mm256_add_pd(pv, pv));
@@ -226,16 +228,16 @@ __attribute__((target("avx2"))) inline uint32_t _scan_chunk_avx2(const double* p
   return mask;
 }
 
-// The row scan with AVX2 chunks: a chunk with no winner costs a few vector instructions.
+// The row scan with AVX2 tiles: a tile with no winner costs a few vector instructions.
 template <typename T, bool kSorted>
 __attribute__((target("avx2"))) void _knn_scan_row_avx2(const T* p, const T* yn, T qn,
                                                         int64_t j0, int64_t W,
                                                         TopK<T, kSorted>& top) {
   int64_t j = 0;
   for (; j < W && !top.full; ++j) top.push((qn + yn[j]) - T(2) * p[j], j0 + j);
-  alignas(32) T sc[kScanChunk];
-  for (; j + kScanChunk <= W; j += kScanChunk) {
-    uint32_t mask = _scan_chunk_avx2(p + j, yn + j, qn, top.thr, sc);
+  alignas(32) T sc[kScanTile];
+  for (; j + kScanTile <= W; j += kScanTile) {
+    uint32_t mask = _scan_tile_avx2(p + j, yn + j, qn, top.thr, sc);
     while (mask != 0) {
       const int t = __builtin_ctz(mask);
       mask &= mask - 1;
@@ -281,7 +283,7 @@ void _knn_scan_row(const T* p, const T* yn, T qn, int64_t j0, int64_t W, TopK<T,
 // the thread count: measured with torch 2.13's MKL on this 2-core AVX2 machine, sgemm of a
 // [7, 3072] x [3072, 1024] product differs between torch.set_num_threads(1) and (2) (by 1e-4;
 // the dgemm and the larger shapes tried were bit-equal). Inside a parallel region of two or
-// more threads MKL already runs sequentially; a team of one (a single query block) is not such
+// more threads MKL already runs sequentially; a team of one (a single query chunk) is not such
 // a region, so the kernel sets it explicitly.
 // (mkl_service.h maps mkl_set_num_threads_local to this C entry; the lower-case symbol that
 // libtorch_cpu exports is the Fortran one, which takes a pointer.)
@@ -301,7 +303,7 @@ struct SequentialBlas {
 // tiles of 1 to 4 MiB per thread ran within noise of each other; 2 MiB is an L2 and a half.
 constexpr int64_t kTileBytes = int64_t(2) << 20;
 
-// Tile shape: a block of kq queries (a thread's unit of work) against kd database rows, the
+// Tile shape: a chunk of kq queries (a thread's unit of work) against kd database rows, the
 // product tile about `bytes`. Both depend on (n, m, elem) alone, never on the thread count, so
 // every product has the same shape, and the same bits, however many threads run.
 struct Tiles {
@@ -309,18 +311,18 @@ struct Tiles {
 };
 
 Tiles pick_tiles(int64_t n, int64_t m, int64_t elem, int64_t bytes = kTileBytes) {
-  // About four blocks per search: two threads stay busy, and a block is tall enough (64 to
+  // About four chunks per search: two threads stay busy, and a chunk is tall enough (64 to
   // 512 rows) for sgemm to run near its peak.
   const int64_t kq = std::min(n, std::clamp<int64_t>((n + 3) / 4, 64, 512));
   const int64_t kd = std::min(m, std::max<int64_t>(256, bytes / (kq * elem) / 64 * 64));
   return {kq, kd};
 }
 
-// The whole search for one dtype and one top-k variant. Threads take whole query blocks; a
-// block runs over the database tiles in order: product into the thread's tile (BLAS, one
+// The whole search for one dtype and one top-k variant. Threads take whole query chunks; a
+// chunk runs over the database tiles in order: product into the thread's tile (BLAS, one
 // thread), then the scan of each row into that query's top-k, then the sorted k best out.
 // Measured (2 threads, float32, medians of 3 while the machine was shared) against the other
-// split, query blocks in order with MKL threading each product and the scan parallel over rows:
+// split, query chunks in order with MKL threading each product and the scan parallel over rows:
 //   n=1000  m=20000 d=3072 k=2:   this 0.79-0.81 s, MKL-threaded 0.79 s  (mm alone 0.88 s)
 //   n=4000  m=50000 d=64   k=10:  this 0.19-0.20 s, MKL-threaded 0.19-0.20 s  (mm alone 0.46 s)
 // Equal speed; this split needs no synchronisation and keeps each product single-threaded.
@@ -678,13 +680,13 @@ void _knn_scan_row_int8_portable(const int32_t* g1, const int32_t* g2, const flo
 
 #if defined(__x86_64__)
 // AVX2 lanes of the int8 scan, the same arithmetic as _int8_score bit for bit.
-__attribute__((target("avx2"))) inline uint32_t _scan_chunk_int8_avx2(
+__attribute__((target("avx2"))) inline uint32_t _scan_tile_int8_avx2(
     const int32_t* g1, const int32_t* g2, const float* yn, const float* ys, float qn, float qs,
     float thr, float* sc) {
   const __m256 vq = _mm256_set1_ps(qn), vs = _mm256_set1_ps(qs), vt = _mm256_set1_ps(thr);
   const __m256 inv = _mm256_set1_ps(0.00390625f);
   uint32_t mask = 0;
-  for (int h = 0; h < kScanChunk / 8; ++h) {
+  for (int h = 0; h < kScanTile / 8; ++h) {
     const __m256i* p1 = reinterpret_cast<const __m256i*>(g1 + 8 * h);
     const __m256i* p2 = reinterpret_cast<const __m256i*>(g2 + 8 * h);
     const __m256 a = _mm256_cvtepi32_ps(_mm256_loadu_si256(p1));
@@ -707,9 +709,9 @@ __attribute__((target("avx2"))) void _knn_scan_row_int8_avx2(const int32_t* g1, 
   for (; j < W && !top.full; ++j) {
     top.push(_int8_score(g1[j], g2[j], qn, yn[j], qs, ys[j]), j0 + j);
   }
-  alignas(32) float sc[kScanChunk];
-  for (; j + kScanChunk <= W; j += kScanChunk) {
-    uint32_t mask = _scan_chunk_int8_avx2(g1 + j, g2 + j, yn + j, ys + j, qn, qs, top.thr, sc);
+  alignas(32) float sc[kScanTile];
+  for (; j + kScanTile <= W; j += kScanTile) {
+    uint32_t mask = _scan_tile_int8_avx2(g1 + j, g2 + j, yn + j, ys + j, qn, qs, top.thr, sc);
     while (mask != 0) {
       const int t = __builtin_ctz(mask);
       mask &= mask - 1;

@@ -18,6 +18,8 @@
 // once per process), the elementwise helpers, the kernels, the launchers, the registration.
 // Ops live in torch.ops.debias_C; inputs are validated by the Python caller, the launchers
 // re-check the cheap invariants.
+//
+// Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -45,17 +47,18 @@ namespace {
 
 // Philox groups per generator batch: 16 groups = 64 normals = four AVX2 vectors of counters.
 constexpr int64_t kBatchGroups = 16;
-// Elements per inner step; every per-step buffer stays in L1.
-constexpr int64_t kChunk = 1024;
-// A chunk of normals starts on a group boundary and ends on a batch boundary.
-constexpr int64_t kNormalBuf = kChunk + 4 * kBatchGroups;
+// Tile (csrc/README.md): elements per inner step; every per-step buffer stays in L1.
+constexpr int64_t kTile = 1024;
+// A tile of normals starts on a group boundary and ends on a batch boundary.
+constexpr int64_t kNormalBuf = kTile + 4 * kBatchGroups;
 // Elements per parallel task.
 constexpr int64_t kGrain = 32768;
-// Loss reduction block: fixed, never straddles a sample, so sums do not depend on threads.
-constexpr int64_t kBlock = 16384;
+// Chunk (csrc/README.md): the loss's unit of reduction, fixed, never straddling a sample, so
+// sums do not depend on threads.
+constexpr int64_t kChunk = 16384;
 // Independent accumulators of a squared-difference sum (vector lanes).
 constexpr int kSumLanes = 16;
-static_assert(kChunk % (4 * kBatchGroups) == 0, "kNormalBuf assumes whole batches per chunk");
+static_assert(kTile % (4 * kBatchGroups) == 0, "kNormalBuf assumes whole batches per tile");
 
 // The per-call constants of the stream (philox.h): the key and the counter's offset words.
 struct Stream {
@@ -181,8 +184,8 @@ NormalBatchesFn pick_normal_batches() {
   return normal_batches_generic;
 }
 
-// Returns p with p[k] = normal_{i0 + k} for 0 <= k < n <= kChunk; buf holds kNormalBuf
-// floats. The stream depends on i only: a chunk may start and end anywhere in a group.
+// Returns p with p[k] = normal_{i0 + k} for 0 <= k < n <= kTile; buf holds kNormalBuf
+// floats. The stream depends on i only: a tile may start and end anywhere in a group.
 const float* stream_normals(const Stream& st, int64_t i0, int64_t n, float* buf) {
   static const NormalBatchesFn normal_batches = pick_normal_batches();
   const int64_t g0 = i0 >> 2;
@@ -224,7 +227,7 @@ DEBIAS_INLINE C rnd(C v) {
 
 // eps of elements [i0, i0 + n) as compute type C: (C)noise[i] when noise is given (dtype
 // E), else (C)rnd_E(normal_i). Points into noise or nbuf when no conversion is needed, else
-// into cbuf (kChunk values).
+// into cbuf (kTile values).
 template <typename E, typename C>
 const C* load_eps(const E* noise,  // [N] or nullptr: use the stream
                   const Stream& st, int64_t i0, int64_t n, float* nbuf, C* cbuf) {
@@ -251,7 +254,7 @@ DEBIAS_INLINE void for_each_sample_run(int64_t begin, int64_t end, int64_t D, co
 // add_noise forward. For element i of sample b, a = a[b], s = s[b]:
 //     x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * eps_i))
 // which is `a * x0 + s * noise` evaluated by torch in dtype T, bit for bit. eps comes in
-// chunks of kChunk elements, whatever the sample size.
+// tiles of kTile elements, whatever the sample size.
 // Memory: read x0 (and noise when given), write x_t (and eps when kept): 2N (3N) elements.
 template <typename T>
 void _add_noise_fwd_kernel(const T* x0,              // [B * D]
@@ -265,9 +268,9 @@ void _add_noise_fwd_kernel(const T* x0,              // [B * D]
   using C = compute_t<T>;
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float nbuf[kNormalBuf];
-    alignas(64) C cbuf[kChunk];
-    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
-      const int64_t i1 = std::min(i0 + kChunk, end);
+    alignas(64) C cbuf[kTile];
+    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+      const int64_t i1 = std::min(i0 + kTile, end);
       const C* eps = load_eps<T, C>(noise, st, i0, i1 - i0, nbuf, cbuf);
       if (eps_out != nullptr) {
         // eps holds values of T already (rnd_T of the stream): the cast is exact
@@ -304,9 +307,9 @@ DEBIAS_INLINE C target(const C* eps, const C* x0, int64_t i, C p, C q) {
 
 // Sum of (pred - y)^2 over n elements of one sample, and grad = rnd_P(gscale * (pred - y))
 // when kGrad. kSumLanes running sums in C (vector lanes), added in double at the end:
-// n <= kChunk keeps the float error of a lane near 64 roundings.
+// n <= kTile keeps the float error of a lane near 64 roundings.
 template <typename P, typename C, bool kGrad, int64_t kTerms>
-DEBIAS_INLINE double _sq_diff_chunk(const P* pred, const C* eps, const C* x0, C p, C q,
+DEBIAS_INLINE double _sq_diff_tile(const P* pred, const C* eps, const C* x0, C p, C q,
                                     int64_t n, P* grad, C gscale) {
   C acc[kSumLanes] = {};
   int64_t k = 0;
@@ -327,20 +330,20 @@ DEBIAS_INLINE double _sq_diff_chunk(const P* pred, const C* eps, const C* x0, C 
   return sum;
 }
 
-// Loss blocks in flat order: sample s is cut into per_sample blocks of kBlock elements (the
+// Loss chunks in flat order: sample s is cut into per_sample chunks of kChunk elements (the
 // last one shorter). next() walks without divisions, which matters when D is tiny.
-struct BlockCursor {
+struct ChunkCursor {
   int64_t D, per_sample;
-  int64_t blk, sample, part;  // block index = sample * per_sample + part
-  int64_t begin, end;         // flat range of the block
+  int64_t index, sample, part;  // chunk index = sample * per_sample + part
+  int64_t begin, end;         // flat range of the chunk
 
-  BlockCursor(int64_t D_, int64_t per_sample_, int64_t blk_)
-      : D(D_), per_sample(per_sample_), blk(blk_), sample(blk_ / per_sample_),
-        part(blk_ % per_sample_) {
+  ChunkCursor(int64_t D_, int64_t per_sample_, int64_t index_)
+      : D(D_), per_sample(per_sample_), index(index_), sample(index_ / per_sample_),
+        part(index_ % per_sample_) {
     bounds();
   }
   void next() {
-    ++blk;
+    ++index;
     if (++part == per_sample) {
       part = 0;
       ++sample;
@@ -348,8 +351,8 @@ struct BlockCursor {
     bounds();
   }
   void bounds() {
-    begin = sample * D + part * kBlock;
-    end = std::min(begin + kBlock, (sample + 1) * D);
+    begin = sample * D + part * kChunk;
+    end = std::min(begin + kChunk, (sample + 1) * D);
   }
 };
 
@@ -360,12 +363,12 @@ struct BlockCursor {
 //     grad_i = rnd_P((2 * w_b / D / grad_div * go_b) * (pred_i - y_i))
 // (the factor once per sample in C; go_b is the upstream gradient of the backward op, 1 in
 // the forward pass).
-// Determinism: samples are cut into fixed blocks of at most kBlock elements and blocks into
-// pieces of at most kChunk from the block start; a piece is summed by one _sq_diff_chunk
-// call, a block adds its pieces in order into its own slot, a sample adds its blocks in
+// Determinism: samples are cut into fixed chunks of at most kChunk elements and chunks into
+// pieces of at most kTile from the chunk start; a piece is summed by one _sq_diff_tile
+// call, a chunk adds its pieces in order into its own slot, a sample adds its chunks in
 // order. The cuts depend on D alone, so the loss has the same bits for any number of
-// threads. Threads take whole blocks; a step of a thread covers as many whole pieces as fit
-// in kChunk elements (several samples when D is small), so eps is generated in long runs.
+// threads. Threads take whole chunks; a step of a thread covers as many whole pieces as fit
+// in kTile elements (several samples when D is small), so eps is generated in long runs.
 // eps comes from the stream when noise is nullptr and only when the eps term is used.
 // Memory: read pred (+ noise, + x0), write grad: 2N (3N, 4N) elements, and B outputs.
 template <typename P, typename E, bool kGrad, int64_t kTerms>
@@ -386,24 +389,24 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
   using C = compute_t<P>;
   constexpr bool kEps = (kTerms & noise_loss::kEpsTerm) != 0;
   constexpr bool kX0 = (kTerms & noise_loss::kX0Term) != 0;
-  const int64_t blocks_per_sample = (D + kBlock - 1) / kBlock;
-  const int64_t nblocks = B * blocks_per_sample;
-  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, std::min(D, kBlock)));
-  std::vector<double> partial(static_cast<size_t>(nblocks));
-  at::parallel_for(0, nblocks, grain, [&](int64_t lo, int64_t hi) {
+  const int64_t chunks_per_sample = (D + kChunk - 1) / kChunk;
+  const int64_t nchunks = B * chunks_per_sample;
+  const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, std::min(D, kChunk)));
+  std::vector<double> partial(static_cast<size_t>(nchunks));
+  at::parallel_for(0, nchunks, grain, [&](int64_t lo, int64_t hi) {
     alignas(64) float nbuf[kNormalBuf];
-    alignas(64) C ebuf[kChunk];
-    alignas(64) C xbuf[kChunk];
-    BlockCursor cur(D, blocks_per_sample, lo);  // block of the next piece
+    alignas(64) C ebuf[kTile];
+    alignas(64) C xbuf[kTile];
+    ChunkCursor cur(D, chunks_per_sample, lo);  // chunk of the next piece
     int64_t pos = cur.begin;                    // start of the next piece
-    double block_sum = 0.0;
-    while (cur.blk < hi) {
-      // This step: [c0, c1), the whole pieces from pos on that fit in kChunk elements.
+    double chunk_sum = 0.0;
+    while (cur.index < hi) {
+      // This step: [c0, c1), the whole pieces from pos on that fit in kTile elements.
       const int64_t c0 = pos;
       int64_t c1 = c0;
-      for (BlockCursor look = cur; look.blk < hi;) {
-        const int64_t piece_end = std::min(c1 + kChunk, look.end);
-        if (piece_end - c0 > kChunk) break;
+      for (ChunkCursor look = cur; look.index < hi;) {
+        const int64_t piece_end = std::min(c1 + kTile, look.end);
+        if (piece_end - c0 > kTile) break;
         c1 = piece_end;
         if (piece_end == look.end) look.next();
       }
@@ -420,17 +423,17 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
         }
       }
       for (int64_t i = c0; i < c1;) {
-        const int64_t piece_end = std::min(i + kChunk, cur.end);
+        const int64_t piece_end = std::min(i + kTile, cur.end);
         const int64_t b = cur.sample;
         C gscale = C(2) * w[b] / static_cast<C>(D) / static_cast<C>(grad_div);
         if (grad_output != nullptr) gscale *= grad_output[b * go_stride];
-        block_sum += _sq_diff_chunk<P, C, kGrad, kTerms>(
+        chunk_sum += _sq_diff_tile<P, C, kGrad, kTerms>(
             pred + i + b * (pred_stride - D), eps == nullptr ? nullptr : eps + (i - c0),
             xs == nullptr ? nullptr : xs + (i - c0), p[b], q[b], piece_end - i,
             kGrad ? grad + i : nullptr, gscale);
         if (piece_end == cur.end) {
-          partial[static_cast<size_t>(cur.blk)] = block_sum;
-          block_sum = 0.0;
+          partial[static_cast<size_t>(cur.index)] = chunk_sum;
+          chunk_sum = 0.0;
           cur.next();
         }
         i = piece_end;
@@ -440,8 +443,8 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
   });
   for (int64_t b = 0; b < B; ++b) {
     double sum = 0.0;
-    for (int64_t j = 0; j < blocks_per_sample; ++j) {
-      sum += partial[static_cast<size_t>(b * blocks_per_sample + j)];
+    for (int64_t j = 0; j < chunks_per_sample; ++j) {
+      sum += partial[static_cast<size_t>(b * chunks_per_sample + j)];
     }
     loss[b] = static_cast<C>(sum / static_cast<double>(D) * static_cast<double>(w[b]));
   }
@@ -452,8 +455,8 @@ template <typename T>
 void _philox_normal_kernel(Stream st, T* out, int64_t N) {
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float nbuf[kNormalBuf];
-    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
-      const int64_t n = std::min(kChunk, end - i0);
+    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
+      const int64_t n = std::min(kTile, end - i0);
       const float* normal = stream_normals(st, i0, n, nbuf);
       for (int64_t k = 0; k < n; ++k) out[i0 + k] = to_storage<T>(normal[k]);
     }

@@ -42,16 +42,19 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from debias import reference
-from debias._checks import check_int
-from debias.ops.knn import knn
+from debias._checks import FLOAT_DTYPES, check_float, check_int, check_samples, check_tensor
+from debias.ops.knn import knn, open_npy, read_chunks
 
 __all__ = [
     "BiasedGeneralization",
@@ -65,6 +68,7 @@ __all__ = [
     "carlini_extraction",
     "extract_features",
     "gu_ratio",
+    "load_samples",
     "memorization_report",
     "nearest_distances",
     "paired_similarity",
@@ -73,7 +77,6 @@ __all__ = [
 ]
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Elements of the [resamples, n] index block drawn at once by the bootstrap.
 _BOOTSTRAP_BLOCK = 2**22
 
@@ -284,34 +287,92 @@ class BiasedGeneralization:
         return {"paired": self.paired.summary(), "split": self.split.summary(), **self.extra}
 
 
+# ---- reading samples ----------------------------------------------------------------------
+
+
+def load_samples(path: str | os.PathLike, name: str = "path") -> torch.Tensor:
+    """Samples ``[n, ...]`` from a file or folder, for scoring: .npy, .npz (its first array,
+    or ``file.npz:key``), .pt (one tensor) or a folder of PNG/JPEG images (sorted by name,
+    class sub-folders allowed, ``[n, C, H, W]`` in [-1, 1], through the training data's
+    reader). uint8 arrays are read as images too (x / 127.5 - 1); float arrays as they are,
+    float16 and bfloat16 widened to float32.
+
+    Raises:
+        ValueError: no such file, an unreadable or malformed file, or no ``[n, ...]`` floats;
+            the message starts with ``name`` (the command line passes its flag).
+    """
+    path = os.fspath(path)
+    key = None
+    if ":" in path and not os.path.exists(path):
+        base, _, maybe_key = path.rpartition(":")
+        if base.endswith(".npz"):
+            path, key = base, maybe_key
+    if not os.path.exists(path):
+        raise ValueError(f"{name}: no such file or folder: {path}")
+    if os.path.isdir(path):
+        return _read_image_folder(path, name)
+    try:
+        data = _read_array(path, key, name)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{name}: cannot read {path}: {err}") from err
+    except ValueError as err:  # numpy's own complaints about a malformed file
+        if str(err).startswith(name):
+            raise
+        raise ValueError(f"{name}: cannot read {path}: {err}") from err
+    x = torch.as_tensor(data) if isinstance(data, np.ndarray) else data
+    if x.dtype == torch.uint8:
+        x = x.float() / 127.5 - 1.0
+    elif not x.is_floating_point():
+        raise ValueError(f"{name}: {path} must hold floats or uint8 images, got {x.dtype}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name}: {path} must hold [n, ...] samples, got shape {list(x.shape)}")
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _read_array(path: str, key: str | None, name: str) -> np.ndarray | torch.Tensor:
+    if path.endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as archive:
+            if not archive.files:
+                raise ValueError(f"{name}: {path} holds no arrays")
+            if key is not None and key not in archive.files:
+                raise ValueError(f"{name}: {path} has no array {key!r} (it has {archive.files})")
+            return archive[key if key is not None else archive.files[0]]
+    if path.endswith(".pt"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"{name}: {path} must hold one tensor, got {type(data).__name__}")
+        return data
+    raise ValueError(f"{name}: {path} is not .npy, .npz, .pt or a folder of images")
+
+
+def _read_image_folder(folder: str, name: str) -> torch.Tensor:
+    """A folder of images through the training data's reader (class sub-folders allowed)."""
+    from PIL import UnidentifiedImageError
+
+    from debias.pipeline.data import read_image_folder
+
+    try:
+        images, _ = read_image_folder(Path(folder))
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"{name}: cannot read an image in {folder}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    return images
+
+
 # ---- validation (once, at the door) -------------------------------------------------------
 
 
-def _check_samples(name: str, x: Any) -> torch.Tensor:
-    if isinstance(x, np.ndarray):
-        x = torch.from_numpy(x)
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [n, ...], got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0 or math.prod(x.shape[1:]) == 0:
-        raise ValueError(f"{name} must be a non-empty [n, ...] tensor, got {list(x.shape)}")
-    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        raise ValueError(f"{name} row {int((~finite).nonzero()[0, 0])} contains NaN or infinity")
-    return x
-
-
 def _check_train(name: str, train: Any, samples: torch.Tensor, pixels: bool) -> Any:
-    """The training source, checked as far as is possible without reading it; numpy arrays and
-    tensors must hold samples shaped like ``samples``' rows (when compared as pixels)."""
+    """The training source, checked as far as is possible without reading it (a .npy path is
+    memory-mapped); numpy arrays and tensors must hold samples shaped like ``samples``' rows
+    (when compared as pixels)."""
     if isinstance(train, str | os.PathLike):
-        path = os.fspath(train)
-        if not path.endswith(".npy"):
-            raise ValueError(f"{name} path must name a .npy file, got {path!r}")
-        if not os.path.isfile(path):
-            raise ValueError(f"{name}: no such file {path!r}")
-        return path
+        train = open_npy(name, train)
+    if isinstance(train, torch.Tensor):
+        check_tensor(name, train)
     if isinstance(train, torch.Tensor | np.ndarray):
         if train.ndim < 2 or train.shape[0] == 0:
             raise ValueError(f"{name} must be a non-empty [m, ...] array, got {list(train.shape)}")
@@ -327,17 +388,6 @@ def _check_train(name: str, train: Any, samples: torch.Tensor, pixels: bool) -> 
         f"{name} must be a tensor, a numpy array, the path of a .npy file or an iterable of "
         f"chunks, got {type(train).__name__}"
     )
-
-
-def _check_float(name: str, value: Any, low: float, high: float, *, open_low=True) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    ok = (value > low if open_low else value >= low) and value <= high and math.isfinite(value)
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must lie in {bracket}{low}, {high}], got {value}")
-    return value
 
 
 def _check_extractor(features: Any, batch_size: Any) -> None:
@@ -371,7 +421,7 @@ def _apply(extractor: Extractor, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"features must map [b, ...] to [b, f], got {list(x.shape)} -> {list(out.shape)}"
         )
-    if out.dtype not in _FLOAT_DTYPES:
+    if out.dtype not in FLOAT_DTYPES:
         out = out.float()
     return out
 
@@ -381,42 +431,60 @@ def extract_features(
 ) -> torch.Tensor:
     """``features`` applied to ``x [n, ...]`` in batches under ``torch.no_grad()``: ``[n, f]``;
     ``x`` itself without an extractor."""
-    x = _check_samples("x", x)
+    x = check_samples("x", x, numpy=True)
     _check_extractor(features, batch_size)
     return _extract(x, features, batch_size)
 
 
-def _extract(x: torch.Tensor, features: Extractor | None, batch_size: int) -> torch.Tensor:
+def _extract(
+    x: torch.Tensor,
+    features: Extractor | None,
+    batch_size: int,
+    module: torch.nn.Module | None = None,
+) -> torch.Tensor:
+    """``features`` applied to ``x`` in batches of ``batch_size`` under ``torch.no_grad()``:
+    ``[n, f]`` on x's device; ``x`` itself without an extractor. With ``module`` (the network
+    behind ``features``), each batch moves to the module's device and the module runs in eval
+    mode, its mode restored after. The package's one feature extractor loop: the scores here
+    and debias.pipeline.evaluate use it."""
     if features is None:
         return x
-    return torch.cat(
-        [_apply(features, x[lo : lo + batch_size]) for lo in range(0, len(x), batch_size)]
-    )
+    device = x.device
+    if module is not None:
+        device = next((p.device for p in module.parameters()), x.device)
+    was_training = module is not None and module.training
+    if was_training:
+        module.eval()
+    try:
+        out = [
+            _apply(features, x[lo : lo + batch_size].to(device)).to(x.device)
+            for lo in range(0, len(x), batch_size)
+        ]
+    finally:
+        if was_training:
+            module.train()
+    return torch.cat(out)
+
+
+# Rows read at once from a training source that is a tensor, an array or a .npy file.
+_SOURCE_VALUES = 2**24
 
 
 def _source_chunks(train: Any) -> Iterator[torch.Tensor]:
-    """The training source's chunks as tensors (a .npy file memory-mapped, read in slices)."""
-    if isinstance(train, str):
-        train = np.load(train, mmap_mode="r")
-    if isinstance(train, torch.Tensor | np.ndarray):
-        rows = max(1, 2**24 // max(1, math.prod(train.shape[1:])))
-        for lo in range(0, train.shape[0], rows):
-            part = train[lo : lo + rows]
-            yield torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part
-        return
-    for part in train:
-        yield torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part
+    """The training source's chunks as tensors (a .npy file, memory-mapped at the door, read
+    in slices by debias.ops.knn.read_chunks, the package's one chunk reader)."""
+    rows = max(1, _SOURCE_VALUES // max(1, math.prod(getattr(train, "shape", (0, 1))[1:])))
+    for chunk in read_chunks(train, rows):
+        if not isinstance(chunk, torch.Tensor):
+            raise TypeError(f"train chunks must be tensors or arrays, got {type(chunk).__name__}")
+        yield chunk
 
 
 def _feature_stream(
     train: Any, features: Extractor, batch_size: int, device: torch.device
 ) -> Iterator[torch.Tensor]:
     for chunk in _source_chunks(train):
-        if not isinstance(chunk, torch.Tensor):
-            raise TypeError(f"train chunks must be tensors or arrays, got {type(chunk).__name__}")
-        chunk = chunk.to(device)
-        for lo in range(0, chunk.shape[0], batch_size):
-            yield _apply(features, chunk[lo : lo + batch_size])
+        yield _extract(chunk.to(device), features, batch_size)
 
 
 def _database(train: Any, features: Extractor | None, batch_size: int, device) -> Any:
@@ -432,9 +500,7 @@ def _materialize(train: Any, features: Extractor | None, batch_size: int, device
         return torch.cat(list(_feature_stream(train, features, batch_size, device)))
     if isinstance(train, torch.Tensor):
         return train.to(device)
-    chunks = [
-        c if isinstance(c, torch.Tensor) else torch.as_tensor(c) for c in _source_chunks(train)
-    ]
+    chunks = list(_source_chunks(train))
     if not chunks:
         raise ValueError("train is empty")
     return torch.cat([c.to(device) for c in chunks])
@@ -443,9 +509,14 @@ def _materialize(train: Any, features: Extractor | None, batch_size: int, device
 def _search(name, queries, database, k, metric, backend, progress, exclude_self=False):
     try:
         return knn(
-            queries, database, k, metric, exclude_self=exclude_self, backend=backend,
+            queries,
+            database,
+            k,
+            metric,
+            exclude_self=exclude_self,
+            backend=backend,
             progress=progress,
-        )  # fmt: skip
+        )
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
 
@@ -515,7 +586,7 @@ def nearest_distances(
     Returns:
         :class:`Neighbours` (distances ``[n, k]`` float64 ascending, indices ``[n, k]``).
     """
-    samples = _check_samples("samples", samples)
+    samples = check_samples("samples", samples, numpy=True)
     _check_extractor(features, batch_size)
     train = _check_train("train", train, samples, features is None)
     check_int("k", k, 1)
@@ -567,9 +638,9 @@ def gu_ratio(
         :class:`GuResult`. d_1 = d_2 = 0 (a sample equal to a duplicated training image) gives
         ratio 0: memorized.
     """
-    threshold = _check_float("threshold", threshold, 0.0, 1.0)
+    threshold = check_float("threshold", threshold, 0.0, high=1.0)
     check_int("resamples", resamples, 1)
-    level = _check_float("level", level, 0.0, 1.0 - 1e-12)
+    level = check_float("level", level, 0.0, high=1.0, high_inclusive=False)
     gen = _generator(generator)
     kw = dict(features=features, batch_size=batch_size, backend=backend, progress=progress)
     nb = _neighbours_or_search(samples, train, 2, kw)
@@ -601,9 +672,9 @@ def carlini_extraction(
     [0, 1]. The default 0.15 is the value Carlini et al. report; choose it for your scale.
     Arguments as in :func:`gu_ratio` (a :class:`Neighbours` with k >= 1 is accepted).
     """
-    delta = _check_float("delta", delta, 0.0, math.inf)
+    delta = check_float("delta", delta, 0.0)
     check_int("resamples", resamples, 1)
-    level = _check_float("level", level, 0.0, 1.0 - 1e-12)
+    level = check_float("level", level, 0.0, high=1.0, high_inclusive=False)
     gen = _generator(generator)
     kw = dict(features=features, batch_size=batch_size, backend=backend, progress=progress)
     nb = _neighbours_or_search(samples, train, 1, kw)
@@ -654,14 +725,14 @@ def somepalli_similarity(
     Returns:
         :class:`SomepalliResult`.
     """
-    samples = _check_samples("samples", samples)
+    samples = check_samples("samples", samples, numpy=True)
     _check_extractor(features, batch_size)
     train = _check_train("train", train, samples, features is None)
-    threshold = _check_float("threshold", threshold, -1.0, 1.0, open_low=False)
+    threshold = check_float("threshold", threshold, -1.0, inclusive=True, high=1.0)
     if metric not in ("cosine", "standardized"):
         raise ValueError(f"metric must be 'cosine' or 'standardized', got {metric!r}")
     for p in percentiles:
-        _check_float("percentiles", p, 0.0, 100.0, open_low=False)
+        check_float("percentiles", p, 0.0, inclusive=True, high=100.0)
     if baseline_size is not None:
         check_int("baseline_size", baseline_size, 1)
     gen = _generator(generator)
@@ -673,9 +744,13 @@ def somepalli_similarity(
     dist, idx = _search("train", queries, db, 1, metric, backend, progress)
     sim = 1.0 - dist[:, 0]
     result = SomepalliResult(
-        sim, idx[:, 0], _stats(sim, percentiles), float((sim > threshold).double().mean()),
-        threshold, metric,
-    )  # fmt: skip
+        sim,
+        idx[:, 0],
+        _stats(sim, percentiles),
+        float((sim > threshold).double().mean()),
+        threshold,
+        metric,
+    )
     if not baseline:
         return result
     m = db.shape[0]
@@ -725,8 +800,8 @@ def paired_similarity(
         metric: "standardized" (default, the paper's) or "cosine".
         features, batch_size: optional extractor applied to both first.
     """
-    samples_a = _check_samples("samples_a", samples_a)
-    samples_b = _check_samples("samples_b", samples_b)
+    samples_a = check_samples("samples_a", samples_a, numpy=True)
+    samples_b = check_samples("samples_b", samples_b, numpy=True)
     if samples_a.shape != samples_b.shape:
         raise ValueError(
             f"samples_b must have samples_a's shape {list(samples_a.shape)}, got "
@@ -764,8 +839,8 @@ def split_preference(
             iterable; a one-shot iterator is read into memory, as each split is searched twice).
         metric: "standardized" (default) or "cosine".
     """
-    samples_a = _check_samples("samples_a", samples_a)
-    samples_b = _check_samples("samples_b", samples_b)
+    samples_a = check_samples("samples_a", samples_a, numpy=True)
+    samples_b = check_samples("samples_b", samples_b, numpy=True)
     if samples_a.shape[1:] != samples_b.shape[1:]:
         raise ValueError(
             f"samples_b rows must have samples_a's shape {list(samples_a.shape[1:])}, got "
@@ -788,10 +863,15 @@ def split_preference(
     own_b, other_b = top1("train_b", qb, train_b), top1("train_a", qb, train_a)
     closer_a, closer_b = own_a > other_a, own_b > other_b
     return SplitPreference(
-        own_a, other_a, own_b, other_b,
-        float(closer_a.double().mean()), float(closer_b.double().mean()),
-        float(torch.cat((closer_a, closer_b)).double().mean()), metric,
-    )  # fmt: skip
+        own_a,
+        other_a,
+        own_b,
+        other_b,
+        float(closer_a.double().mean()),
+        float(closer_b.double().mean()),
+        float(torch.cat((closer_a, closer_b)).double().mean()),
+        metric,
+    )
 
 
 def biased_generalization(
@@ -812,9 +892,16 @@ def biased_generalization(
         samples_a, samples_b, metric=metric, features=features, batch_size=batch_size
     )
     split = split_preference(
-        samples_a, samples_b, train_a, train_b, metric=metric, features=features,
-        batch_size=batch_size, backend=backend, progress=progress,
-    )  # fmt: skip
+        samples_a,
+        samples_b,
+        train_a,
+        train_b,
+        metric=metric,
+        features=features,
+        batch_size=batch_size,
+        backend=backend,
+        progress=progress,
+    )
     return BiasedGeneralization(paired, split)
 
 
@@ -860,9 +947,14 @@ def memorization_report(
         gu = gu_ratio(nb, threshold=threshold, generator=seed, **stats)
         carlini = carlini_extraction(nb, delta=delta, generator=seed, **stats)
         som = somepalli_similarity(
-            s, t, threshold=similarity_threshold, metric=metric, baseline_size=baseline_size,
-            generator=seed, **common,
-        )  # fmt: skip
+            s,
+            t,
+            threshold=similarity_threshold,
+            metric=metric,
+            baseline_size=baseline_size,
+            generator=seed,
+            **common,
+        )
         results = {"nearest": shown, "gu": gu, "carlini": carlini, "somepalli": som}
         order = torch.argsort(gu.ratio.cpu(), stable=True)[:8]
         top = [

@@ -148,7 +148,7 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         """guided-diffusion's linear schedule: betas ``linspace(s*1e-4, s*0.02, T)`` in
         float64 with ``s = 1000 / T``, so every T spans the same noise range as T=1000."""
-        T = _check_timesteps(num_timesteps)
+        T = check_int("num_timesteps", num_timesteps, 1)
         scale = 1000.0 / T
         betas = torch.linspace(scale * beta_start, scale * beta_end, T, dtype=torch.float64)
         return cls.from_betas(betas, prediction_type)
@@ -163,7 +163,7 @@ class NoiseSchedule:
     ) -> NoiseSchedule:
         """improved-DDPM's cosine schedule: ``abar(u) = cos((u + s)/(1 + s) * pi/2)^2``,
         ``beta_i = min(1 - abar((i+1)/T) / abar(i/T), max_beta)``."""
-        T = _check_timesteps(num_timesteps)
+        T = check_int("num_timesteps", num_timesteps, 1)
 
         def abar(u: float) -> float:
             return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
@@ -180,7 +180,7 @@ class NoiseSchedule:
         prediction_type: str = "epsilon",
     ) -> NoiseSchedule:
         """Stable Diffusion's schedule: betas ``linspace(sqrt(start), sqrt(end), T) ** 2``."""
-        T = _check_timesteps(num_timesteps)
+        T = check_int("num_timesteps", num_timesteps, 1)
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
         return cls.from_betas(betas, prediction_type)
 
@@ -194,7 +194,7 @@ class NoiseSchedule:
         training script reads). In float32 as diffusers computes them: timesteps T, T-1, .., 1,
         s = timestep / T, sigma = shift s / (1 + (shift - 1) s), timestep = sigma T;
         x_t = (1 - sigma) x0 + sigma eps; the default target is ``eps - x0`` ("flow")."""
-        T = _check_timesteps(num_timesteps)
+        T = check_int("num_timesteps", num_timesteps, 1)
         shift = check_float("shift", shift, low=0.0)
         s = torch.arange(T, 0, -1, dtype=torch.float64).float() / T
         sigmas = shift * s / (1 + (shift - 1) * s)
@@ -217,7 +217,7 @@ class NoiseSchedule:
         are this table; x_t = x0 + sigma eps. ``prediction_type`` "raw" (default) is the
         network output F under the paper's preconditioning D = c_skip x_t + c_out F,
         "sample" the denoised D."""
-        T = _check_timesteps(num_timesteps)
+        T = check_int("num_timesteps", num_timesteps, 1)
         smin = check_float("sigma_min", sigma_min, low=0.0)
         smax = check_float("sigma_max", sigma_max, low=0.0)
         sd = check_float("sigma_data", sigma_data, low=0.0)
@@ -466,14 +466,6 @@ def _config_get(config: Any, name: str, default: Any) -> Any:
     if isinstance(config, dict):
         return config.get(name, default)
     return getattr(config, name, default)
-
-
-def _check_timesteps(num_timesteps: int) -> int:
-    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int):
-        raise TypeError(f"num_timesteps must be an int, got {type(num_timesteps).__name__}")
-    if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    return num_timesteps
 
 
 def _check_prediction(prediction: Any, name: str = "prediction", family: str | None = None) -> str:

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import debias
-from debias.cli import _load, main
+from debias.cli import main
+from debias.memorization import load_samples
 from debias.pipeline.data import load_digits
 
 FAST = ["--resamples", "50", "--no-progress"]
@@ -91,7 +92,7 @@ def test_score_image_folders(tmp_path):
     x = ((load_digits()[0][:60, 0].numpy() + 1) * 127.5).round().astype(np.uint8)
     _write_images(tmp_path / "train", x[:50])
     _write_images(tmp_path / "samples", x[:5])  # exact copies
-    loaded = _load(str(tmp_path / "train"), "--train")
+    loaded = load_samples(str(tmp_path / "train"), "--train")
     assert loaded.shape == (50, 1, 8, 8) and loaded.dtype == torch.float32
     torch.testing.assert_close(loaded[7, 0], torch.from_numpy(x[7]).float() / 127.5 - 1)
     out = tmp_path / "out"
@@ -105,12 +106,12 @@ def test_score_image_folders(tmp_path):
 def test_rgb_images_and_sizes(tmp_path):
     rgb = np.random.default_rng(0).integers(0, 256, (3, 6, 5, 3), dtype=np.uint8)
     _write_images(tmp_path / "rgb", rgb, mode="RGB")
-    loaded = _load(str(tmp_path / "rgb"), "--samples")
+    loaded = load_samples(str(tmp_path / "rgb"), "--samples")
     assert loaded.shape == (3, 3, 6, 5) and float(loaded.min()) >= -1 and float(loaded.max()) <= 1
     torch.testing.assert_close(loaded[1], torch.from_numpy(rgb[1]).permute(2, 0, 1) / 127.5 - 1)
     Image.fromarray(rgb[0, :4], mode="RGB").save(tmp_path / "rgb" / "999.png")
     with pytest.raises(ValueError, match=r"--samples: .*999\.png.* is 5x4 but"):
-        _load(str(tmp_path / "rgb"), "--samples")
+        load_samples(str(tmp_path / "rgb"), "--samples")
 
 
 def test_bad_path_exits_2():

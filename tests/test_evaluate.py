@@ -186,9 +186,10 @@ def test_feature_net_ignores_unlabelled_rows(one_thread):
 
 
 @pytest.mark.parametrize(
-    "labels", [None, torch.full((20,), -1), torch.zeros(20, dtype=torch.int64)],
+    "labels",
+    [None, torch.full((20,), -1), torch.zeros(20, dtype=torch.int64)],
     ids=["none", "all-minus-one", "one-class"],
-)  # fmt: skip
+)
 def test_feature_net_needs_labels(labels):
     with pytest.raises(ValueError, match=r"^labels"):
         E.train_feature_net(torch.zeros(20, 1, 8, 8), labels, steps=1)
@@ -378,8 +379,11 @@ def test_write_timestep_analysis(tmp_path):
     with open(tmp_path / "t.csv") as fh:
         table = list(csv.DictReader(fh))
     assert len(table) == len(rows)
-    assert list(table[0]) == [*E._CSV_COLUMNS, "x0_channel_mean_error_c0",
-                              "x0_channel_mean_error_c1"]  # fmt: skip
+    assert list(table[0]) == [
+        *E._CSV_COLUMNS,
+        "x0_channel_mean_error_c0",
+        "x0_channel_mean_error_c1",
+    ]
     assert float(table[3]["x0_mse"]) == pytest.approx(rows[3]["x0_mse"])
     assert (tmp_path / "t.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -391,8 +395,20 @@ def _zero_model(x, t):
     return torch.zeros_like(x)
 
 
-KEYS = {"n_samples", "n_data", "image_shape", "seed", "prediction", "feature_net",
-        "feature_space", "fd", "prdc", "channel_shift", "timesteps", "files"}  # fmt: skip
+KEYS = {
+    "n_samples",
+    "n_data",
+    "image_shape",
+    "seed",
+    "prediction",
+    "feature_net",
+    "feature_space",
+    "fd",
+    "prdc",
+    "channel_shift",
+    "timesteps",
+    "files",
+}
 
 
 def test_evaluate_end_to_end(tmp_path, one_thread):
@@ -401,8 +417,10 @@ def test_evaluate_end_to_end(tmp_path, one_thread):
     report = E.evaluate(_zero_model, NoiseSchedule.linear(100), data, labels, samples, tmp_path)
     assert KEYS <= report.keys() and "fd_unavailable" not in report
     assert {p.name for p in tmp_path.iterdir()} == {
-        "evaluation.json", "timesteps.csv", "timesteps.png"
-    }  # fmt: skip
+        "evaluation.json",
+        "timesteps.csv",
+        "timesteps.png",
+    }
     assert json.loads((tmp_path / "evaluation.json").read_text()) == report
     assert report["feature_space"] == "feature_net"
     assert report["feature_net"]["held_out_accuracy"] > 0.8
@@ -422,9 +440,16 @@ def test_evaluate_with_a_given_extractor_and_unlabelled_data(tmp_path):
     samples = data[:20].flip(-1)
     extractor = lambda x: x.flatten(1)[:, :6] * 2  # noqa: E731
     report = E.evaluate(
-        _zero_model, NoiseSchedule.linear(30), data, None, samples, tmp_path / "given",
-        feature_net=extractor, k=3, timesteps=[0, 29],
-    )  # fmt: skip
+        _zero_model,
+        NoiseSchedule.linear(30),
+        data,
+        None,
+        samples,
+        tmp_path / "given",
+        feature_net=extractor,
+        k=3,
+        timesteps=[0, 29],
+    )
     want = E.frechet_distance(extractor(data), extractor(samples))
     assert report["fd"] == pytest.approx(want, rel=1e-9)
     assert report["feature_net"]["source"] == "given"
@@ -432,17 +457,29 @@ def test_evaluate_with_a_given_extractor_and_unlabelled_data(tmp_path):
 
     unlabelled = torch.full((50,), -1)
     report = E.evaluate(
-        _zero_model, NoiseSchedule.linear(30), data, unlabelled, samples, tmp_path / "none",
-        k=3, timesteps=[0, 29],
-    )  # fmt: skip
+        _zero_model,
+        NoiseSchedule.linear(30),
+        data,
+        unlabelled,
+        samples,
+        tmp_path / "none",
+        k=3,
+        timesteps=[0, 29],
+    )
     assert report["fd"] is None and "labels" in report["fd_unavailable"]
     assert report["feature_space"] == report["prdc"]["space"] == "pixels"
     assert (tmp_path / "none" / "timesteps.png").is_file()
 
     report = E.evaluate(
-        _zero_model, NoiseSchedule.linear(30), data, None, samples[:3], tmp_path / "few",
-        k=3, timesteps=[0],
-    )  # fmt: skip
+        _zero_model,
+        NoiseSchedule.linear(30),
+        data,
+        None,
+        samples[:3],
+        tmp_path / "few",
+        k=3,
+        timesteps=[0],
+    )
     assert report["prdc"] is None and "k=3" in report["prdc_unavailable"]
     with pytest.raises(ValueError, match="samples must be shaped"):
         E.evaluate(_zero_model, NoiseSchedule.linear(30), data, None, data[:, :, :4], tmp_path)

@@ -169,9 +169,15 @@ def _gauss(n, m, d, seed=0, offset=0.0):
 
 
 # n, m, d, k: odd d; k = 1, and k = m (no fast pass: every row is a candidate); (70, 8500, 7):
-# two query blocks of the kernel (64 + 6) and two database tiles (8192 + 308).
-_INT8_SHAPES = [(5, 301, 1, 3), (7, 123, 7, 1), (9, 250, 33, 5), (4, 77, 130, 77),
-                (3, 40, 130, 40), (70, 8500, 7, 4)]  # fmt: skip
+# two query chunks of the kernel (64 + 6) and two database tiles (8192 + 308).
+_INT8_SHAPES = [
+    (5, 301, 1, 3),
+    (7, 123, 7, 1),
+    (9, 250, 33, 5),
+    (4, 77, 130, 77),
+    (3, 40, 130, 40),
+    (70, 8500, 7, 4),
+]
 
 
 @pytest.mark.parametrize(
@@ -422,6 +428,10 @@ def _bad_cases():
         ("int-database", dict(queries=q, database=db.long(), k=2), TypeError, "database"),
         ("int-queries", dict(queries=q.long(), database=db, k=2), TypeError, "queries"),
         ("numpy-queries", dict(queries=q.numpy(), database=db, k=2), TypeError, "queries"),
+        ("0d-database", dict(queries=q, database=torch.tensor(1.0), k=2), ValueError, "database"),
+        ("1d-database", dict(queries=q, database=torch.randn(10), k=2), ValueError, "database"),
+        ("meta-queries", dict(queries=q.to("meta"), database=db, k=2), ValueError, "queries"),
+        ("meta-database", dict(queries=q, database=db.to("meta"), k=2), ValueError, "database"),
         ("metric", dict(queries=q, database=db, k=2, metric="l1"), ValueError, "metric"),
         (
             "zero-vector-cosine",
@@ -605,7 +615,7 @@ _TRITON_EXACT = [
     (5, 70, 3, 4, None),
     (3, 37, 1, 1, None),  # d = 1, count 1
     (4, 13, 7, 13, None),  # count = m
-    (17, 50, 33, 16, None),  # odd d over two BLOCK_D slices, queries over two blocks
+    (17, 50, 33, 16, None),  # odd d over two TILE_D slices, queries over two tiles
     (1, 300, 5, 9, 6),  # one query, the database in 6 splits merged
 ]
 
@@ -657,8 +667,9 @@ def test_triton_candidates_random_floats_within_the_rounding_bound():
     g = torch.Generator().manual_seed(4)
     q, db = torch.randn(n, d, generator=g), torch.randn(m, d, generator=g)
     qn, dn = q.square().sum(1), db.square().sum(1)
-    score, index = kernels.candidates(q.to(device), db.to(device), qn.to(device),
-                                      dn.to(device), count)  # fmt: skip
+    score, index = kernels.candidates(
+        q.to(device), db.to(device), qn.to(device), dn.to(device), count
+    )
     score, index = score.cpu().double(), index.cpu()
     r, order = _fast_scores(q, db, qn, dn)
     u = 2.0**-24
@@ -686,8 +697,13 @@ def test_triton_candidates_random_floats_within_the_rounding_bound():
 )
 def test_triton_candidates_rejects_bad_input(change, match):
     kernels, _ = _triton_knn()
-    args = dict(queries=torch.ones(3, 4), database=torch.ones(10, 4),
-                query_sqnorms=torch.ones(3), database_sqnorms=torch.ones(10), count=2)  # fmt: skip
+    args = dict(
+        queries=torch.ones(3, 4),
+        database=torch.ones(10, 4),
+        query_sqnorms=torch.ones(3),
+        database_sqnorms=torch.ones(10),
+        count=2,
+    )
     args.update(change)
     with pytest.raises(ValueError, match=match):
         kernels.candidates(**args)
@@ -702,7 +718,7 @@ from debias.triton_kernels import knn as k
 
 out = {}
 for count, dt in ((14, torch.float32), (128, torch.float32), (128, torch.float64)):
-    cfg = k._blocks(count, dt, torch.device("cuda"))
+    cfg = k._tiles(count, dt, torch.device("cuda"))
     warps = cfg.pop("num_warps")
     t = "fp32" if dt == torch.float32 else "fp64"
     sig = {"q_ptr": f"*{t}", "db_ptr": f"*{t}", "qn_ptr": f"*{t}", "dn_ptr": f"*{t}",
@@ -731,8 +747,14 @@ def test_triton_knn_kernels_compile_for_hopper(tmp_path):
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _KNN_HOPPER_BUILD], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _KNN_HOPPER_BUILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
     for name, instructions in found.items():

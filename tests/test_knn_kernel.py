@@ -235,14 +235,19 @@ def _bad_inputs():
         ("database", dict(database=torch.zeros(0, 3), database_sqnorms=torch.zeros(0), k=1)),
         ("queries", dict(queries=torch.zeros(4, 0), database=torch.zeros(6, 0))),
     ]
-    return [pytest.param(name, {**ok, **change}, id=f"{name}-{i}") for i, (name, change) in
-            enumerate(cases)]  # fmt: skip
+    return [
+        pytest.param(name, {**ok, **change}, id=f"{name}-{i}")
+        for i, (name, change) in enumerate(cases)
+    ]
 
 
 @pytest.mark.parametrize(("name", "args"), _bad_inputs())
 def test_bad_input_names_the_argument(name, args):
     with pytest.raises((RuntimeError, ValueError), match=rf"\b{name}\b"):
         _op()(
-            args["queries"], args["database"], args["query_sqnorms"], args["database_sqnorms"],
+            args["queries"],
+            args["database"],
+            args["query_sqnorms"],
+            args["database_sqnorms"],
             args["k"],
-        )  # fmt: skip
+        )

@@ -292,6 +292,12 @@ def test_report_has_every_measure(train, copies, digits):
         (lambda s, t: M.split_preference(s, s.reshape(len(s), -1), t, t), ValueError, "samples_b"),
         (lambda s, t: M.split_preference(s, s, t, t[:, :, :4]), ValueError, "train_b"),
         (lambda s, t: M.memorization_report(s, t, samples_b=s), ValueError, "train_b"),
+        (lambda s, t: M.nearest_distances(s, torch.tensor(1.0)), ValueError, "train"),
+        (lambda s, t: M.nearest_distances(s.to("meta"), t), ValueError, "samples"),
+        (lambda s, t: M.gu_ratio(s, t.to("meta")), ValueError, "train"),
+        (lambda s, t: M.somepalli_similarity(s, t.to("meta")), ValueError, "train"),
+        (lambda s, t: M.paired_similarity(s, s.to("meta")), ValueError, "samples_b"),
+        (lambda s, t: M.extract_features(s.numpy().astype("int32")), TypeError, "x"),
     ],
 )
 def test_bad_input(call, error, words):

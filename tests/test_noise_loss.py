@@ -373,13 +373,13 @@ def test_stream_does_not_depend_on_threads():
 @pytest.mark.parametrize("shape", [(131, 1, 1, 37), (3, 4500)], ids=["many-samples", "many-chunks"])
 def test_triton_reduction_across_programs(monkeypatch, shape):
     """The loss sums over programs: per-sample partials in order, then the batch. Small
-    programs (32 elements) make both sums loop past one reduction block (128 entries)."""
+    programs (32 elements) make both sums loop past one reduction tile (128 entries)."""
     skip_unless_backend("triton")
     skip_unless_backend("cpu")
     from debias.triton_kernels import noise_loss as kernels
 
     monkeypatch.setattr(kernels, "_MAX_CHUNK", 32)
-    monkeypatch.setattr(kernels, "_MAX_BLOCK", 16)
+    monkeypatch.setattr(kernels, "_MAX_TILE", 16)
     _x0, noise, pred, t = _inputs(shape, torch.float32)
     for reduction in ("mean", "none"):
         losses, grads = [], []
@@ -415,7 +415,7 @@ for dt in ("fp32", "bf16"):
                  "x_t_ptr": f"*{dt}", "seed": "i64", "offset": "i64", "B": "i32", "D": "i32",
                  "chunks": "i32"}
     out[f"add_noise-{dt}"] = build(k._add_noise_kernel, noise_sig,
-                                   {"HAS_NOISE": False, "CHUNK": 16384, "BLOCK": 1024})
+                                   {"HAS_NOISE": False, "CHUNK": 16384, "TILE": 1024})
     loss_sig = {"pred_ptr": f"*{dt}", "coef_ptr": "*fp32", "noise_ptr": f"*{dt}",
                 "x0_ptr": f"*{dt}", "grad_ptr": f"*{dt}", "go_ptr": "*fp32", "loss_ptr": "*fp32",
                 "total_ptr": "*fp32", "partial_ptr": "*fp64", "count_ptr": "*i32", "seed": "i64",
@@ -425,7 +425,7 @@ for dt in ("fp32", "bf16"):
     for name, loss, grad, go in (("forward", True, True, 0), ("backward", False, True, 1)):
         out[f"loss-{name}-{dt}"] = build(k._noise_loss_kernel, loss_sig, dict(
             TERMS=3, HAS_NOISE=False, EPS=eps, LOSS=loss, GRAD=grad, GO=go,
-            CHUNK=16384, BLOCK=1024, RBLOCK=128))
+            CHUNK=16384, TILE=1024, RTILE=128))
 print(json.dumps({key: {"/".join(k): v for k, v in c.items()} for key, c in out.items()}))
 """
 

@@ -1,12 +1,12 @@
 """Triton kernels of the knn op: the fast pass, the ``count`` best scores of each query.
 
-    r_ij = qn_i + dn_j - 2 <q_i, y_j>      read n d + (n / BLOCK_M) m d, write n count
+    r_ij = qn_i + dn_j - 2 <q_i, y_j>      read n d + (n / TILE_M) m d, write n count
 
 For each query i the ``count`` database rows of smallest r_ij, ascending by (r, j): ties go to
 the lower index, exactly, so the list is the true top-count of the computed scores (the
 exactness proof in debias/ops/knn.py needs that, not just "some" count best). The n x m
-matrix never exists: a program owns BLOCK_M queries, walks its share of the database in tiles
-of BLOCK_N rows (one ``tl.dot`` per tile, over d in BLOCK_D slices) and keeps a running list.
+matrix never exists: a program owns TILE_M queries, walks its share of the database in tiles
+of TILE_N rows (one ``tl.dot`` per tile, over d in TILE_D slices) and keeps a running list.
 
 Selection (float32). A score and its row pack into one int64 key that sorts as (r, j): the
 float's bits made order-preserving (negatives: every bit but the sign flipped) in the high
@@ -14,7 +14,7 @@ word, j in the low word (j < 2^31). Keys are unique, so the list is plain intege
 whose keys all exceed every row's count-th key is skipped (one compare per element: after the
 first tiles almost all are); otherwise the running W keys and the tile's W keys are joined and
 ``tl.topk`` keeps the W smallest (a bitonic network: O(W log^2 W) per row, against O(count W)
-for count rounds of min-and-mask). W = BLOCK_N >= count; only the first count are exact
+for count rounds of min-and-mask). W = TILE_N >= count; only the first count are exact
 (later entries may be stale after a skipped tile), which is all that is written.
 -0.0 is taken as +0.0 (equal scores tie on the index), NaN (only from inf - inf, overflow) as
 +inf; +inf scores are ordinary keys below the "empty" key, int64 max.
@@ -23,8 +23,8 @@ Selection (float64). A score needs all 64 bits, so (score, row) stay two tensors
 is count rounds of a lexicographic min (min score, then min row among the equal) over both
 lists, masking out the row taken (rows are unique). Slower, and float64 is the rare case.
 
-Few queries. With fewer query blocks than the GPU has room for, the database is split too:
-grid (query blocks, splits), each program writing its split's list, and the launcher merges
+Few queries. With fewer query tiles than the GPU has room for, the database is split too:
+grid (query tiles, splits), each program writing its split's list, and the launcher merges
 the splits' lists (n x splits x count values: one sort by (r, j) in torch). The split comes
 from n, m and the SM count (4 "SMs" in the interpreter).
 
@@ -37,6 +37,8 @@ with u = 2^-24 and dot_unit(d) = delta + gamma_d(2^-22) (1 + delta) - gamma_d, d
 factor two to spare. DOT_UNIT = 2^-8 bounds dot_unit(d) for every d <= 16000 (16282). float64: IEEE
 ("ieee" precision), dot_unit = 0. The score is then (qn + dn) - 2 dot: two more roundings,
 fp fusion off. The interpreter multiplies in plain fp32 (no tf32), within the same bound.
+
+Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_COUNT = 128  # the running list is BLOCK_N = 128 keys wide at most (registers)
+MAX_COUNT = 128  # the running list is TILE_N = 128 keys wide at most (registers)
 DOT_UNIT = 2.0**-8  # float32, d <= 16000; see dot_unit(d, dtype) for any d
 _INTERPRETER_SMS = 4
 _MAX_ROWS = 2**31 - 1  # row indices live in the low 31 bits of a key
@@ -69,20 +71,34 @@ def dot_unit(d: int, dtype: torch.dtype) -> float:
 
 
 @triton.jit
-def _tile_scores(q_ptr, db_ptr, qn, dn_ptr, o_m, m_m, start, hi, d, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
-    """(scores [BLOCK_M, BLOCK_N], rows [BLOCK_N] int32, valid [BLOCK_M, BLOCK_N]) of database
-    rows start .. start + BLOCK_N - 1 (those >= hi invalid)."""
-    o_n = start + tl.arange(0, BLOCK_N)
+def _tile_scores(
+    q_ptr,
+    db_ptr,
+    qn,
+    dn_ptr,
+    o_m,
+    m_m,
+    start,
+    hi,
+    d,
+    TILE_N: tl.constexpr,
+    TILE_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(scores [TILE_M, TILE_N], rows [TILE_N] int32, valid [TILE_M, TILE_N]) of database
+    rows start .. start + TILE_N - 1 (those >= hi invalid)."""
+    o_n = start + tl.arange(0, TILE_N)
     m_n = o_n < hi
-    acc = tl.zeros([o_m.shape[0], BLOCK_N], qn.dtype)
-    for k in range(0, d, BLOCK_D):
-        o_d = k + tl.arange(0, BLOCK_D)
+    acc = tl.zeros([o_m.shape[0], TILE_N], qn.dtype)
+    for k in range(0, d, TILE_D):
+        o_d = k + tl.arange(0, TILE_D)
         m_d = o_d < d
-        b_q = tl.load(q_ptr + o_m[:, None] * d + o_d[None, :], mask=m_m[:, None] & m_d[None, :],
-                      other=0.0)  # fmt: skip
-        b_y = tl.load(db_ptr + o_n[:, None] * d + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
-                      other=0.0)  # fmt: skip
+        b_q = tl.load(
+            q_ptr + o_m[:, None] * d + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0
+        )
+        b_y = tl.load(
+            db_ptr + o_n[:, None] * d + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0
+        )
         acc = tl.dot(b_q, tl.trans(b_y), acc, input_precision=PRECISION)
     dn = tl.load(dn_ptr + o_n, mask=m_n, other=0.0)
     r = (qn[:, None] + dn[None, :]) - 2.0 * acc
@@ -112,7 +128,7 @@ def _unkey(key):
 
 @triton.jit
 def _column(x, col, j, fill):
-    """x[:, j] of a [rows, W] block (col = arange(W)[None, :])."""
+    """x[:, j] of a [rows, W] tile (col = arange(W)[None, :])."""
     return tl.min(tl.where(col == j, x, fill), axis=1)
 
 
@@ -128,28 +144,29 @@ def _knn_keys_kernel(
     score_ptr,  # [splits, n, COUNT] float32 out
     index_ptr,  # [splits, n, COUNT] int64 out
     n, m, d,
-    split_rows,  # database rows per split, a multiple of BLOCK_N
-    COUNT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    split_rows,  # database rows per split, a multiple of TILE_N
+    COUNT: tl.constexpr, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+    TILE_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = pid_m * TILE_M + tl.arange(0, TILE_M)
     m_m = o_m < n
     qn = tl.load(qn_ptr + o_m, mask=m_m, other=0.0)
     lo = split * split_rows
     hi = tl.minimum(lo + split_rows, m)
-    col = tl.arange(0, BLOCK_N)[None, :]
-    run = tl.full([BLOCK_M, BLOCK_N], _EMPTY, tl.int64)  # ascending; first COUNT exact
-    bar = tl.full([BLOCK_M], _EMPTY, tl.int64)  # the COUNT-th key of each row
-    for start in range(lo, hi, BLOCK_N):
-        r, rows, valid = _tile_scores(q_ptr, db_ptr, qn, dn_ptr, o_m, m_m, start, hi, d,
-                                      BLOCK_N, BLOCK_D, PRECISION)  # fmt: skip
+    col = tl.arange(0, TILE_N)[None, :]
+    run = tl.full([TILE_M, TILE_N], _EMPTY, tl.int64)  # ascending; first COUNT exact
+    bar = tl.full([TILE_M], _EMPTY, tl.int64)  # the COUNT-th key of each row
+    for start in range(lo, hi, TILE_N):
+        r, rows, valid = _tile_scores(
+            q_ptr, db_ptr, qn, dn_ptr, o_m, m_m, start, hi, d, TILE_N, TILE_D, PRECISION
+        )
         key = _keys(r, rows[None, :], valid)
         if tl.max((key < bar[:, None]).to(tl.int32)) > 0:
-            both = tl.reshape(tl.join(run, key), [BLOCK_M, 2 * BLOCK_N])
+            both = tl.reshape(tl.join(run, key), [TILE_M, 2 * TILE_N])
             # ~ reverses the order: topk's W largest of ~key are the W smallest keys, ascending
-            run = ~tl.topk(~both, BLOCK_N)
+            run = ~tl.topk(~both, TILE_N)
             bar = _column(run, col, COUNT - 1, _EMPTY)
     score, row = _unkey(run)
     p_out = (split * n + o_m[:, None]) * COUNT + col
@@ -163,31 +180,32 @@ def _knn_pairs_kernel(
     q_ptr, db_ptr, qn_ptr, dn_ptr, score_ptr, index_ptr,  # as _knn_keys_kernel, float64
     n, m, d, split_rows,
     COUNT: tl.constexpr, WIDTH: tl.constexpr,  # WIDTH: COUNT rounded up to a power of two
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    TILE_M: tl.constexpr, TILE_N: tl.constexpr, TILE_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1).to(tl.int64)
-    o_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_m = pid_m * TILE_M + tl.arange(0, TILE_M)
     m_m = o_m < n
     qn = tl.load(qn_ptr + o_m, mask=m_m, other=0.0)
     lo = split * split_rows
     hi = tl.minimum(lo + split_rows, m)
     col = tl.arange(0, WIDTH)[None, :]
-    run_s = tl.full([BLOCK_M, WIDTH], float("inf"), qn.dtype)
-    run_i = tl.full([BLOCK_M, WIDTH], _NO_ROW, tl.int32)
-    bar_s = tl.full([BLOCK_M], float("inf"), qn.dtype)
-    bar_i = tl.full([BLOCK_M], _NO_ROW, tl.int32)
-    for start in range(lo, hi, BLOCK_N):
-        r, rows, valid = _tile_scores(q_ptr, db_ptr, qn, dn_ptr, o_m, m_m, start, hi, d,
-                                      BLOCK_N, BLOCK_D, PRECISION)  # fmt: skip
+    run_s = tl.full([TILE_M, WIDTH], float("inf"), qn.dtype)
+    run_i = tl.full([TILE_M, WIDTH], _NO_ROW, tl.int32)
+    bar_s = tl.full([TILE_M], float("inf"), qn.dtype)
+    bar_i = tl.full([TILE_M], _NO_ROW, tl.int32)
+    for start in range(lo, hi, TILE_N):
+        r, rows, valid = _tile_scores(
+            q_ptr, db_ptr, qn, dn_ptr, o_m, m_m, start, hi, d, TILE_N, TILE_D, PRECISION
+        )
         r = tl.where(r == 0.0, 0.0, r)
         t_i = tl.where(valid, rows[None, :], _NO_ROW)
         t_s = tl.where(valid, r, float("inf"))
         beats = (t_s < bar_s[:, None]) | ((t_s == bar_s[:, None]) & (t_i < bar_i[:, None]))
         if tl.max(beats.to(tl.int32)) > 0:
-            new_s = tl.full([BLOCK_M, WIDTH], float("inf"), qn.dtype)
-            new_i = tl.full([BLOCK_M, WIDTH], _NO_ROW, tl.int32)
+            new_s = tl.full([TILE_M, WIDTH], float("inf"), qn.dtype)
+            new_i = tl.full([TILE_M, WIDTH], _NO_ROW, tl.int32)
             for j in range(COUNT):
                 s_a = tl.min(run_s, axis=1)
                 i_a = tl.min(tl.where(run_s == s_a[:, None], run_i, _NO_ROW), axis=1)
@@ -218,32 +236,32 @@ def _knn_pairs_kernel(
 # ---- launcher --------------------------------------------------------------------------------
 
 
-def _blocks(count: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
-    """Tile sizes and warps. float32: BLOCK_N is the list width W (64 or 128 on a GPU); float64:
+def _tiles(count: int, dtype: torch.dtype, device: torch.device) -> dict[str, int]:
+    """Tile sizes and warps. float32: TILE_N is the list width W (64 or 128 on a GPU); float64:
     a narrower tile, the list rounded up to a power of two. The interpreter gets the smallest
-    blocks that hold the list (its topk costs seconds at 64 x 256)."""
+    tiles that hold the list (its topk costs seconds at 64 x 256)."""
     width = max(16, triton.next_power_of_2(count))
     if dtype == torch.float64:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=16, WIDTH=width, num_warps=8)
+        return dict(TILE_M=32, TILE_N=32, TILE_D=16, WIDTH=width, num_warps=8)
     if device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_N=width, BLOCK_D=16, num_warps=4)
+        return dict(TILE_M=16, TILE_N=width, TILE_D=16, num_warps=4)
     # sm_90 builds without spills (ptxas -v): 64 x 64 at 8 warps (wgmma, 240 registers);
     # 64 x 128 spills at 8 or 16 warps, 32 x 128 does not (mma.sync, 255 registers).
     if width <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=32, num_warps=8)
-    return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_D=32, num_warps=8)
+        return dict(TILE_M=64, TILE_N=64, TILE_D=32, num_warps=8)
+    return dict(TILE_M=32, TILE_N=128, TILE_D=32, num_warps=8)
 
 
-def _splits(n: int, m: int, block_m: int, block_n: int, device: torch.device) -> int:
+def _splits(n: int, m: int, tile_m: int, tile_n: int, device: torch.device) -> int:
     """Database splits: enough programs for two waves over the SMs when the queries alone
     give fewer, each split still at least 8 tiles long."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:
         sms = _INTERPRETER_SMS
-    query_blocks = triton.cdiv(n, block_m)
-    want = max(1, triton.cdiv(2 * sms, query_blocks))
-    return max(1, min(want, m // (8 * block_n)))
+    query_tiles = triton.cdiv(n, tile_m)
+    want = max(1, triton.cdiv(2 * sms, query_tiles))
+    return max(1, min(want, m // (8 * tile_n)))
 
 
 def _check(queries, database, query_sqnorms, database_sqnorms, count) -> None:
@@ -263,11 +281,17 @@ def _check(queries, database, query_sqnorms, database_sqnorms, count) -> None:
         raise ValueError(f"database must be [m, {d}] with d >= 1, got {list(database.shape)}")
     if m > _MAX_ROWS:
         raise ValueError(f"database must have fewer than 2^31 rows, got {m}")
-    for name, x, rows in (("query_sqnorms", query_sqnorms, n), ("database_sqnorms",
-                                                                database_sqnorms, m)):  # fmt: skip
-        if (not isinstance(x, torch.Tensor) or tuple(x.shape) != (rows,)
-                or not x.is_contiguous() or x.dtype != queries.dtype
-                or x.device != queries.device):  # fmt: skip
+    for name, x, rows in (
+        ("query_sqnorms", query_sqnorms, n),
+        ("database_sqnorms", database_sqnorms, m),
+    ):
+        if (
+            not isinstance(x, torch.Tensor)
+            or tuple(x.shape) != (rows,)
+            or not x.is_contiguous()
+            or x.dtype != queries.dtype
+            or x.device != queries.device
+        ):
             raise ValueError(
                 f"{name} must be a contiguous [{rows}] {queries.dtype} tensor on "
                 f"{queries.device}, got {_describe(x)}"
@@ -315,24 +339,36 @@ def candidates(
     indices = torch.empty((n, count), dtype=torch.int64, device=queries.device)
     if n == 0:
         return scores, indices
-    cfg = _blocks(count, queries.dtype, queries.device)
-    bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    cfg = _tiles(count, queries.dtype, queries.device)
+    tm, tn = cfg["TILE_M"], cfg["TILE_N"]
     if splits is None:
-        splits = _splits(n, m, bm, bn, queries.device)
-    split_rows = triton.cdiv(triton.cdiv(m, max(1, splits)), bn) * bn
+        splits = _splits(n, m, tm, tn, queries.device)
+    split_rows = triton.cdiv(triton.cdiv(m, max(1, splits)), tn) * tn
     splits = triton.cdiv(m, split_rows)
     if splits > 1:
         scores = torch.empty((splits, n, count), dtype=queries.dtype, device=queries.device)
         indices = torch.empty((splits, n, count), dtype=torch.int64, device=queries.device)
-    grid = (triton.cdiv(n, bm), splits)
+    grid = (triton.cdiv(n, tm), splits)
     if queries.dtype == torch.float64:
         kernel, precision = _knn_pairs_kernel, "ieee"
     else:
         kernel, precision = _knn_keys_kernel, "tf32"
     kernel[grid](
-        queries, database, query_sqnorms, database_sqnorms, scores, indices,
-        n, m, d, split_rows, COUNT=count, PRECISION=precision, enable_fp_fusion=False, **cfg,
-    )  # fmt: skip
+        queries,
+        database,
+        query_sqnorms,
+        database_sqnorms,
+        scores,
+        indices,
+        n,
+        m,
+        d,
+        split_rows,
+        COUNT=count,
+        PRECISION=precision,
+        enable_fp_fusion=False,
+        **cfg,
+    )
     if splits == 1:
         return scores, indices
     return _merge_splits(scores, indices, count)

@@ -21,7 +21,7 @@ timesteps, no tables: the caller gathers the per-sample coefficients); the calle
 (debias/ops/noise_loss.py) validates them.
 
 Work split. One program per (sample b, chunk j): it walks the flat range
-[b D + j CHUNK, min(b D + (j + 1) CHUNK, (b + 1) D)) in tiles of BLOCK elements, so the
+[b D + j CHUNK, min(b D + (j + 1) CHUNK, (b + 1) D)) in tiles of TILE elements, so the
 per-sample coefficients are scalars and no element divides its index by D. Tiles start on a
 multiple of 16 in the flat index: a Philox group (4 elements) never straddles two tiles, and
 when D is a multiple of 16 the loads are 16-byte vectors; the first tile may begin up to 15
@@ -37,6 +37,8 @@ must be zero on entry.
 Floating point. Kernels are launched with fp fusion off, so every product and sum of the
 data arithmetic rounds on its own, as the contract asks (x_t equals diffusers' add_noise bit
 for bit); the stream's polynomials call tl.fma where philox.h fuses.
+
+Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 """
 
 from __future__ import annotations
@@ -60,9 +62,9 @@ _X0_BIT = tl.constexpr(TERM_X0)
 # Upstream gradient of the loss: none (1), one scalar for the batch, or one per sample.
 GO_NONE, GO_SCALAR, GO_PER_SAMPLE = 0, 1, 2
 
-_MAX_BLOCK = 1024  # elements per tile: 8 per thread at 4 warps
+_MAX_TILE = 1024  # elements per tile: 8 per thread at 4 warps
 _MAX_CHUNK = 16384  # elements per program: 16 tiles, enough to hide a tile's latency
-_MIN_BLOCK = 16  # tiles start on multiples of 16 elements (see the module docstring)
+_MIN_TILE = 16  # tiles start on multiples of 16 elements (see the module docstring)
 
 _TL_DTYPES = {
     torch.float32: tl.float32,
@@ -146,30 +148,41 @@ def _box_muller(xa, xb):
 
 
 @triton.jit
-def _normals(start, seed_lo, seed_hi, off_lo, off_hi, BLOCK: tl.constexpr):
-    """float32 normals of flat elements start .. start + BLOCK - 1 (start a multiple of 4):
+def _normals(start, seed_lo, seed_hi, off_lo, off_hi, TILE: tl.constexpr):
+    """float32 normals of flat elements start .. start + TILE - 1 (start a multiple of 4):
     one Philox call per group of four, the four normals interleaved back into element order."""
-    g = start // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
+    g = start // 4 + tl.arange(0, TILE // 4).to(tl.int64)
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
-    c2 = tl.full([BLOCK // 4], 0, tl.uint32) + off_lo
-    c3 = tl.full([BLOCK // 4], 0, tl.uint32) + off_hi
+    c2 = tl.full([TILE // 4], 0, tl.uint32) + off_lo
+    c3 = tl.full([TILE // 4], 0, tl.uint32) + off_hi
     x0, x1, x2, x3 = _philox4x32_10(c0, c1, c2, c3, seed_lo, seed_hi)
     n0, n1 = _box_muller(x0, x1)
     n2, n3 = _box_muller(x2, x3)
     # [g, p, q] = n_{2p + q}: flat index 4g + 2p + q
-    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [BLOCK])
+    return tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [TILE])
 
 
 @triton.jit
-def _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
-         HAS_NOISE: tl.constexpr, EPS: tl.constexpr, C: tl.constexpr,
-         BLOCK: tl.constexpr):  # fmt: skip
-    """eps of tile idx = k + arange(BLOCK) in compute type C: the given noise, or the stream
+def _eps(
+    noise_ptr,
+    idx,
+    mask,
+    k,
+    seed_lo,
+    seed_hi,
+    off_lo,
+    off_hi,
+    HAS_NOISE: tl.constexpr,
+    EPS: tl.constexpr,
+    C: tl.constexpr,
+    TILE: tl.constexpr,
+):
+    """eps of tile idx = k + arange(TILE) in compute type C: the given noise, or the stream
     rounded to the noise dtype EPS."""
     if HAS_NOISE:
         return tl.load(noise_ptr + idx, mask=mask, other=0.0).to(C)
-    return _round(_normals(k, seed_lo, seed_hi, off_lo, off_hi, BLOCK), EPS).to(C)
+    return _round(_normals(k, seed_lo, seed_hi, off_lo, off_hi, TILE), EPS).to(C)
 
 
 @triton.jit
@@ -213,7 +226,7 @@ def _add_noise_kernel(
     seed, offset,  # the stream's key and counter offset (int64)
     B, D, chunks,  # samples, elements per sample, programs per sample
     HAS_NOISE: tl.constexpr,  # eps read from noise_ptr, else generated: two code paths
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
     b, begin, end, first = _span(D, chunks, CHUNK)
     seed_lo, seed_hi = _words(seed)
@@ -222,13 +235,12 @@ def _add_noise_kernel(
     C = coef_ptr.dtype.element_ty
     a = tl.load(coef_ptr + b)
     s = tl.load(coef_ptr + B + b)
-    for k in range(first, end, BLOCK):
+    for k in range(first, end, TILE):
         k = tl.multiple_of(k, 16)
-        idx = k + tl.arange(0, BLOCK)
+        idx = k + tl.arange(0, TILE)
         mask = (idx >= begin) & (idx < end)
         x = tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
-        eps = _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
-                   HAS_NOISE, T, C, BLOCK)  # fmt: skip
+        eps = _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi, HAS_NOISE, T, C, TILE)
         signal = _round(a * x, T).to(C)
         scaled = _round(s * eps, T).to(C)
         tl.store(x_t_ptr + idx, _round(signal + scaled, T), mask=mask)
@@ -251,7 +263,7 @@ def _noise_loss_kernel(
     HAS_NOISE: tl.constexpr, EPS: tl.constexpr,  # eps given, or the stream rounded to EPS
     LOSS: tl.constexpr, GRAD: tl.constexpr,  # outputs asked (the backward: GRAD only)
     GO: tl.constexpr,  # upstream gradient: 0 none, 1 one element, 2 one per sample
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, TILE: tl.constexpr, RTILE: tl.constexpr,
 ):  # fmt: skip
     b, begin, end, first = _span(D, chunks, CHUNK)
     seed_lo, seed_hi = _words(seed)
@@ -270,21 +282,23 @@ def _noise_loss_kernel(
         p = tl.load(coef_ptr + B + b)
     if (_X0_BIT & TERMS) != 0:
         q = tl.load(coef_ptr + 2 * B + b)
-    acc = tl.zeros([BLOCK], C)
-    for k in range(first, end, BLOCK):
+    acc = tl.zeros([TILE], C)
+    for k in range(first, end, TILE):
         k = tl.multiple_of(k, 16)
-        idx = k + tl.arange(0, BLOCK)
+        idx = k + tl.arange(0, TILE)
         mask = (idx >= begin) & (idx < end)
         pr = tl.load(pred_ptr + idx, mask=mask, other=0.0)
         # y in C: each product rounds, then their sum (fp fusion is off)
         if TERMS == _EPS_BIT:
-            y = p * _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
-                         HAS_NOISE, EPS, C, BLOCK)  # fmt: skip
+            y = p * _eps(
+                noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi, HAS_NOISE, EPS, C, TILE
+            )
         elif TERMS == _X0_BIT:
             y = q * tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
         else:
-            eps = _eps(noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi,
-                       HAS_NOISE, EPS, C, BLOCK)  # fmt: skip
+            eps = _eps(
+                noise_ptr, idx, mask, k, seed_lo, seed_hi, off_lo, off_hi, HAS_NOISE, EPS, C, TILE
+            )
             y = p * eps + q * tl.load(x0_ptr + idx, mask=mask, other=0.0).to(C)
         d = tl.where(mask, pr.to(C) - y, 0.0)
         if LOSS:
@@ -296,28 +310,31 @@ def _noise_loss_kernel(
         # Every thread's store is done before one thread releases them with the count.
         tl.debug_barrier()
         if tl.atomic_add(count_ptr + b, 1, sem="acq_rel") == chunks - 1:
-            _finish_sample(partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, B, D,
-                           chunks, RBLOCK)  # fmt: skip
+            _finish_sample(
+                partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, B, D, chunks, RTILE
+            )
 
 
 @triton.jit
-def _finish_sample(partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, B, D, chunks,
-                   RBLOCK: tl.constexpr):  # fmt: skip
+def _finish_sample(
+    partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, B, D, chunks, RTILE: tl.constexpr
+):
     """Run by the last program of sample b: loss_b from its partials, and the batch total
     when b is the last sample to finish. Partials are read past L1 (.cg): other programs
     wrote them."""
-    acc = tl.zeros([RBLOCK], tl.float64)
-    for c in range(0, chunks, RBLOCK):
-        r = c + tl.arange(0, RBLOCK)
-        acc += tl.load(partial_ptr + b * chunks + r, mask=r < chunks, other=0.0,
-                       cache_modifier=".cg")  # fmt: skip
+    acc = tl.zeros([RTILE], tl.float64)
+    for c in range(0, chunks, RTILE):
+        r = c + tl.arange(0, RTILE)
+        acc += tl.load(
+            partial_ptr + b * chunks + r, mask=r < chunks, other=0.0, cache_modifier=".cg"
+        )
     loss = tl.sum(acc) / tl.cast(D, tl.float64) * w.to(tl.float64)
     tl.store(loss_ptr + b, loss.to(loss_ptr.dtype.element_ty))
     tl.debug_barrier()
     if tl.atomic_add(count_ptr + B, 1, sem="acq_rel") == B - 1:
-        tot = tl.zeros([RBLOCK], tl.float64)
-        for c in range(0, B, RBLOCK):
-            r = c + tl.arange(0, RBLOCK)
+        tot = tl.zeros([RTILE], tl.float64)
+        for c in range(0, B, RTILE):
+            r = c + tl.arange(0, RTILE)
             loss_r = tl.load(loss_ptr + r, mask=r < B, other=0.0, cache_modifier=".cg")
             tot += loss_r.to(tl.float64)
         total = tl.sum(tot) / tl.cast(loss_div, tl.float64)
@@ -325,12 +342,12 @@ def _finish_sample(partial_ptr, loss_ptr, total_ptr, count_ptr, b, w, loss_div, 
 
 
 @triton.jit(do_not_specialize=["seed", "offset"])
-def _philox_fill_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
+def _philox_fill_kernel(out_ptr, n, seed, offset, TILE: tl.constexpr):
     seed_lo, seed_hi = _words(seed)
     off_lo, off_hi = _words(offset)
-    k = tl.program_id(0).to(tl.int64) * BLOCK
-    idx = k + tl.arange(0, BLOCK)
-    normal = _normals(k, seed_lo, seed_hi, off_lo, off_hi, BLOCK)
+    k = tl.program_id(0).to(tl.int64) * TILE
+    idx = k + tl.arange(0, TILE)
+    normal = _normals(k, seed_lo, seed_hi, off_lo, off_hi, TILE)
     tl.store(out_ptr + idx, _round(normal, out_ptr.dtype.element_ty), mask=idx < n)
 
 
@@ -338,12 +355,12 @@ def _philox_fill_kernel(out_ptr, n, seed, offset, BLOCK: tl.constexpr):
 
 
 def _split(D: int) -> tuple[int, int, int]:
-    """(BLOCK, CHUNK, chunks per sample) for samples of D elements: tiles of at most 1024,
+    """(TILE, CHUNK, chunks per sample) for samples of D elements: tiles of at most 1024,
     programs of at most 16384 elements; small samples get one program with a small tile.
     Fixed by D alone, so the loss's summation order (and bits) never depends on the device."""
-    block = min(_MAX_BLOCK, max(_MIN_BLOCK, triton.next_power_of_2(D)))
-    chunk = min(_MAX_CHUNK, max(block, triton.next_power_of_2(D)))
-    return block, chunk, triton.cdiv(D, chunk)
+    tile = min(_MAX_TILE, max(_MIN_TILE, triton.next_power_of_2(D)))
+    chunk = min(_MAX_CHUNK, max(tile, triton.next_power_of_2(D)))
+    return tile, chunk, triton.cdiv(D, chunk)
 
 
 def add_noise(
@@ -357,13 +374,24 @@ def add_noise(
     s); noise like x0, or None for the stream of (seed, offset) rounded to x0's dtype."""
     B = x0.shape[0]
     D = x0.numel() // B
-    block, chunk, chunks = _split(D)
+    tile, chunk, chunks = _split(D)
     x_t = torch.empty_like(x0)
     _add_noise_kernel[(B * chunks,)](
-        x0, coef, x0 if noise is None else noise, x_t, seed, offset,
-        B, D, chunks, HAS_NOISE=noise is not None, CHUNK=chunk, BLOCK=block,
-        num_warps=4, enable_fp_fusion=False,
-    )  # fmt: skip
+        x0,
+        coef,
+        x0 if noise is None else noise,
+        x_t,
+        seed,
+        offset,
+        B,
+        D,
+        chunks,
+        HAS_NOISE=noise is not None,
+        CHUNK=chunk,
+        TILE=tile,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
     return x_t
 
 
@@ -392,7 +420,7 @@ def noise_loss(
     device."""
     B = pred.shape[0]
     D = pred.numel() // B
-    block, chunk, chunks = _split(D)
+    tile, chunk, chunks = _split(D)
     compute = coef.dtype
     loss = total = grad = None
     partial = count = pred  # placeholders: never touched without LOSS
@@ -407,21 +435,47 @@ def noise_loss(
     if grad_output is not None:
         go = GO_SCALAR if grad_output.numel() == 1 else GO_PER_SAMPLE
     _noise_loss_kernel[(B * chunks,)](
-        pred, coef, pred if noise is None else noise, pred if x0 is None else x0,
-        pred if grad is None else grad, coef if grad_output is None else grad_output,
-        coef if loss is None else loss, coef if total is None else total, partial, count,
-        seed, offset, grad_div, loss_div, B, D, chunks,
-        TERMS=terms, HAS_NOISE=noise is not None, EPS=_TL_DTYPES[eps_dtype],
-        LOSS=need_loss, GRAD=need_grad, GO=go, CHUNK=chunk, BLOCK=block, RBLOCK=128,
-        num_warps=4, enable_fp_fusion=False,
-    )  # fmt: skip
+        pred,
+        coef,
+        pred if noise is None else noise,
+        pred if x0 is None else x0,
+        pred if grad is None else grad,
+        coef if grad_output is None else grad_output,
+        coef if loss is None else loss,
+        coef if total is None else total,
+        partial,
+        count,
+        seed,
+        offset,
+        grad_div,
+        loss_div,
+        B,
+        D,
+        chunks,
+        TERMS=terms,
+        HAS_NOISE=noise is not None,
+        EPS=_TL_DTYPES[eps_dtype],
+        LOSS=need_loss,
+        GRAD=need_grad,
+        GO=go,
+        CHUNK=chunk,
+        TILE=tile,
+        RTILE=128,
+        num_warps=4,
+        enable_fp_fusion=False,
+    )
     return loss, total, grad
 
 
 def philox_fill(out: torch.Tensor, seed: int, offset: int) -> None:
     """Writes the stream of (seed, offset) into contiguous ``out``, rounded to its dtype."""
-    block = 1024
-    _philox_fill_kernel[(triton.cdiv(out.numel(), block),)](
-        out, out.numel(), seed, offset, BLOCK=block, num_warps=4,
+    tile = 1024
+    _philox_fill_kernel[(triton.cdiv(out.numel(), tile),)](
+        out,
+        out.numel(),
+        seed,
+        offset,
+        TILE=tile,
+        num_warps=4,
         enable_fp_fusion=False,
-    )  # fmt: skip
+    )

@@ -43,6 +43,8 @@
 // with --use_fast_math, whose -ftz would flush subnormal products, sums and compared scores:
 // the dot product error stays within the gamma_d bound the caller uses (kKnnDotUnit = 0) and
 // subnormal scores order as on the CPU.
+//
+// Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -166,8 +168,8 @@ __device__ __forceinline__ int warp_insert(T* ls,         // [k] scores, sorted 
   }
   if (pos >= k) return size;
   const int new_size = size < k ? size + 1 : k;
-  // Entries [pos, new_size - 1) move up by one, 32 at a time from the top, so a chunk never
-  // reads what the chunk above it wrote.
+  // Entries [pos, new_size - 1) move up by one, 32 at a time from the top, so a group of 32
+  // never reads what the group above it wrote.
   for (int top = new_size - 2; top >= pos; top -= 32) {
     const int e = top - lane;
     const bool move = e >= pos;

@@ -6,6 +6,8 @@
 //   r_ij = (qn_i + yn_j) - 2 <q_i, y_j>,
 // sorted by (r, j), a NaN score ranked as +inf (still ordered by j); the semantics of the CPU
 // kernel (csrc/knn.cpp). Every pointer is a device pointer to contiguous data.
+//
+// Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
 #pragma once
 

@@ -18,7 +18,7 @@
 // that `terms` does not name costs nothing: no x0 read without kX0Term, no noise read and no
 // stream generated without kEpsTerm. The coefficients of sample b are column b of `coef`.
 //
-// Design. One block per tile (sample b, piece j of kTileElems elements of the sample) so the
+// Design. One block per chunk (sample b, piece j of kChunk elements of the sample) so the
 // per-sample values (coefficients, factors) are read once per block. A thread works on items of
 // kItem consecutive flat elements starting at a multiple of kItem: kItem / 4 whole Philox
 // groups (one philox4x32_10 call per 4 elements, as the stream is defined on the flat index)
@@ -26,13 +26,13 @@
 // each thread 16 elements (8 with float64 data) in items blockDim apart (coalesced); the
 // thread issues all the round's 16-byte loads before it generates the normals, so the
 // Philox arithmetic overlaps the memory latency: 64 bytes of each fp32 array (32 of 16-bit
-// data) in flight per thread. Items wholly inside the tile with 16-byte aligned pointers take
-// this vector path; the items at the tile's edges (a sample need not start on an item
+// data) in flight per thread. Items wholly inside the chunk with 16-byte aligned pointers take
+// this vector path; the items at the chunk's edges (a sample need not start on an item
 // boundary) and those of unaligned tensors take a masked scalar path.
 //
 // The loss reduction is deterministic in one launch: each thread sums its elements in C in a
 // fixed order, the block adds the threads' sums in double in a fixed tree (warp shuffles, then
-// warp 0 over the warps); a sample of one tile is done there, otherwise the block stores its
+// warp 0 over the warps); a sample of one chunk is done there, otherwise the block stores its
 // partial, fences, and counts itself in counter[b]; the block that completes sample b adds
 // the sample's partials in index order (thread-strided, then the same tree) and writes
 // loss_b; the block that completes the batch (counter[B]) adds loss_0..loss_{B-1} likewise
@@ -46,20 +46,22 @@
 // rounded on its own), and the stream is the CPU's AVX2+FMA path's (philox.h; its own fused
 // operations meet no subnormals).
 //
-// Launch configuration: grid = B * ceil(D / kTileElems) blocks (1-D, tiles strided past
-// 2^31 - 1), 256 threads (fewer, in whole warps, when a sample is smaller than a tile), at
-// least 2 (loss) or 4 (elementwise) resident blocks per SM. A tile of 8192 elements is 2
-// rounds of 256 threads (4 for float64). Smaller tiles would spend more of each block in its
+// Launch configuration: grid = B * ceil(D / kChunk) blocks (1-D, chunks strided past
+// 2^31 - 1), 256 threads (fewer, in whole warps, when a sample is smaller than a chunk), at
+// least 2 (loss) or 4 (elementwise) resident blocks per SM. A chunk of 8192 elements is 2
+// rounds of 256 threads (4 for float64). Smaller chunks would spend more of each block in its
 // epilogue (a block reduction, a fence and an atomic); larger ones would leave SMs idle on
 // the batches diffusion training actually uses: B = 64 latents of 4 x 64 x 64 already make
-// only 128 tiles, about one per SM of an H100, while a 64 MiB fp32 tensor makes 2048, eight
+// only 128 chunks, about one per SM of an H100, while a 64 MiB fp32 tensor makes 2048, eight
 // waves at 2 blocks per SM, so the last wave's imbalance is small. A tiny D (well under a
-// tile) wastes most of each block: correct, not fast.
+// chunk) wastes most of each block: correct, not fast.
 //
 // Cost of the stream: one philox4x32_10 and two Box-Muller pairs per 4 elements, about 70
 // instructions per element (PTX count). Where eps comes from the stream, that arithmetic,
 // not memory, bounds the kernels with 16-bit data: 4 bytes of traffic per element cannot
 // keep an H100's HBM busy at that cost.
+//
+// Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -291,25 +293,25 @@ __device__ __forceinline__ void stream_item(uint64_t seed, uint64_t offset, uint
 
 // ---- geometry --------------------------------------------------------------------------------
 
-// Tile `tile` of B samples of D elements, kTileElems per piece: sample b, flat [begin, end).
-// Items are kItem flat elements from a multiple of kItem; within the tile, items and elements
-// are counted from item0 in int32 (a tile spans at most kTileElems / kItem + 2 items). A flat
-// range of n elements is the case chunks = number of tiles, D = n.
+// Chunk `chunk` of B samples of D elements, kChunk per piece: sample b, flat [begin, end).
+// Items are kItem flat elements from a multiple of kItem; within the chunk, items and elements
+// are counted from item0 in int32 (a chunk spans at most kChunk / kItem + 2 items). A flat
+// range of n elements is the case per_sample = number of chunks, D = n.
 template <int kItem>
-struct Tile {
+struct Chunk {
   int64_t b;
-  int64_t item0;     // the first item that meets the tile
+  int64_t item0;     // the first item that meets the chunk
   int32_t head;      // begin - item0 * kItem, in [0, kItem)
   int32_t len;       // end - begin
-  int32_t items;     // items that meet the tile
-  int32_t full_lo;   // local items [full_lo, full_end) lie wholly inside the tile
+  int32_t items;     // items that meet the chunk
+  int32_t full_lo;   // local items [full_lo, full_end) lie wholly inside the chunk
   int32_t full_end;
 
-  __device__ __forceinline__ Tile(int64_t tile, int64_t chunks, int64_t D) {
-    b = tile / chunks;
-    const int64_t offset = (tile - b * chunks) * kTileElems;
+  __device__ __forceinline__ Chunk(int64_t chunk, int64_t per_sample, int64_t D) {
+    b = chunk / per_sample;
+    const int64_t offset = (chunk - b * per_sample) * kChunk;
     const int64_t begin = b * D + offset;
-    len = static_cast<int32_t>(D - offset < kTileElems ? D - offset : kTileElems);
+    len = static_cast<int32_t>(D - offset < kChunk ? D - offset : kChunk);
     len = len > 0 ? len : 0;
     item0 = begin / kItem;
     head = static_cast<int32_t>(begin - item0 * kItem);
@@ -318,7 +320,7 @@ struct Tile {
     full_end = (head + len) / kItem;
   }
 
-  // Whether local element le (counted from item0 * kItem) lies in the tile.
+  // Whether local element le (counted from item0 * kItem) lies in the chunk.
   __device__ __forceinline__ bool holds(int32_t le) const {
     return static_cast<uint32_t>(le - head) < static_cast<uint32_t>(len);
   }
@@ -329,20 +331,20 @@ struct Tile {
   }
 };
 
-// Calls round(lk0, vec_items) for each round of the tile; lk0 is the thread's first local
+// Calls round(lk0, vec_items) for each round of the chunk; lk0 is the thread's first local
 // item of the round, its others are blockDim.x apart, and bit u of vec_items says whether item
-// u lies wholly inside the tile with 16-byte aligned pointers (vector path) or not (masked
-// scalar path: the tile's edges, unaligned tensors, items past the tile).
+// u lies wholly inside the chunk with 16-byte aligned pointers (vector path) or not (masked
+// scalar path: the chunk's edges, unaligned tensors, items past the chunk).
 template <int kUnroll, int kItem, typename F>
-__device__ __forceinline__ void for_each_round(const Tile<kItem>& tl, bool vec, F&& round) {
+__device__ __forceinline__ void for_each_round(const Chunk<kItem>& ck, bool vec, F&& round) {
   const int32_t stride = static_cast<int32_t>(blockDim.x);
-  for (int32_t base = 0; base < tl.items; base += kUnroll * stride) {
+  for (int32_t base = 0; base < ck.items; base += kUnroll * stride) {
     const int32_t lk0 = base + static_cast<int32_t>(threadIdx.x);
     uint32_t vec_items = 0;
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int32_t lk = lk0 + u * stride;
-      vec_items |= static_cast<uint32_t>(vec && lk >= tl.full_lo && lk < tl.full_end) << u;
+      vec_items |= static_cast<uint32_t>(vec && lk >= ck.full_lo && lk < ck.full_end) << u;
     }
     round(lk0, vec_items);
   }
@@ -372,27 +374,27 @@ template <typename T>
 __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
     _philox_normal_kernel(T* __restrict__ out,  // [n] output
                           int64_t n, uint64_t seed, uint64_t offset,
-                          int64_t tiles,  // ceil(n / kTileElems)
+                          int64_t nchunks,  // ceil(n / kChunk)
                           bool vec) {     // out is 16-byte aligned
   using C = compute_t<T>;
   constexpr int kItem = kItemOf<T>;
   constexpr int kUnroll = kRoundOf<T> / kItem;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const Tile<kItem> tl(tile, tiles, n);
-    T* out_t = out + tl.item0 * kItem;
-    for_each_round<kUnroll>(tl, vec, [&](int32_t lk0, uint32_t vec_items) {
+  for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
+    const Chunk<kItem> ck(chunk, nchunks, n);
+    T* out_t = out + ck.item0 * kItem;
+    for_each_round<kUnroll>(ck, vec, [&](int32_t lk0, uint32_t vec_items) {
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
-        if (lk >= tl.items) continue;
+        if (lk >= ck.items) continue;
         C v[kItem];
-        stream_item<T>(seed, offset, tl.group(lk), v);
+        stream_item<T>(seed, offset, ck.group(lk), v);
         if (vec_items >> u & 1) {
           store_vec(out_t + lk * kItem, v);
         } else {
 #pragma unroll
           for (int e = 0; e < kItem; ++e) {
-            if (tl.holds(lk * kItem + e)) store1(out_t + lk * kItem + e, v[e]);
+            if (ck.holds(lk * kItem + e)) store1(out_t + lk * kItem + e, v[e]);
           }
         }
       }
@@ -408,7 +410,7 @@ struct AddNoiseParams {
   const T* __restrict__ noise;  // [B * D], unused with the stream
   T* __restrict__ x_t;          // [B * D] output
   uint64_t seed, offset;
-  int64_t B, D, chunks;
+  int64_t B, D, per_sample;
   bool vec;  // x0, noise and x_t are 16-byte aligned
 };
 
@@ -418,19 +420,19 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
   using C = compute_t<T>;
   constexpr int kItem = kItemOf<T>;
   constexpr int kUnroll = kRoundOf<T> / kItem;
-  const int64_t tiles = prm.B * prm.chunks;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const Tile<kItem> tl(tile, prm.chunks, prm.D);
-    const C a = __ldg(prm.coef + kRowA * prm.B + tl.b);
-    const C s = __ldg(prm.coef + kRowS * prm.B + tl.b);
-    const T* x0_t = prm.x0 + tl.item0 * kItem;
-    const T* noise_t = prm.noise + tl.item0 * kItem;
-    T* x_t_t = prm.x_t + tl.item0 * kItem;
+  const int64_t nchunks = prm.B * prm.per_sample;
+  for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
+    const Chunk<kItem> ck(chunk, prm.per_sample, prm.D);
+    const C a = __ldg(prm.coef + kRowA * prm.B + ck.b);
+    const C s = __ldg(prm.coef + kRowS * prm.B + ck.b);
+    const T* x0_t = prm.x0 + ck.item0 * kItem;
+    const T* noise_t = prm.noise + ck.item0 * kItem;
+    T* x_t_t = prm.x_t + ck.item0 * kItem;
     // x_t of one element: rnd_T(rnd_T(a * x) + rnd_T(s * eps)), the last rounding by the store.
     auto noised = [&](C x, C eps) {
       return add_rn(round_to<T>(mul_rn(a, x)), round_to<T>(mul_rn(s, eps)));
     };
-    for_each_round<kUnroll>(tl, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
+    for_each_round<kUnroll>(ck, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
       C x[kUnroll][kItem], eps[kUnroll][kItem];
       // Every vector load of the round first; the normals are generated while they are in
       // flight.
@@ -445,8 +447,8 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
-        if (lk >= tl.items) continue;
-        if constexpr (kStream) stream_item<T>(prm.seed, prm.offset, tl.group(lk), eps[u]);
+        if (lk >= ck.items) continue;
+        if constexpr (kStream) stream_item<T>(prm.seed, prm.offset, ck.group(lk), eps[u]);
         if (vec_items >> u & 1) {
           C out[kItem];
 #pragma unroll
@@ -456,7 +458,7 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
 #pragma unroll
           for (int e = 0; e < kItem; ++e) {
             const int32_t le = lk * kItem + e;
-            if (!tl.holds(le)) continue;
+            if (!ck.holds(le)) continue;
             if constexpr (!kStream) eps[u][e] = load1<T, C>(noise_t + le);
             store1(x_t_t + le, noised(load1<T, C>(x0_t + le), eps[u][e]));
           }
@@ -478,11 +480,11 @@ struct LossParams {
   C* loss;                            // [B], forward
   C* total;                           // [], forward
   P* __restrict__ grad;               // [B * D], with a gradient
-  double* partial;                    // [B * chunks] when chunks > 1, forward
+  double* partial;                    // [B * per_sample] when per_sample > 1, forward
   int32_t* counter;                   // [B + 1] zeroed, forward
   uint64_t seed, offset;
   int64_t grad_div, loss_div;
-  int64_t B, D, chunks;
+  int64_t B, D, per_sample;
   bool eps_term, x0_term;  // which terms of y = p eps + q x0 are read
   bool vec;  // every tensor read or written per element is 16-byte aligned
 };
@@ -507,18 +509,18 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
   const bool eps_term = prm.eps_term;
   const bool x0_term = prm.x0_term;
   const bool load_noise = !kStream && eps_term;
-  const int64_t tiles = prm.B * prm.chunks;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const Tile<kItem> tl(tile, prm.chunks, prm.D);
-    const C w = __ldg(prm.coef + kRowW * prm.B + tl.b);
-    const C p_b = __ldg(prm.coef + kRowP * prm.B + tl.b);
-    const C q_b = __ldg(prm.coef + kRowQ * prm.B + tl.b);
+  const int64_t nchunks = prm.B * prm.per_sample;
+  for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
+    const Chunk<kItem> ck(chunk, prm.per_sample, prm.D);
+    const C w = __ldg(prm.coef + kRowW * prm.B + ck.b);
+    const C p_b = __ldg(prm.coef + kRowP * prm.B + ck.b);
+    const C q_b = __ldg(prm.coef + kRowQ * prm.B + ck.b);
     // g_b = C(2) * w / C(D) / C(grad_div), left to right.
     C scale = div_rn(div_rn(mul_rn(C(2), w), int_to_c<C>(prm.D)), int_to_c<C>(prm.grad_div));
     if constexpr (kMode == kGradOnly) {
-      scale = mul_rn(scale, __ldg(prm.grad_output + (prm.go_numel == 1 ? 0 : tl.b)));
+      scale = mul_rn(scale, __ldg(prm.grad_output + (prm.go_numel == 1 ? 0 : ck.b)));
     }
-    const int64_t first = tl.item0 * kItem;  // flat index of local element 0
+    const int64_t first = ck.item0 * kItem;  // flat index of local element 0
     const P* pred_t = prm.pred + first;
     const E* noise_t = prm.noise + first;
     const E* x0_t = prm.x0 + first;
@@ -537,7 +539,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
       }
       return sub_rn(p, y);
     };
-    for_each_round<kUnroll>(tl, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
+    for_each_round<kUnroll>(ck, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
       C p[kUnroll][kItem], eps[kUnroll][kItem], x[kUnroll][kItem];
       // Every vector load of the round first; the normals are generated while they are in
       // flight.
@@ -553,9 +555,9 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
-        if (lk >= tl.items) continue;
+        if (lk >= ck.items) continue;
         if constexpr (kStream) {
-          if (eps_term) stream_item<E>(prm.seed, prm.offset, tl.group(lk), eps[u]);
+          if (eps_term) stream_item<E>(prm.seed, prm.offset, ck.group(lk), eps[u]);
         }
         if (vec_items >> u & 1) {
           C g[kItem];
@@ -570,7 +572,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
 #pragma unroll
           for (int e = 0; e < kItem; ++e) {
             const int32_t le = lk * kItem + e;
-            if (!tl.holds(le)) continue;
+            if (!ck.holds(le)) continue;
             if (load_noise) eps[u][e] = load1<E, C>(noise_t + le);
             if (x0_term) x[u][e] = load1<E, C>(x0_t + le);
             const C d = diff(load1<P, C>(pred_t + le), eps[u][e], x[u][e]);
@@ -582,29 +584,29 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
     });
 
     if constexpr (kLossOut) {
-      const double tile_sum = block_sum(widen(acc), s_warp);
+      const double chunk_sum = block_sum(widen(acc), s_warp);
       if (threadIdx.x == 0) {
         bool done = true;
-        if (prm.chunks > 1) {
-          prm.partial[tile] = tile_sum;
+        if (prm.per_sample > 1) {
+          prm.partial[chunk] = chunk_sum;
           __threadfence();
-          done = atomicAdd(prm.counter + tl.b, 1) == prm.chunks - 1;
+          done = atomicAdd(prm.counter + ck.b, 1) == prm.per_sample - 1;
         }
         s_sample_done = done;
       }
       __syncthreads();
       const bool sample_done = s_sample_done;
       if (sample_done) {
-        double sum = tile_sum;
-        if (prm.chunks > 1) {
+        double sum = chunk_sum;
+        if (prm.per_sample > 1) {
           __threadfence();  // the other blocks' partials, seen through their fences
-          const double* part = prm.partial + tl.b * prm.chunks;
+          const double* part = prm.partial + ck.b * prm.per_sample;
           double v = 0.0;
-          for (int64_t j = threadIdx.x; j < prm.chunks; j += blockDim.x) v += __ldcg(part + j);
+          for (int64_t j = threadIdx.x; j < prm.per_sample; j += blockDim.x) v += __ldcg(part + j);
           sum = block_sum(v, s_warp);
         }
         if (threadIdx.x == 0) {
-          prm.loss[tl.b] = sample_loss(sum, prm.D, w);
+          prm.loss[ck.b] = sample_loss(sum, prm.D, w);
           __threadfence();
           s_all_done = atomicAdd(prm.counter + prm.B, 1) == prm.B - 1;
         }
@@ -617,7 +619,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
         v = block_sum(v, s_warp);
         if (threadIdx.x == 0) *prm.total = to_c<C>(__ddiv_rn(v, __ll2double_rn(prm.loss_div)));
       }
-      __syncthreads();  // the flags and s_warp are reused by the next tile
+      __syncthreads();  // the flags and s_warp are reused by the next chunk
     }
   }
 }
@@ -641,19 +643,19 @@ cudaError_t with_type(DType dtype, F&& f) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
-// Threads per block: enough for a tile's items in rounds of `round` elements per thread, in
-// whole warps, at most kMaxThreads; fewer only when a sample is smaller than a tile.
+// Threads per block: enough for a chunk's items in rounds of `round` elements per thread, in
+// whole warps, at most kMaxThreads; fewer only when a sample is smaller than a chunk.
 int threads_for(int64_t D, int item, int round) {
-  const int64_t elems = D < kTileElems ? D : kTileElems;
-  const int64_t items = elems / item + 2;  // a tile need not start or end on an item boundary
+  const int64_t elems = D < kChunk ? D : kChunk;
+  const int64_t items = elems / item + 2;  // a chunk need not start or end on an item boundary
   const int64_t per_thread = round / item;
   int64_t threads = (items + per_thread - 1) / per_thread;
   threads = (threads + 31) / 32 * 32;
   return static_cast<int>(threads < kMaxThreads ? threads : kMaxThreads);
 }
 
-unsigned grid_for(int64_t tiles) {
-  return static_cast<unsigned>(tiles < INT_MAX ? tiles : INT_MAX);
+unsigned grid_for(int64_t nchunks) {
+  return static_cast<unsigned>(nchunks < INT_MAX ? nchunks : INT_MAX);
 }
 
 template <int kMode>
@@ -682,13 +684,13 @@ cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
       prm.loss_div = a.loss_div;
       prm.B = a.B;
       prm.D = a.D;
-      prm.chunks = tiles_per_sample(a.D);
+      prm.per_sample = chunks_per_sample(a.D);
       prm.eps_term = (a.terms & kEpsTerm) != 0;
       prm.x0_term = (a.terms & kX0Term) != 0;
       const bool uses_noise = a.noise != nullptr && prm.eps_term;
       prm.vec = aligned16(a.pred) && (!uses_noise || aligned16(a.noise)) &&
                 (!prm.x0_term || aligned16(a.x0)) && (a.grad == nullptr || aligned16(a.grad));
-      const unsigned grid = grid_for(a.B * prm.chunks);
+      const unsigned grid = grid_for(a.B * prm.per_sample);
       const int threads = threads_for(a.D, kItemOf<P, E>, kRoundOf<P, E>);
       if (a.noise == nullptr) {
         _noise_loss_kernel<P, E, true, kMode><<<grid, threads, 0, stream>>>(prm);
@@ -718,9 +720,9 @@ cudaError_t add_noise(DType dtype, const void* x0, const void* coef, const void*
     prm.offset = offset;
     prm.B = B;
     prm.D = D;
-    prm.chunks = tiles_per_sample(D);
+    prm.per_sample = chunks_per_sample(D);
     prm.vec = aligned16(x0) && aligned16(x_t) && (noise == nullptr || aligned16(noise));
-    const unsigned grid = grid_for(B * prm.chunks);
+    const unsigned grid = grid_for(B * prm.per_sample);
     const int threads = threads_for(D, kItemOf<T>, kRoundOf<T>);
     if (noise == nullptr) {
       _add_noise_kernel<T, true><<<grid, threads, 0, stream>>>(prm);
@@ -745,10 +747,10 @@ cudaError_t philox_normal(DType dtype, void* out, int64_t n, uint64_t seed, uint
   if (n <= 0) return cudaSuccess;
   return with_type(dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    const int64_t tiles = (n + kTileElems - 1) / kTileElems;
+    const int64_t nchunks = (n + kChunk - 1) / kChunk;
     const int threads = threads_for(n, kItemOf<T>, kRoundOf<T>);
-    _philox_normal_kernel<T><<<grid_for(tiles), threads, 0, stream>>>(
-        static_cast<T*>(out), n, seed, offset, tiles, aligned16(out));
+    _philox_normal_kernel<T><<<grid_for(nchunks), threads, 0, stream>>>(
+        static_cast<T*>(out), n, seed, offset, nchunks, aligned16(out));
     return cudaGetLastError();
   });
 }

@@ -6,6 +6,8 @@
 // Every pointer is a device pointer to contiguous data; coefficients and outputs are in the
 // compute type C (double for float64 data, float otherwise). Flat indices and sizes are int64.
 // Each launcher enqueues its work on `stream` and returns the launch's cudaError_t.
+//
+// Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
 #pragma once
 
@@ -18,19 +20,19 @@ namespace cuda {
 // The storage types the kernels take.
 enum class DType : int32_t { kFloat32, kFloat64, kBFloat16, kFloat16 };
 
-// Elements of one sample that one CUDA block covers (the last tile of a sample is shorter).
-// The loss is summed per tile, so the cut, and with it the bits of the loss, depend on B, D
+// Elements of one sample that one CUDA block covers (the last chunk of a sample is shorter).
+// The loss is summed per chunk, so the cut, and with it the bits of the loss, depend on B, D
 // and the dtypes only.
-constexpr int64_t kTileElems = 8192;
+constexpr int64_t kChunk = 8192;
 
-inline int64_t tiles_per_sample(int64_t D) {
-  return D <= kTileElems ? 1 : (D + kTileElems - 1) / kTileElems;
+inline int64_t chunks_per_sample(int64_t D) {
+  return D <= kChunk ? 1 : (D + kChunk - 1) / kChunk;
 }
 
-// Workspace of noise_loss_fwd: doubles for the per-tile partial sums (none when a sample fits
-// one tile) and int32 counters, zeroed before the launch.
+// Workspace of noise_loss_fwd: doubles for the per-chunk partial sums (none when a sample fits
+// one chunk) and int32 counters, zeroed before the launch.
 inline int64_t noise_loss_partials(int64_t B, int64_t D) {
-  return tiles_per_sample(D) > 1 ? B * tiles_per_sample(D) : 0;
+  return chunks_per_sample(D) > 1 ? B * chunks_per_sample(D) : 0;
 }
 inline int64_t noise_loss_counters(int64_t B) { return B + 1; }
 

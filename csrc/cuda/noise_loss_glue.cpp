@@ -166,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cuda(const at::Tensor& x0, const at
 
 // Schema: DEBIAS_NOISE_LOSS_FWD_SCHEMA (noise_loss.h). Returns (loss [B] in C, total [] in C,
 // grad like pred or an empty [0] tensor when need_grad is false). The workspace is B + 1
-// zeroed counters and, when a sample spans several tiles, a double per tile.
+// zeroed counters and, when a sample spans several chunks, a double per chunk.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cuda(
     const at::Tensor& pred, const at::Tensor& coef, const std::optional<at::Tensor>& noise,
     const std::optional<at::Tensor>& x0, int64_t terms, at::ScalarType eps_dtype, int64_t seed,

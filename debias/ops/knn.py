@@ -42,10 +42,16 @@ import torch
 from tqdm.auto import tqdm
 
 from debias import reference
+from debias._checks import (
+    check_finite_rows,
+    check_float_dtype,
+    check_int,
+    check_samples,
+    check_tensor,
+)
 from debias.ops import _backend
 
 METRICS = ("l2", "cosine", "standardized")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # float64 bytes of one database chunk's features: bounds the memory next to the answer.
 _CHUNK_BYTES = 64 * 2**20
 # float64 bytes of the gathered candidates re-ranked at once: small enough for the allocator to
@@ -115,13 +121,11 @@ def knn(
         ascending, ties broken by the lower index: the float64 brute force's answer (see the
         module docstring). Memory: O(n k) plus one chunk of the database.
     """
-    _check_query(queries)
+    check_samples("queries", queries)
+    database = _check_database(database, queries)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+    k = check_int("k", k, 1)
     if sharded and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("sharded=True needs torch.distributed initialised (one shard per rank)")
     rows = getattr(database, "shape", (None,))[0] if not isinstance(database, str) else None
@@ -260,31 +264,50 @@ def _triton_knn():
 # ---- input --------------------------------------------------------------------------------
 
 
-def _check_query(queries: Any) -> None:
-    if not isinstance(queries, torch.Tensor):
-        raise TypeError(f"queries must be a torch.Tensor, got {type(queries).__name__}")
-    _check_rows("queries", queries, 0)
-    if queries.shape[0] == 0 or math.prod(queries.shape[1:]) == 0:
-        raise ValueError(f"queries must be a non-empty [n, ...] tensor, got {list(queries.shape)}")
+def _check_database(database: Any, queries: torch.Tensor) -> Any:
+    """The database source, opened (a .npy path memory-mapped) and checked as far as is
+    possible without reading it: a tensor or array must hold rows, a tensor data."""
+    if isinstance(database, str | os.PathLike):
+        database = open_npy("database", database)
+    if isinstance(database, torch.Tensor):
+        check_tensor("database", database)
+    if isinstance(database, torch.Tensor | np.ndarray):
+        if database.ndim < 2:
+            raise ValueError(
+                f"database must be [m, ...] rows shaped like a query "
+                f"{list(queries.shape[1:])}, got shape {list(database.shape)}"
+            )
+    elif not isinstance(database, Iterable):
+        raise TypeError(
+            "database must be a tensor, a numpy array, the path of a .npy file or an iterable "
+            f"of chunks, got {type(database).__name__}"
+        )
+    return database
 
 
-def _check_rows(name: str, x: torch.Tensor, start: int) -> None:
-    """TypeError unless float; ValueError naming the first row with a NaN or infinity."""
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{name} must be [rows, ...] with one sample per row, got {list(x.shape)}")
-    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))
-    # NaN and infinity survive a sum, so a finite sum clears the whole tensor in one read (the
-    # elementwise test below costs 20 times more at d = 3072); a sum that overflows from
-    # finite values is sorted out by the elementwise test.
-    total = flat.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if bool(torch.isfinite(total)):
-        return
-    finite = torch.isfinite(flat).all(dim=1)
-    if not bool(finite.all()):
-        row = start + int((~finite).nonzero()[0, 0])
-        raise ValueError(f"{name} row {row} contains NaN or infinity")
+def open_npy(name: str, path: str | os.PathLike) -> np.ndarray:
+    """The .npy file at ``path``, memory-mapped (read later, a chunk at a time)."""
+    path = os.fspath(path)
+    if not path.endswith(".npy"):
+        raise ValueError(f"{name} path must name a .npy file, got {path!r}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: no such file {path!r}")
+    return np.load(path, mmap_mode="r")
+
+
+def read_chunks(source: Any, rows: int) -> Iterator[Any]:
+    """A database or training source in row order, ``rows`` rows at a time: a tensor or
+    array (a .npy file's memory map, read only now) in slices, an iterable's tensors and arrays
+    each in slices. numpy slices become tensors (a copy: memory maps are read-only); items that
+    are neither are yielded as they are, for the caller to refuse."""
+    parts = (source,) if isinstance(source, torch.Tensor | np.ndarray) else source
+    for part in parts:
+        if not isinstance(part, torch.Tensor | np.ndarray) or part.ndim == 0:
+            yield part
+            continue
+        for lo in range(0, part.shape[0], rows):
+            piece = part[lo : lo + rows]
+            yield torch.from_numpy(np.array(piece)) if isinstance(piece, np.ndarray) else piece
 
 
 def _chunks(
@@ -294,20 +317,7 @@ def _chunks(
     checked: float rows shaped like a query, finite. A chunk is _CHUNK_BYTES of float64 values,
     or of int8 codes (2 bytes a value) where the int8 pass compares a float32 tensor's rows in
     place ("l2"): 4 times the rows, and fewer candidates re-ranked at chunk boundaries."""
-    if isinstance(database, str | os.PathLike):
-        path = os.fspath(database)
-        if not path.endswith(".npy"):
-            raise ValueError(f"database path must name a .npy file, got {path!r}")
-        database = np.load(path, mmap_mode="r")
-    if isinstance(database, torch.Tensor | np.ndarray):
-        source: Iterable[Any] = (database,)
-    elif isinstance(database, Iterable):
-        source = database
-    else:
-        raise TypeError(
-            "database must be a tensor, a numpy array, the path of a .npy file or an iterable "
-            f"of chunks, got {type(database).__name__}"
-        )
+    source = (database,) if isinstance(database, torch.Tensor | np.ndarray) else database
     sample = queries.shape[1:]
     d = math.prod(sample)
     rows_per_chunk = max(1, _CHUNK_BYTES // (8 * d))
@@ -329,12 +339,10 @@ def _chunks(
         in_place = in_place and part.is_contiguous()
         if int8 and metric == "l2" and in_place and part.device == queries.device:
             step = max(1, _CHUNK_BYTES // (2 * d))
-        for lo in range(0, part.shape[0], step):
-            piece = part[lo : lo + step]
-            if isinstance(piece, np.ndarray):
-                piece = torch.from_numpy(np.array(piece))  # a copy: memory maps are read-only
+        for piece in read_chunks(part, step):
             piece = piece.to(queries.device)
-            _check_rows("database", piece, start)
+            check_float_dtype("database", piece)
+            check_finite_rows("database", piece, start)
             yield start, piece
             start += piece.shape[0]
 
@@ -392,9 +400,11 @@ class _Search:
     def _fast(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Centred vectors in the fast dtype (one rounding of the exact difference) and their
         squared norms computed in that dtype."""
-        fast = rows.to(self.fast_dtype) - self.center if rows.dtype != torch.float64 else (
-            (rows - self.center.double()).to(self.fast_dtype)
-        )  # fmt: skip
+        fast = (
+            rows.to(self.fast_dtype) - self.center
+            if rows.dtype != torch.float64
+            else ((rows - self.center.double()).to(self.fast_dtype))
+        )
         return fast, fast.square().sum(dim=1)
 
     def add(self, start: int, chunk: torch.Tensor) -> None:
@@ -533,9 +543,14 @@ class _Search:
         if not bool(torch.isfinite(stats).all()):
             return None
         score, cand = torch.ops.debias_C.knn_candidates_int8(
-            self.codes_q, codes, self.q_norm_sq, stats[:, 0].float(), self.q_scale2,
-            stats[:, 1].float(), count,
-        )  # fmt: skip
+            self.codes_q,
+            codes,
+            self.q_norm_sq,
+            stats[:, 0].float(),
+            self.q_scale2,
+            stats[:, 1].float(),
+            count,
+        )
         low, high = self._bounds_int8(score, stats)
         return low, high, cand
 

@@ -28,11 +28,11 @@ from typing import Any, NamedTuple
 import torch
 
 from debias import reference
+from debias._checks import check_float_dtype
 from debias.ops import _backend
 from debias.schedules import NoiseSchedule, as_schedule
 from debias.weighting import Weighting, cached_loss_table, resolve_prediction
 
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # Backends that keep the noise they generate (PhiloxNoise.values): compute-bound ones.
 _KEEPS_NOISE = ("torch", "cpu")
 # The gradient design per backend: True computes the gradient in the loss's forward pass and
@@ -278,12 +278,11 @@ def _eager() -> bool:
 
 
 def _check_data(name: str, x: Any) -> None:
+    """Type, dtype and shape only: meta (fake) tensors pass, so that torch.compile traces the
+    ops through their fake implementations and meta inputs give meta outputs."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be float32, float64, bfloat16 or float16, got dtype {x.dtype}"
-        )
+    check_float_dtype(name, x)
     if x.dim() < 1 or x.numel() == 0:
         raise ValueError(f"{name} must be a non-empty [B, ...] tensor, got {list(x.shape)}")
 

@@ -51,8 +51,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from debias._checks import check_int
+from debias._checks import check_float, check_int, check_samples
+from debias.memorization import _extract
 from debias.ops.knn import knn
+from debias.plotting import plot_timestep_analysis
 from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
 
 # The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
@@ -77,7 +79,6 @@ _CHUNK = 1024
 _TIMESTEP_IMAGES = 512
 # Timesteps the analysis visits when none are given.
 _DEFAULT_TIMESTEPS = 20
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 Extractor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -85,28 +86,12 @@ Extractor = Callable[[torch.Tensor], torch.Tensor]
 # ---- validation (once, at the door) -------------------------------------------------------
 
 
-def _check_tensor(name: str, x: Any, dim: int, shape: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor {shape}, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
-    if x.dim() != dim or x.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty {shape} tensor, got {list(x.shape)}")
-    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
-    if bool(bad.any()):
-        raise ValueError(
-            f"{name} has {int(bad.sum())} rows with NaN or infinity (first: row "
-            f"{int(bad.nonzero()[0, 0])})"
-        )
-    return x
-
-
 def _check_feature_pair(
     name_a: str, a: Any, name_b: str, b: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two feature sets ``[n, f]`` and ``[m, f]`` with the same f."""
-    a = _check_tensor(name_a, a, 2, "[n, f]")
-    b = _check_tensor(name_b, b, 2, "[m, f]")
+    a = check_samples(name_a, a, 2, "[n, f]")
+    b = check_samples(name_b, b, 2, "[m, f]")
     if a.shape[1] != b.shape[1]:
         raise ValueError(
             f"{name_a} and {name_b} must have the same feature size, got {a.shape[1]} and "
@@ -156,8 +141,7 @@ def prdc(real_features: torch.Tensor, fake_features: torch.Tensor, k: int = 5) -
         exceed 1), with ``"k"``, ``"n_real"`` and ``"n_fake"``. Memory: O((n + m) k) plus one
         ``_CHUNK`` x ``_CHUNK`` block; time O(n m f).
     """
-    real, fake = _check_feature_pair("real_features", real_features, "fake_features",
-                                     fake_features)  # fmt: skip
+    real, fake = _check_feature_pair("real_features", real_features, "fake_features", fake_features)
     k = check_int("k", k, 1)
     for name, x in (("real_features", real), ("fake_features", fake)):
         if k >= x.shape[0]:
@@ -321,13 +305,12 @@ def train_feature_net(
         ValueError naming ``labels`` when there are no labels (None or all -1) or fewer than
         two classes: the caller reports the Fréchet distance as unavailable for that reason.
     """
-    x = _check_tensor("images", images, 4, "[N, C, H, W]")
+    x = check_samples("images", images, 4, "[N, C, H, W]")
     y = _check_labels(labels, x.shape[0])
     check_int("steps", steps, 1)
     check_int("batch_size", batch_size, 1)
     check_int("seed", seed, 0)
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or not (0 < lr < math.inf):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    check_float("lr", lr, 0.0)
     if y is None or bool((y < 0).all()):
         raise ValueError(
             "labels: the data is unlabelled (no labels, or all -1); the feature network is a "
@@ -392,7 +375,7 @@ def class_proportions(
     """
     if not isinstance(classifier, FeatureNet):
         raise TypeError(f"classifier must be a FeatureNet, got {type(classifier).__name__}")
-    samples = _check_tensor("samples", samples, 4, "[n, C, H, W]")
+    samples = check_samples("samples", samples, 4, "[n, C, H, W]")
     if isinstance(labels, torch.Tensor) and labels.dim() == 1 and not labels.is_floating_point():
         known = labels[labels >= 0].to(torch.int64).cpu()
     else:
@@ -406,9 +389,9 @@ def class_proportions(
     data = torch.bincount(known, minlength=classes).double() / known.numel()
     was_training = classifier.training
     classifier.eval()
-    predicted = torch.cat([
-        classifier(batch.float()).argmax(1).cpu() for batch in samples.split(512)
-    ])  # fmt: skip
+    predicted = torch.cat(
+        [classifier(batch.float()).argmax(1).cpu() for batch in samples.split(512)]
+    )
     classifier.train(was_training)
     generated = torch.bincount(predicted, minlength=classes).double() / predicted.numel()
     majority = int(data.argmax())
@@ -449,7 +432,7 @@ def inception_features(
     Returns:
         ``[N, f]`` float32 features on the images' device.
     """
-    x = _check_tensor("images", images, 4, "[N, C, H, W]")
+    x = check_samples("images", images, 4, "[N, C, H, W]")
     check_int("batch_size", batch_size, 1)
     if size is not None:
         check_int("size", size, 1)
@@ -470,17 +453,17 @@ def inception_features(
         extractor = weights
     else:
         raise TypeError(f"weights must be a path or a callable, got {type(weights).__name__}")
-    out = []
-    with torch.no_grad():
-        for start in range(0, x.shape[0], batch_size):
-            b = x[start : start + batch_size].float()
-            if channels is not None and b.shape[1] != channels:
-                b = b.expand(-1, channels, -1, -1)
-            if size is not None and tuple(b.shape[2:]) != (size, size):
-                b = F.interpolate(b, size=(size, size), mode="bilinear", align_corners=False)
-            b = (b + 1.0) * ((hi - lo) / 2.0) + lo
-            out.append(extractor(b).reshape(b.shape[0], -1).float())
-    return torch.cat(out)
+
+    def apply(b: torch.Tensor) -> torch.Tensor:
+        b = b.float()
+        if channels is not None and b.shape[1] != channels:
+            b = b.expand(-1, channels, -1, -1)
+        if size is not None and tuple(b.shape[2:]) != (size, size):
+            b = F.interpolate(b, size=(size, size), mode="bilinear", align_corners=False)
+        b = (b + 1.0) * ((hi - lo) / 2.0) + lo
+        return extractor(b).reshape(b.shape[0], -1).float()
+
+    return _extract(x, apply, batch_size)
 
 
 # ---- colour shift -------------------------------------------------------------------------
@@ -500,8 +483,8 @@ def channel_mean_shift(samples: torch.Tensor, data: torch.Tensor) -> dict[str, A
         deviations over images and pixels), ``"std_ratio"`` (sample std / data std, None for a
         constant data channel), and ``"max_abs_shift"``: the largest |mean shift|.
     """
-    s = _check_tensor("samples", samples, 4, "[n, C, H, W]")
-    d = _check_tensor("data", data, 4, "[m, C, H, W]")
+    s = check_samples("samples", samples, 4, "[n, C, H, W]")
+    d = check_samples("data", data, 4, "[m, C, H, W]")
     if s.shape[1] != d.shape[1]:
         raise ValueError(
             f"samples and data must have the same channels, got {s.shape[1]} and {d.shape[1]}"
@@ -590,7 +573,7 @@ def timestep_analysis(
     if not callable(model):
         raise TypeError(f"model must be callable (x_t, t) -> prediction, got {model!r}")
     schedule = as_schedule(schedule)
-    x0 = _check_tensor("x0", x0, 4, "[n, C, H, W]")
+    x0 = check_samples("x0", x0, 4, "[n, C, H, W]")
     prediction = _check_prediction(prediction, schedule)
     check_int("seed", seed, 0)
     check_int("batch_size", batch_size, 1)
@@ -604,7 +587,7 @@ def timestep_analysis(
         if not steps:
             raise ValueError("timesteps must hold at least one timestep, got none")
         for t in steps:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < T:
+            if check_int("timesteps", t, 0) >= T:
                 raise ValueError(f"timesteps must be ints in [0, {T}), got {t!r}")
     device = _model_device(model, x0.device)
     gen = torch.Generator().manual_seed(seed)
@@ -700,50 +683,19 @@ def write_timestep_analysis(
             values = [r[c] for c in _CSV_COLUMNS] + per_channel
             writer.writerow(["" if v is None else v for v in values])
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key, title in (
-        (axes[0], "eps_mse", "eps MSE  ||eps - eps_hat||^2 / d"),
-        (axes[1], "x0_mse", "x0 MSE  ||x0 - x0_hat||^2 / d"),
-    ):
-        points = [(r["t"], r[key]) for r in rows if r[key] is not None and r[key] > 0]
-        if points:
-            t, v = zip(*points, strict=True)
-            ax.plot(t, v, marker="o", markersize=3)
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("timestep t")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
+    plot_timestep_analysis(rows, png_path)
 
 
 # ---- everything at once -------------------------------------------------------------------
 
 
-def _extract(extractor: Any, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def _features(extractor: Any, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``[n, f]`` float64 features: ``extractor.features`` for a FeatureNet, else the callable
-    itself, in eval mode (restored after), on the extractor's device."""
+    itself (its output flattened per image), through the package's one extraction loop."""
     fn = extractor.features if isinstance(extractor, FeatureNet) else extractor
-    device = _model_device(extractor, x.device)
-    was_training = extractor.training if isinstance(extractor, nn.Module) else None
-    if was_training:
-        extractor.eval()
-    try:
-        with torch.no_grad():
-            out = [
-                fn(x[lo : lo + batch_size].to(device)).reshape(min(batch_size, len(x) - lo), -1)
-                for lo in range(0, x.shape[0], batch_size)
-            ]
-    finally:
-        if was_training:
-            extractor.train()
-    return torch.cat(out).to(x.device, torch.float64)
+    module = extractor if isinstance(extractor, nn.Module) else None
+    flat = _extract(x, lambda b: fn(b).reshape(b.shape[0], -1), batch_size, module)
+    return flat.to(torch.float64)
 
 
 def _subset(x: torch.Tensor, count: int, gen: torch.Generator) -> torch.Tensor:
@@ -811,9 +763,9 @@ def evaluate(
     if not callable(model):
         raise TypeError(f"model must be callable (x_t, t) -> prediction, got {model!r}")
     schedule = as_schedule(schedule)
-    data = _check_tensor("data_images", data_images, 4, "[m, C, H, W]")
+    data = check_samples("data_images", data_images, 4, "[m, C, H, W]")
     labels = _check_labels(data_labels, data.shape[0])
-    fake = _check_tensor("samples", samples, 4, "[n, C, H, W]")
+    fake = check_samples("samples", samples, 4, "[n, C, H, W]")
     if fake.shape[1:] != data.shape[1:]:
         raise ValueError(
             f"samples must be shaped like data_images {list(data.shape[1:])}, got "
@@ -851,7 +803,7 @@ def evaluate(
 
     if feature_net is not None:
         report["feature_space"] = "feature_net"
-        data_feat, fake_feat = _extract(feature_net, data), _extract(feature_net, fake)
+        data_feat, fake_feat = _features(feature_net, data), _features(feature_net, fake)
         report["feature_net"]["feature_dim"] = data_feat.shape[1]
     else:
         report["feature_space"] = "pixels"
@@ -894,8 +846,11 @@ def evaluate(
         out / "evaluation.json",
     )
     write_timestep_analysis(rows, csv_path, png_path)
-    report["files"] = {"evaluation": str(json_path), "timesteps_csv": str(csv_path),
-                       "timesteps_png": str(png_path)}  # fmt: skip
+    report["files"] = {
+        "evaluation": str(json_path),
+        "timesteps_csv": str(csv_path),
+        "timesteps_png": str(png_path),
+    }
     report = _json_ready(report)
     json_path.write_text(
         json.dumps(report, indent=2, allow_nan=False, ensure_ascii=False), encoding="utf-8"

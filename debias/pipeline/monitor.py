@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from debias._checks import check_int
+from debias._checks import check_float, check_int, check_samples
 from debias.memorization import (
     _bootstrap,  # the percentile bootstrap every memorization score reports
     gu_ratio,
@@ -28,6 +28,7 @@ from debias.memorization import (
     paired_similarity,
     split_preference,
 )
+from debias.plotting import plot_monitor
 from debias.reference import knn_features
 
 __all__ = ["MemorizationMonitor"]
@@ -180,11 +181,11 @@ class MemorizationMonitor:
             # in the middle of a run.
             _check_varies("train", train)
             _check_varies("train_b", train_b)
-        self.threshold = _check_number("threshold", threshold, 0.0, 1.0, low_open=True)
-        self.margin = _check_number("margin", margin, 0.0, 0.5, high_open=True)
+        self.threshold = check_float("threshold", threshold, 0.0, high=1.0)
+        self.margin = check_float("margin", margin, 0.0, True, 0.5, high_inclusive=False)
         self.patience = check_int("patience", patience, 1)
         self.resamples = check_int("resamples", resamples, 1)
-        self.level = _check_number("level", level, 0.0, 1.0, low_open=True, high_open=True)
+        self.level = check_float("level", level, 0.0, high=1.0, high_inclusive=False)
         self.seed = check_int("seed", seed, 0)
         if backend is not None and backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS} or None, got {backend!r}")
@@ -228,11 +229,7 @@ class MemorizationMonitor:
             ``split_preference_b`` (+ CIs; None where no sample is valid); then ``drifting``,
             ``drift_reasons`` and ``notes``. Definitions: :meth:`summary`'s ``"definitions"``.
         """
-        if isinstance(step, bool) or not isinstance(step, int | np.integer):
-            raise TypeError(f"step must be an int, got {type(step).__name__}")
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = check_int("step", step, 0)
         if self.history and step <= self.history[-1]["step"]:
             raise ValueError(
                 f"step must be greater than the previous measurement's step "
@@ -258,9 +255,12 @@ class MemorizationMonitor:
 
         nb = nearest_distances(samples, self._train, 2, backend=self.backend)
         gu = gu_ratio(
-            nb, threshold=self.threshold, resamples=self.resamples, level=self.level,
+            nb,
+            threshold=self.threshold,
+            resamples=self.resamples,
+            level=self.level,
             generator=self._generator(step, _GU),
-        )  # fmt: skip
+        )
         row["nn_distance_median"] = float(np.median(nb.distances[:, 0].cpu().numpy()))
         _put(row, "gu_memorized_fraction", gu.fraction, gu.ci)
 
@@ -475,71 +475,25 @@ class MemorizationMonitor:
             keys += ["train_preference", "train_preference_expected"]
         if self._train_b is not None:
             keys += [
-                "paired_distance_median", "paired_valid", "split_preference_a",
+                "paired_distance_median",
+                "paired_valid",
+                "split_preference_a",
                 "split_preference_b",
-            ]  # fmt: skip
+            ]
         return [*keys, "drifting", "drift_reasons", "notes"]
 
     def plot(self, path: str | os.PathLike) -> None:
         """Write a PNG: the held-out loss (left axis) and the memorization measures (right
         axis, bootstrap intervals shaded) against the step, with vertical lines at
         ``best_step`` and ``drift_step``."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-
-        path = os.fspath(path)
-        fig = Figure(figsize=(8, 4.5), dpi=100)
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out loss")
-        right = ax.twinx()
-        right.set_ylabel("memorization measures")
-        steps = [row["step"] for row in self.history]
-        lossy = [(row["step"], row["held_out_loss"]) for row in self.history]
-        lossy = [(s, v) for s, v in lossy if v is not None]
-        if lossy:
-            ax.plot(*zip(*lossy, strict=True), "k-o", ms=3, label="held-out loss")
-        curves = [
-            ("nn_distance_median", "C0", "NN distance (median)"),
-            ("gu_memorized_fraction", "C1", "Gu memorized fraction"),
-            ("train_preference", "C2", "train preference"),
-            ("paired_distance_median", "C3", "paired distance (median)"),
-            ("split_preference_a", "C4", "split preference A"),
-            ("split_preference_b", "C5", "split preference B"),
-        ]
-        for key, color, label in curves:
-            if not self.history or key not in self.history[0]:
-                continue
-            values = _curve(self.history, key)
-            right.plot(steps, values, "-o", color=color, ms=3, label=label)
-            if f"{key}_ci_low" in self.history[0]:
-                low, high = (
-                    _curve(self.history, f"{key}_ci_low"),
-                    _curve(self.history, f"{key}_ci_high"),
-                )
-                right.fill_between(steps, low, high, color=color, alpha=0.15, lw=0)
-        if self._held_out is not None:
-            right.axhline(self.train_preference_expected, color="C2", ls=":", lw=1)
-        if self._train_b is not None:
-            right.axhline(0.5, color="grey", ls=":", lw=1)
-        if self.best_step is not None:
-            ax.axvline(self.best_step, color="green", ls="--", label=f"best step {self.best_step}")
-        if self.drift_step is not None:
-            ax.axvline(self.drift_step, color="red", ls="--", label=f"drift {self.drift_step}")
-        handles, labels = ax.get_legend_handles_labels()
-        more_handles, more_labels = right.get_legend_handles_labels()
-        if handles or more_handles:
-            ax.legend(handles + more_handles, labels + more_labels, fontsize=7, loc="best")
-        if not self.history:
-            ax.set_title("memorization monitor: no measurements yet")
-        else:
-            ax.set_title("memorization monitor")
-        fig.tight_layout()
-        parent = os.path.dirname(path)
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-        fig.savefig(path, format="png")
+        plot_monitor(
+            path,
+            self.history,
+            expected_preference=self.train_preference_expected,
+            two_models=self._train_b is not None,
+            best_step=self.best_step,
+            drift_step=self.drift_step,
+        )
 
     # ---- state ----------------------------------------------------------------------------
 
@@ -613,35 +567,13 @@ class MemorizationMonitor:
 
 
 def _check_images(name: str, x: Any, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor [N, C, H, W], got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
-    if x.dim() != 4 or x.shape[0] == 0 or x.numel() == 0:
-        raise ValueError(f"{name} must be a non-empty [N, C, H, W] tensor, got {list(x.shape)}")
+    x = check_samples(name, x, 4, "[N, C, H, W]")
     if shape is not None and tuple(x.shape[1:]) != shape:
         raise ValueError(
             f"{name} images must have train's shape [C, H, W] = {list(shape)}, got "
             f"{list(x.shape[1:])}"
         )
-    finite = torch.isfinite(x.detach().reshape(x.shape[0], -1)).all(dim=1)
-    if not bool(finite.all()):
-        raise ValueError(f"{name} row {int((~finite).nonzero()[0, 0])} contains NaN or infinity")
     return x.detach()
-
-
-def _check_number(
-    name: str, value: Any, low: float, high: float, *, low_open=False, high_open=False
-) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must lie in {interval}, got {value}")
-    return value
 
 
 def _check_loss(loss: Any) -> float | None:
@@ -651,12 +583,7 @@ def _check_loss(loss: Any) -> float | None:
         if loss.numel() != 1:
             raise ValueError(f"held_out_loss must be a scalar, got shape {list(loss.shape)}")
         loss = loss.item()
-    if isinstance(loss, bool) or not isinstance(loss, int | float | np.number):
-        raise TypeError(f"held_out_loss must be a number or None, got {type(loss).__name__}")
-    loss = float(loss)
-    if not math.isfinite(loss):
-        raise ValueError(f"held_out_loss must be finite, got {loss}")
-    return loss
+    return check_float("held_out_loss", loss)
 
 
 def _varies(x: torch.Tensor) -> torch.Tensor:
@@ -712,8 +639,3 @@ def _preference(d_own: torch.Tensor, d_other: torch.Tensor) -> torch.Tensor:
 def _put(row: dict[str, Any], key: str, value: float, ci: tuple[float, float]) -> None:
     row[key] = float(value)
     row[f"{key}_ci_low"], row[f"{key}_ci_high"] = float(ci[0]), float(ci[1])
-
-
-def _curve(history: list[dict[str, Any]], key: str) -> list[float]:
-    """``key`` over the history, None (an undefined measure) as NaN: a gap in the line."""
-    return [math.nan if row[key] is None else row[key] for row in history]
