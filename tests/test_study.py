@@ -228,6 +228,51 @@ def test_a_cell_trained_twice_gives_the_same_numbers(tmp_path):
     assert all(v is None or math.isfinite(v) for v in a["metrics"].values())
 
 
+def _has_fields(*names: str) -> bool:
+    return set(names) <= {f.name for f in dataclasses.fields(train_module.TrainConfig)}
+
+
+@pytest.mark.skipif(not _has_fields("learn_sigma"), reason="TrainConfig has no learn_sigma")
+def test_learned_variance_with_every_default_sampler(tmp_path):
+    options = {**WEIGHTING, "weightings": ["debias"], "variances": ["learned"], "methods": None}
+    report = run_study(
+        "debias-weighting",
+        tmp_path,
+        quick=True,
+        seeds=1,
+        options=options,
+        overrides={**TINY, "eval_every": 0},
+        progress=False,
+    )
+    (cell,) = report["cells"]
+    assert cell["config"]["learn_sigma"] is True
+    methods = report["options"]["methods"]
+    assert {"ddpm", "ddim"} <= set(methods)
+    for method in methods:
+        assert math.isfinite(cell["metrics"][f"{method}/5/fd"])
+    assert any(k.startswith("timesteps/") for k in cell["metrics"])
+
+
+@pytest.mark.skipif(not _has_fields("family"), reason="TrainConfig has no family")
+def test_flow_weighting_study_runs(tmp_path):
+    options = {**WEIGHTING, "weightings": ["constant", "debias"], "methods": None}
+    report = run_study(
+        "debias-weighting",
+        tmp_path,
+        quick=True,
+        seeds=1,
+        family="flow",
+        options=options,
+        overrides=TINY,
+        progress=False,
+    )
+    assert (tmp_path / "study-debias-weighting-flow" / "fd_vs_steps.png").is_file()
+    assert report["options"]["variances"] == ["fixed"]
+    assert set(report["options"]["methods"]) <= {"euler", "heun"}
+    assert all(c["config"]["family"] == "flow" for c in report["cells"])
+    assert any("lowest SNR" in f for f in report["findings"])
+
+
 def test_depth_bias_study_end_to_end(tmp_path):
     report = _run(tmp_path, name="depth-bias", options=DEPTH)
     folder = tmp_path / "study-depth-bias"
