@@ -494,7 +494,7 @@ class _Stepper:
 
 
 class _DDPMStepper(_Stepper):
-    """ "ddpm" (fixed small or learned variance) and "ddim" through ``_step``."""
+    """The "ddpm" (fixed small or learned variance) and "ddim" steps, through ``_step``."""
 
     def __init__(self, abar, timestep_map, method, eta, prediction, clip):
         self.abar, self.timestep_map = abar, timestep_map
@@ -524,7 +524,7 @@ class _DDPMStepper(_Stepper):
 
 
 class _MultistepStepper(_Stepper):
-    """ "dpm++2m" and "unipc" on the data prediction m = x0_hat; see the module docstring."""
+    """The "dpm++2m" and "unipc" steps on the data prediction m = x0_hat (module docstring)."""
 
     def __init__(self, abar, timestep_map, method, prediction, clip):
         S = abar.numel()
@@ -570,7 +570,7 @@ class _MultistepStepper(_Stepper):
 
 
 class _FlowStepper(_Stepper):
-    """ "euler" and "heun" on u = eps - x0 from sigma_max down to 0."""
+    """The "euler" and "heun" steps on u = eps - x0, from sigma_max down to 0."""
 
     def __init__(self, sigmas, model_t, method, prediction, clip):
         self.sigmas = [float(v) for v in sigmas]
