@@ -32,6 +32,16 @@ trained again. A cell whose run folder holds a checkpoint resumes from it (the T
 resume); a run folder that cannot be resumed (no or a broken checkpoint) is removed and the
 cell restarts. A cell whose training stopped on a NaN loss records the error as its result.
 
+Sizes. ``quick=True`` (``--quick``) trains a two-level 16-channel UNet without attention for
+150 (debias-weighting), 200 (depth-bias) or 400 (biased-generalization, two models, batch 16)
+steps and evaluates on 128 / 300 samples: each study finishes in under 10 minutes on a 2-core
+CPU (about 5 minutes each, one thread, with other jobs on the machine; see the README). It
+shows the machinery and the direction of the larger effects, not the papers' numbers. The full
+size is the pipeline's default UNet (32 channels, attention at 4x4) for 3000 steps of batch
+64, 2000 samples at 5, 10, 20, 50 and 100 steps (debias-weighting), depths 1, 2 and 4 with 2000
+samples (depth-bias), 8 images per half for the memorizing pair (biased-generalization): hours
+on a 2-core CPU, minutes per cell on a GPU. ``options`` / ``overrides`` change any of it.
+
 Aggregates: for every group of cells that differ only by seed, and every measure, the mean
 over seeds and a 95% Student t interval, ``mean +- t_{0.975, n-1} s / sqrt(n)`` with ``s`` the
 sample standard deviation (n - 1 denominator); no interval for n < 2. Seeds whose measure is
@@ -126,16 +136,37 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
     return a["ci_low"] <= b["ci_high"] and b["ci_low"] <= a["ci_high"]
 
 
-def _compare(name_a: str, a: dict, name_b: str, b: dict, lower_is: str) -> str:
-    """One sentence comparing two aggregated measures by their intervals."""
+def _compare(
+    name_a: str, a: dict, name_b: str, b: dict, lower_is: str, paired: dict | None = None
+) -> str:
+    """One sentence comparing two aggregated measures by their intervals; ``paired``: the
+    mean and interval of the per-seed differences a - b, when the two share each seed's data
+    and noise."""
     text = f"{name_a} {_fmt(a)} vs {name_b} {_fmt(b)}"
     overlap = _overlap(a, b)
     if overlap is None:
-        return text + " (no interval: fewer than 2 seeds)"
-    if overlap:
-        return text + ": the intervals overlap → no effect at this scale"
-    lower = name_a if a["mean"] < b["mean"] else name_b
-    return text + f": the intervals are disjoint → {lower} {lower_is}"
+        text += " (no interval: fewer than 2 seeds)"
+    elif overlap:
+        text += ": the intervals overlap → no effect at this scale"
+    else:
+        lower = name_a if a["mean"] < b["mean"] else name_b
+        text += f": the intervals are disjoint → {lower} {lower_is}"
+    if paired is not None and paired.get("ci_low") is not None:
+        holds_zero = paired["ci_low"] <= 0.0 <= paired["ci_high"]
+        text += f" (paired by seed, {name_a} - {name_b}: {_fmt(paired)}, " + (
+            "holds 0)" if holds_zero else "excludes 0)"
+        )
+    return text
+
+
+def _paired(cells: list[dict], group_a: str, group_b: str, metric: str) -> dict[str, Any]:
+    """Mean and t interval of the per-seed differences of ``metric``, group a minus b."""
+    by_seed: dict[str, dict[int, float]] = {group_a: {}, group_b: {}}
+    for c in cells:
+        if c["group_key"] in by_seed and (c.get("metrics") or {}).get(metric) is not None:
+            by_seed[c["group_key"]][c["seed"]] = c["metrics"][metric]
+    a, b = by_seed[group_a], by_seed[group_b]
+    return mean_interval([a[s] - b[s] for s in sorted(set(a) & set(b))])
 
 
 # ---- cells --------------------------------------------------------------------------------
@@ -562,6 +593,15 @@ class _Weighting(_Study):
                     + " |"
                 )
             lines.append("")
+
+        def pair(variance: str, key: str) -> dict[str, Any]:
+            return _paired(
+                study["cells"],
+                f"variance={variance},weighting=debias",
+                f"variance={variance},weighting=constant",
+                key,
+            )
+
         if "debias" in self.o["weightings"] and "constant" in self.o["weightings"]:
             for variance in self.variances:
                 d = agg.get(f"variance={variance},weighting=debias", {})
@@ -571,13 +611,22 @@ class _Weighting(_Study):
                     if key in d and key in c:
                         findings.append(
                             f"{variance} variance, FD at {s} {method} steps: "
-                            + _compare("debias", d[key], "constant", c[key], "is lower")
+                            + _compare(
+                                "debias",
+                                d[key],
+                                "constant",
+                                c[key],
+                                "is lower",
+                                pair(variance, key),
+                            )
                         )
                 key = f"{m0}/{s}/channel_shift"
                 if key in d and key in c:
                     findings.append(
                         f"{variance} variance, max abs channel mean shift at {s} {m0} steps: "
-                        + _compare("debias", d[key], "constant", c[key], "is smaller")
+                        + _compare(
+                            "debias", d[key], "constant", c[key], "is smaller", pair(variance, key)
+                        )
                     )
                 if ts:
                     noisiest = _noisiest(study, ts)
@@ -585,7 +634,14 @@ class _Weighting(_Study):
                     if key in d and key in c:
                         findings.append(
                             f"{variance} variance, one-step x0 error at t={noisiest} (lowest SNR): "
-                            + _compare("debias", d[key], "constant", c[key], "is smaller")
+                            + _compare(
+                                "debias",
+                                d[key],
+                                "constant",
+                                c[key],
+                                "is smaller",
+                                pair(variance, key),
+                            )
                         )
         return lines, findings
 
@@ -613,6 +669,7 @@ class _Weighting(_Study):
                         bx, lo, hi = zip(*band, strict=True)
                         ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2)
                 ax.set_xscale("log")
+                ax.minorticks_off()
                 ax.set_xticks(steps, [str(s) for s in steps])
                 ax.set_xlabel("sampling steps")
                 ax.set_ylabel("Fréchet distance (FeatureNet)")
@@ -826,6 +883,12 @@ class _Depth(_Study):
                                 f"depth {depths[0]}",
                                 lo[key],
                                 "is lower",
+                                _paired(
+                                    study["cells"],
+                                    f"dataset={dataset},depth={depths[-1]}",
+                                    f"dataset={dataset},depth={depths[0]}",
+                                    key,
+                                ),
                             )
                         )
         return lines, findings
