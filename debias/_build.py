@@ -10,7 +10,6 @@ uses the standard library only; torch is imported inside the functions that need
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import glob
 import os
 import re
@@ -138,6 +137,8 @@ def build_lock(directory: str, announce=print):
     """An exclusive lock on ``directory`` across processes (torchrun ranks, pytest-xdist
     workers): the first builds, the others wait and then find the library built. flock is
     released by the kernel when its holder dies, so a killed build never blocks the next."""
+    import fcntl  # POSIX only, like the kernels' compiler flags; setup.py never needs it
+
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "debias_build.lock"), "a+") as handle:
         try:
