@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from debias._checks import check_int
+from debias._checks import check_float, check_int
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NPZ_IMAGE_KEYS = ("images", "x")
@@ -252,8 +252,7 @@ def gaussian_mixture(
     check_int("channels", channels, 1)
     check_int("seed", seed)
     props = _check_fractions(proportions, "proportions", allow_zero=False)
-    if isinstance(spread, bool) or not isinstance(spread, (int, float)) or not spread >= 0:
-        raise ValueError(f"spread must be a float >= 0, got {spread!r}")
+    spread = check_float("spread", spread, 0.0, inclusive=True)
     counts = [round(n * p) for p in props[:-1]]
     counts.append(n - sum(counts))
     if counts[-1] < 0:
@@ -286,10 +285,7 @@ def split_held_out(
         ``(train, held_out)``: disjoint, together all of ``data``, each in the original order.
     """
     _check_data(data)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
-        raise TypeError(f"fraction must be a float, got {type(fraction).__name__}")
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    fraction = check_float("fraction", fraction, 0.0, high=1.0, high_inclusive=False)
     check_int("seed", seed)
     n = len(data)
     n_held = round(fraction * n)
@@ -626,11 +622,7 @@ def _check_classes(classes, name: str) -> list[int]:
         raise TypeError(f"{name} must be a sequence of class ids, got {type(classes).__name__}")
     if len(classes) == 0:
         raise ValueError(f"{name} must list at least one class, got none")
-    for c in classes:
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)):
-            raise TypeError(f"{name}: class ids must be ints, got {c!r}")
-        if c < 0:
-            raise ValueError(f"{name}: class ids must be >= 0, got {c}")
+    classes = [check_int(f"{name} class ids", c, 0) for c in classes]
     if len(set(classes)) != len(classes):
         raise ValueError(f"{name} lists a class twice: {list(classes)}")
     return [int(c) for c in classes]
@@ -644,9 +636,7 @@ def _check_fractions(values, name: str, *, allow_zero: bool) -> list[float]:
     values = [v.item() if hasattr(v, "item") else v for v in values]
     if len(values) == 0:
         raise ValueError(f"{name} must hold at least one fraction, got none")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{name}: fractions must be numbers, got {v!r}")
+    values = [check_float(f"{name} entries", v) for v in values]
     lowest_ok = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
     if not all(lowest_ok(v) and math.isfinite(v) for v in values):
         kind = "non-negative" if allow_zero else "positive"

@@ -88,7 +88,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from debias._checks import check_int
+from debias._checks import check_float, check_int
 from debias.pipeline.variance import model_log_variance, posterior_tables
 from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
 
@@ -223,9 +223,7 @@ def respace(
             raise TypeError(f"use_timesteps must hold integers, got a {use_timesteps.dtype} tensor")
         index = use_timesteps.detach().to("cpu", torch.int64).flatten()
     else:
-        values = list(use_timesteps)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            raise TypeError(f"use_timesteps must hold ints, got {values!r}")
+        values = [check_int("use_timesteps entries", v) for v in use_timesteps]
         index = torch.tensor(values, dtype=torch.int64)
     if index.numel() < 1:
         raise ValueError("use_timesteps must hold at least one timestep, got none")
@@ -739,10 +737,11 @@ def _resolve_steps(steps: int | str | None, T: int, method: str) -> list[int]:
             return space_timesteps(T, steps)
         except ValueError as err:
             raise ValueError(f"steps={steps!r}: {err}") from None
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if not isinstance(steps, int | np.integer) or isinstance(steps, bool):
         raise TypeError(
             f"steps must be None, an int or a str such as '50' or 'ddim50', got {steps!r}"
         )
+    steps = check_int("steps", steps)
     if not 1 <= steps <= T:
         raise ValueError(f"steps must lie in [1, {T}] for a schedule of {T} steps, got {steps}")
     if method == "ddim":
@@ -775,10 +774,14 @@ def _check_shape_or_noise(
             f"{type(shape_or_noise).__name__}"
         )
     shape = tuple(shape_or_noise)
-    if len(shape) != 4 or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape
-    ):
-        raise ValueError(f"shape_or_noise must be 4 positive ints (N, C, H, W), got {shape!r}")
+    try:
+        if len(shape) != 4:
+            raise ValueError
+        shape = tuple(check_int("shape_or_noise", s, 1) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"shape_or_noise must be 4 positive ints (N, C, H, W), got {shape!r}"
+        ) from None
     return shape, None
 
 
@@ -814,19 +817,13 @@ def _resolve_flow_steps(steps: int | str | None, T: int) -> int:
             raise ValueError(
                 f"steps={steps!r}: a flow sampler takes a number of steps (an int such as 28)"
             ) from None
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, int | np.integer):
         raise TypeError(f"steps must be None or an int for a flow sampler, got {steps!r}")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    return steps
+    return check_int("steps", steps, 1)
 
 
 def _check_eta(eta: float, method: str) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be a float, got {type(eta).__name__}")
-    eta = float(eta)
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite float >= 0, got {eta}")
+    eta = check_float("eta", eta, low=0.0, inclusive=True)
     if method == "ddpm" and eta != 0:
         raise ValueError(
             f"eta={eta} only applies to method='ddim'; method='ddpm' uses the posterior "

@@ -178,14 +178,11 @@ def _check_config(c: TrainConfig) -> None:
     c.shift = check_float("shift", c.shift, low=0.0)
     if c.family != "flow" and c.shift != 1.0:
         raise ValueError(f"shift applies to family 'flow' only, got {c.shift} for {c.family!r}")
-    if not 0.0 <= c.held_out < 1.0:
-        raise ValueError(f"held_out must be in [0, 1), got {c.held_out!r}")
-    if not 0.0 <= c.ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay!r}")
-    if not (c.lr > 0 and math.isfinite(c.lr)):
-        raise ValueError(f"lr must be a positive number, got {c.lr!r}")
-    if c.grad_clip < 0 or c.weight_decay < 0:
-        raise ValueError("grad_clip and weight_decay must be >= 0 (grad_clip 0: no clipping)")
+    for name in ("held_out", "ema_decay"):
+        check_float(name, getattr(c, name), 0.0, inclusive=True, high=1.0, high_inclusive=False)
+    check_float("lr", c.lr, 0.0)
+    for name in ("grad_clip", "weight_decay", "dropout"):  # grad_clip 0: no clipping
+        check_float(name, getattr(c, name), 0.0, inclusive=True)
     if c.two_models and c.split != "full":
         raise ValueError("two_models trains on both halves; leave split at 'full'")
     if c.train_size is not None:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from debias._checks import check_int
+from debias._checks import check_float, check_int
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -217,10 +217,9 @@ class UNet(nn.Module):
         attention_resolutions = _check_int_list(
             attention_resolutions, "attention_resolutions", allow_empty=True
         )
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        dropout = check_float(
+            "dropout", dropout, 0.0, inclusive=True, high=1.0, high_inclusive=False
+        )
         factor = 2 ** (len(channel_mult) - 1)
         if image_size % factor:
             raise ValueError(
@@ -366,12 +365,7 @@ def _check_int_list(values, name: str, *, allow_empty: bool) -> list[int]:
         raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
     if not values and not allow_empty:
         raise ValueError(f"{name} must hold at least one value, got {list(values)}")
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} must hold ints, got {v!r}")
-        if v < 1:
-            raise ValueError(f"{name} must hold positive ints, got {list(values)}")
-    return [int(v) for v in values]
+    return [check_int(f"{name} entries", v, 1) for v in values]
 
 
 def _describe(value: torch.Tensor) -> str:
