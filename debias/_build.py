@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import re
 import shutil
@@ -97,9 +98,12 @@ def read_stamp(library: str | Path) -> str | None:
 
 
 def jit_name(torch_version: str) -> str:
-    """The cache entry's name: one per Python and torch version (a library is tied to both)."""
+    """The cache entry's name: one per Python and torch version (a library is tied to both)
+    and per installed copy of the sources (two environments with different versions of this
+    package would otherwise rebuild over each other)."""
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return f"debias_C_{py}_torch_{re.sub(r'[^0-9A-Za-z]', '_', torch_version)}"
+    where = hashlib.sha1(str(source_dir()).encode()).hexdigest()[:8]
+    return f"debias_C_{py}_torch_{re.sub(r'[^0-9A-Za-z]', '_', torch_version)}_{where}"
 
 
 def jit_directory(name: str) -> str:

@@ -59,8 +59,12 @@ def collect(build: bool = True) -> dict[str, Any]:
     else:
         with _env(_build.NO_JIT_ENV, "1"):
             extension = _backend.extension()
-    jit_dir = _build.jit_directory(_build.jit_name(torch.__version__))
-    jit_library = os.path.join(jit_dir, f"{_build.jit_name(torch.__version__)}.so")
+    try:
+        jit_name = _build.jit_name(torch.__version__)
+        jit_dir = _build.jit_directory(jit_name)
+        jit_cached = os.path.isfile(os.path.join(jit_dir, f"{jit_name}.so"))
+    except FileNotFoundError:  # no C++ sources in this installation
+        jit_dir, jit_cached = None, False
     return {
         "debias": {"version": debias.__version__, "path": os.path.dirname(debias.__file__)},
         "python": {"version": platform.python_version(), "executable": sys.executable},
@@ -77,7 +81,7 @@ def collect(build: bool = True) -> dict[str, Any]:
         "extension": {
             **extension,
             "jit_cache": jit_dir,
-            "jit_cached": os.path.isfile(jit_library),
+            "jit_cached": jit_cached,
             "no_jit": _build.flag(_build.NO_JIT_ENV),
         },
         "cpu": _cpu(torch, _backend),
@@ -307,8 +311,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines += [f"  {how}, against torch {against}", f"  {ext['path']}"]
         if ext["reason"]:
             lines.append(f"  (the ahead-of-time build is not used: {ext['reason']})")
-    cached = "present" if ext["jit_cached"] else "empty"
-    lines.append(f"  just-in-time cache: {ext['jit_cache']} ({cached})")
+    if ext["jit_cache"] is None:
+        lines.append("  just-in-time build: impossible, no C++ sources in this installation")
+    else:
+        cached = "present" if ext["jit_cached"] else "empty"
+        lines.append(f"  just-in-time cache: {ext['jit_cache']} ({cached})")
     if ext["no_jit"]:
         lines.append("  DEBIAS_NO_JIT is set: nothing is compiled on first use")
     flags = ", ".join(
