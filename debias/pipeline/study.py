@@ -139,24 +139,25 @@ def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool | None:
 def _compare(
     name_a: str, a: dict, name_b: str, b: dict, lower_is: str, paired: dict | None = None
 ) -> str:
-    """One sentence comparing two aggregated measures by their intervals; ``paired``: the
-    mean and interval of the per-seed differences a - b, when the two share each seed's data
-    and noise."""
+    """One sentence comparing two aggregated measures. Without ``paired``: by the overlap of
+    their intervals. With ``paired`` (the mean and interval of the per-seed differences a - b,
+    for groups that share each seed's data and noise): the verdict is whether that interval
+    holds 0, the sharper test, and the overlap is stated beside it."""
     text = f"{name_a} {_fmt(a)} vs {name_b} {_fmt(b)}"
     overlap = _overlap(a, b)
     if overlap is None:
-        text += " (no interval: fewer than 2 seeds)"
-    elif overlap:
-        text += ": the intervals overlap → no effect at this scale"
-    else:
-        lower = name_a if a["mean"] < b["mean"] else name_b
-        text += f": the intervals are disjoint → {lower} {lower_is}"
+        return text + " (no interval: fewer than 2 seeds)"
     if paired is not None and paired.get("ci_low") is not None:
-        holds_zero = paired["ci_low"] <= 0.0 <= paired["ci_high"]
-        text += f" (paired by seed, {name_a} - {name_b}: {_fmt(paired)}, " + (
-            "holds 0)" if holds_zero else "excludes 0)"
-        )
-    return text
+        text += "; the intervals " + ("overlap" if overlap else "are disjoint")
+        text += f"; paired by seed, {name_a} - {name_b} = {_fmt(paired)}"
+        if paired["ci_low"] <= 0.0 <= paired["ci_high"]:
+            return text + " holds 0 → no effect at this scale"
+        lower = name_a if paired["mean"] < 0 else name_b
+        return text + f" excludes 0 → {lower} {lower_is}"
+    if overlap:
+        return text + ": the intervals overlap → no effect at this scale"
+    lower = name_a if a["mean"] < b["mean"] else name_b
+    return text + f": the intervals are disjoint → {lower} {lower_is}"
 
 
 def _paired(cells: list[dict], group_a: str, group_b: str, metric: str) -> dict[str, Any]:
@@ -347,10 +348,14 @@ class _FirstChannels(torch.nn.Module):
         return self.model(x, t)[:, : self.channels]
 
 
-def _load(run_dir: Path, member: str = ""):
+def _load(run_dir: Path, device: str | None):
+    """The run's EMA model on ``device`` (default: a GPU if there is one), and its schedule."""
     from debias.pipeline.train import load_model
 
-    return load_model(run_dir, member=member)
+    model, schedule, meta = load_model(run_dir)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device), schedule, meta
 
 
 def _features(net, images: torch.Tensor) -> torch.Tensor:
@@ -370,7 +375,10 @@ def _available_methods(family: str) -> tuple[str, ...]:
 
 
 def _sample(model, schedule, shape, *, steps: int, method: str, seed: int) -> torch.Tensor:
-    return sampling.sample(model, schedule, shape, steps=steps, method=method, generator=seed)
+    """Samples on the model's device, returned on the CPU (where the measures run); the noise
+    comes from ``seed`` on the CPU, so it does not depend on the device."""
+    x = sampling.sample(model, schedule, shape, steps=steps, method=method, generator=seed)
+    return x.cpu()
 
 
 # ---- 1. debias-weighting ------------------------------------------------------------------
@@ -495,7 +503,7 @@ class _Weighting(_Study):
 
         o = self.o
         net = ctx.feature_net(cell.config)
-        model, schedule, _ = _load(run_dir)
+        model, schedule, _ = _load(run_dir, ctx.device)
         parts, _ = prepare_data(cell.config)
         ref = parts[0].images
         ref_feat = _features(net, ref)
@@ -646,11 +654,10 @@ class _Weighting(_Study):
         return lines, findings
 
     def plot(self, study: dict[str, Any], folder: Path) -> list[str]:
-        plt = _pyplot()
         agg, written = study["aggregates"], []
         steps = self.o["sample_steps"]
         for variance in self.variances:
-            fig, axes = plt.subplots(
+            fig, axes = _subplots(
                 1, len(self.methods), figsize=(4.2 * len(self.methods), 3.6), squeeze=False
             )
             for ax, method in zip(axes[0], self.methods, strict=True):
@@ -679,11 +686,10 @@ class _Weighting(_Study):
             fig.tight_layout()
             name = "fd_vs_steps.png" if variance == "fixed" else f"fd_vs_steps_{variance}.png"
             fig.savefig(folder / name, dpi=110)
-            plt.close(fig)
             written.append(name)
         ts = _timesteps_of(agg)
         if ts:
-            fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+            fig, axes = _subplots(1, 2, figsize=(9, 3.6))
             for ax, key in zip(axes, ("eps_mse", "x0_mse"), strict=True):
                 for w in self.o["weightings"]:
                     g = agg.get(f"variance={self.variances[0]},weighting={w}", {})
@@ -701,7 +707,6 @@ class _Weighting(_Study):
                 _legend(ax)
             fig.tight_layout()
             fig.savefig(folder / "timesteps.png", dpi=110)
-            plt.close(fig)
             written.append("timesteps.png")
         return written
 
@@ -798,7 +803,7 @@ class _Depth(_Study):
 
         o = self.o
         net = ctx.feature_net(cell.config)
-        model, schedule, _ = _load(run_dir)
+        model, schedule, _ = _load(run_dir, ctx.device)
         parts, _ = prepare_data(cell.config)
         train = parts[0]
         seed = 10_000 + cell.seed
@@ -894,17 +899,14 @@ class _Depth(_Study):
         return lines, findings
 
     def plot(self, study: dict[str, Any], folder: Path) -> list[str]:
-        plt = _pyplot()
         agg = study["aggregates"]
         datasets, depths = self.o["datasets"], self.o["depths"]
-        fig, axes = plt.subplots(
-            2, len(datasets), figsize=(4.5 * len(datasets), 6.4), squeeze=False
-        )
+        fig, axes = _subplots(2, len(datasets), figsize=(4.5 * len(datasets), 6.4), squeeze=False)
         for col, dataset in enumerate(datasets):
             for row, (key, label) in enumerate(
                 (
                     ("majority_share", "majority share of samples"),
-                    ("gu_memorized_fraction", "Gu memorized"),
+                    ("nn_distance_median", "median NN distance to training"),
                 )
             ):
                 ax = axes[row][col]
@@ -940,7 +942,6 @@ class _Depth(_Study):
                 ax.grid(alpha=0.3)
         fig.tight_layout()
         fig.savefig(folder / "majority_share.png", dpi=110)
-        plt.close(fig)
         return ["majority_share.png"]
 
 
@@ -1105,15 +1106,14 @@ class _Biased(_Study):
         return lines, findings
 
     def plot(self, study: dict[str, Any], folder: Path) -> list[str]:
-        plt = _pyplot()
         settings = self.o["settings"]
         panels = (
             ("paired_distance_median", "median (1 - paired cosine)"),
             ("split_preference", "own-split preference (A solid, B dashed)"),
             ("held_out_loss", "held-out loss (model A)"),
         )
-        fig, axes = plt.subplots(len(settings), 3, figsize=(13, 3.4 * len(settings)), squeeze=False)
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        fig, axes = _subplots(len(settings), 3, figsize=(13, 3.4 * len(settings)), squeeze=False)
+        colours = _rc()["axes.prop_cycle"].by_key()["color"]
         for row, setting in enumerate(settings):
             cells = [
                 c for c in study["cells"] if c["group"]["setting"] == setting and c.get("extra")
@@ -1162,7 +1162,6 @@ class _Biased(_Study):
                     ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(folder / "curves.png", dpi=110)
-        plt.close(fig)
         return ["curves.png"]
 
 
@@ -1509,13 +1508,21 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _pyplot():
+def _subplots(rows: int, cols: int, figsize: tuple[float, float], squeeze: bool = True):
+    """``(figure, axes)`` through matplotlib's object interface (Figure + the Agg canvas): no
+    pyplot, no backend switch, as debias.plotting draws."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def _rc() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return matplotlib.rcParams
 
 
 # ---- command line -------------------------------------------------------------------------
