@@ -60,9 +60,9 @@ def test_wheel_without_extensions(tmp_path):
             root / name, src / name, ignore=shutil.ignore_patterns("*.so", "__pycache__")
         )
     env = dict(os.environ, DEBIAS_NO_EXTENSIONS="1")
-    wheel = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q"]
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q"]
     out = subprocess.run(
-        [*wheel, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env
+        [*cmd, "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env
     )
     assert out.returncode == 0, out.stderr
     (wheel,) = (tmp_path / "dist").glob("debias_kernels-*.whl")
