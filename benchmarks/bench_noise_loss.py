@@ -513,14 +513,9 @@ def _other_cpu(
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from debias.info import cpu_model
+
+    return cpu_model()
 
 
 def _version(package: str) -> str:

@@ -177,7 +177,7 @@ def _cpu(torch, _backend) -> dict[str, Any]:
     wide = bool(features["avx2"]) and not forced_portable
     why_portable = "DEBIAS_NO_AVX2 set" if forced_portable else "no AVX2"
     return {
-        "model": _cpu_model(),
+        "model": cpu_model(),
         "cores": os.cpu_count(),
         "features": features,
         "torch_capability": capability,
@@ -194,7 +194,8 @@ def _cpu(torch, _backend) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what the platform module knows."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
