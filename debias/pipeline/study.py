@@ -35,8 +35,10 @@ cell restarts. A cell whose training stopped on a NaN loss records the error as 
 Sizes. ``quick=True`` (``--quick``) trains a two-level 16-channel UNet without attention for
 150 (debias-weighting), 200 (depth-bias) or 400 (biased-generalization, two models, batch 16)
 steps and evaluates on 128 / 300 samples: each study finishes in under 10 minutes on a 2-core
-CPU (about 5 minutes each, one thread, with other jobs on the machine; see the README). It
-shows the machinery and the direction of the larger effects, not the papers' numbers. The full
+CPU (one thread, other jobs on the machine, 2026-12-03: debias-weighting 4 min 4 s, depth-bias
+3 min 49 s, biased-generalization 3 min 1 s, debias-weighting --family flow 1 min 35 s). It
+shows the machinery and the direction of the larger effects, not the papers' numbers (quick
+models are undertrained: their samples over-represent the majority at every depth). The full
 size is the pipeline's default UNet (32 channels, attention at 4x4) for 3000 steps of batch
 64, 2000 samples at 5, 10, 20, 50 and 100 steps (debias-weighting), depths 1, 2 and 4 with 2000
 samples (depth-bias), 8 images per half for the memorizing pair (biased-generalization): hours
