@@ -54,8 +54,13 @@ THREADS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 CPU_SHAPES = ((128, 3, 32, 32), (32, 4, 64, 64), (8, 4, 128, 128))
 # On a GPU, from launch-bound to bandwidth-bound: the last two have fp32 tensors of 64 and
 # 96 MiB, far beyond the L2 cache; the report checks the performance targets on those.
-GPU_SHAPES = ((128, 3, 32, 32), (256, 3, 64, 64), (64, 4, 64, 64), (256, 4, 128, 128),
-              (32, 3, 512, 512))  # fmt: skip
+GPU_SHAPES = (
+    (128, 3, 32, 32),
+    (256, 3, 64, 64),
+    (64, 4, 64, 64),
+    (256, 4, 128, 128),
+    (32, 3, 512, 512),
+)
 # Flow-matching latents, 16 channels: Flux/SD3 images of 1024 px (16x16x128x128) and video
 # latents of 21 frames at 60x104 (4x16x21x60x104), the sizes, measured on a GPU. On
 # the CPU they are scaled down to the size of the DDPM cases, where one eager step takes a

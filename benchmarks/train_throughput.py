@@ -31,8 +31,7 @@ print(json.dumps({{"steps_per_s": summary["steps_per_s"], "file": __import__("de
 
 
 def _one(tree: Path, args: argparse.Namespace) -> dict:
-    code = _RUN.format(threads=args.threads, steps=args.steps, batch=args.batch,
-                       device=args.device)  # fmt: skip
+    code = _RUN.format(threads=args.threads, steps=args.steps, batch=args.batch, device=args.device)
     env = {**os.environ, "PYTHONPATH": str(tree.resolve()), "OMP_NUM_THREADS": str(args.threads)}
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True

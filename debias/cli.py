@@ -274,13 +274,17 @@ def _add_train(sub) -> None:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
     train.add_argument(
-        "--bf16", action=argparse.BooleanOptionalAction, default=None,
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="bfloat16 autocast of the model (default: on a GPU, off on a CPU)",
-    )  # fmt: skip
+    )
     train.add_argument(
-        "--progress", action=argparse.BooleanOptionalAction, default=True,
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="progress bar on stderr (default: on)",
-    )  # fmt: skip
+    )
     train.set_defaults(func=_train)
 
 
@@ -309,9 +313,13 @@ def _train(args: argparse.Namespace) -> int:
         )
         run_dir = Path(args.out) / name
     trainer = Trainer(
-        config, run_dir, resume=bool(args.resume), device=args.device, progress=args.progress,
+        config,
+        run_dir,
+        resume=bool(args.resume),
+        device=args.device,
+        progress=args.progress,
         bf16=args.bf16,
-    )  # fmt: skip
+    )
     try:
         summary = trainer.run()
     except NonFiniteLoss as err:
@@ -358,19 +366,33 @@ def _sample(args: argparse.Namespace) -> int:
     from debias.pipeline.train import save_grid
 
     model, schedule, meta, device = _load_for_sampling(args)
-    shape = (args.n, model.config["in_channels"], model.config["image_size"],
-             model.config["image_size"])  # fmt: skip
+    shape = (
+        args.n,
+        model.config["in_channels"],
+        model.config["image_size"],
+        model.config["image_size"],
+    )
     images = sample(
-        model, schedule, shape, steps=args.steps, method=args.method, eta=args.eta,
-        generator=args.seed, batch_size=args.batch_size, device=device, progress=args.progress,
-    ).cpu()  # fmt: skip
+        model,
+        schedule,
+        shape,
+        steps=args.steps,
+        method=args.method,
+        eta=args.eta,
+        generator=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        progress=args.progress,
+    ).cpu()
     out = Path(args.out)
     save_grid(images, out)
     arrays = out.with_suffix(".npz")
     np.savez(arrays, samples=images.numpy())
     method = args.method or ("euler" if schedule.family == "flow" else "ddpm")
-    print(f"{args.n} samples at step {meta['step']} ({method}, {args.steps or 'all'} steps, "
-          f"seed {args.seed}): wrote {out} and {arrays}")  # fmt: skip
+    print(
+        f"{args.n} samples at step {meta['step']} ({method}, {args.steps or 'all'} steps, "
+        f"seed {args.seed}): wrote {out} and {arrays}"
+    )
     return 0
 
 
@@ -385,9 +407,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     data = parts[1] if args.member == "b" else parts[0]
     shape = (args.n, *data.shape)
     samples = sample(
-        model, schedule, shape, steps=args.steps, method=args.method, eta=args.eta,
-        generator=args.seed, device=device, progress=args.progress,
-    ).cpu()  # fmt: skip
+        model,
+        schedule,
+        shape,
+        steps=args.steps,
+        method=args.method,
+        eta=args.eta,
+        generator=args.seed,
+        device=device,
+        progress=args.progress,
+    ).cpu()
     features = None
     if args.feature_weights is not None:
         from debias.pipeline.evaluate import inception_features
@@ -396,27 +425,42 @@ def _evaluate(args: argparse.Namespace) -> int:
             return inception_features(x, args.feature_weights)
 
     report = evaluate(
-        model, schedule, data.images, data.labels, samples, args.out, feature_net=features,
-        seed=args.seed, progress=args.progress,
-    )  # fmt: skip
+        model,
+        schedule,
+        data.images,
+        data.labels,
+        samples,
+        args.out,
+        feature_net=features,
+        seed=args.seed,
+        progress=args.progress,
+    )
     prdc, shift = report.get("prdc"), report["channel_shift"]
-    print(f"{args.n} samples of {args.ckpt} (step {meta['step']}) against {len(data)} "
-          f"training images, features: {report['feature_space']}")  # fmt: skip
+    print(
+        f"{args.n} samples of {args.ckpt} (step {meta['step']}) against {len(data)} "
+        f"training images, features: {report['feature_space']}"
+    )
     if report.get("fd") is not None:
         print(f"Fréchet distance {report['fd']:.4g}")
     else:
         print(f"Fréchet distance unavailable: {report.get('fd_unavailable')}")
     if prdc is not None:
-        print("precision {precision:.3f}  recall {recall:.3f}  density {density:.3f}  "
-              "coverage {coverage:.3f}  (k={k})".format(**prdc))  # fmt: skip
+        print(
+            "precision {precision:.3f}  recall {recall:.3f}  density {density:.3f}  "
+            "coverage {coverage:.3f}  (k={k})".format(**prdc)
+        )
     shares = report.get("class_proportions")
     if shares is not None:
-        print(f"class shares, samples vs data: majority class {shares['majority']} "
-              f"{shares['samples'][shares['majority']]:.3f} vs "
-              f"{shares['data'][shares['majority']]:.3f} (shift {shares['majority_shift']:+.3f}), "
-              f"total variation {shares['total_variation']:.3f}")  # fmt: skip
-    print("channel mean shift (samples - data): "
-          + ", ".join(f"{v:+.4f}" for v in shift["mean_shift"]))  # fmt: skip
+        print(
+            f"class shares, samples vs data: majority class {shares['majority']} "
+            f"{shares['samples'][shares['majority']]:.3f} vs "
+            f"{shares['data'][shares['majority']]:.3f} (shift {shares['majority_shift']:+.3f}), "
+            f"total variation {shares['total_variation']:.3f}"
+        )
+    print(
+        "channel mean shift (samples - data): "
+        + ", ".join(f"{v:+.4f}" for v in shift["mean_shift"])
+    )
     print(f"wrote {args.out}/evaluation.json, timesteps.csv, timesteps.png")
     return 0
 
@@ -429,25 +473,35 @@ def _sampling_methods() -> tuple[str, ...]:
 
 def _add_sampling_args(parser, *, n_default: int, out_default: str) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
-    parser.add_argument("--n", type=_positive_int, default=n_default,
-                        help=f"samples (default: {n_default})")  # fmt: skip
-    parser.add_argument("--steps", type=_positive_int, default=None,
-                        help="sampler steps, respaced (default: all T)")  # fmt: skip
     parser.add_argument(
-        "--method", default=None, choices=_sampling_methods(),
+        "--n", type=_positive_int, default=n_default, help=f"samples (default: {n_default})"
+    )
+    parser.add_argument(
+        "--steps", type=_positive_int, default=None, help="sampler steps, respaced (default: all T)"
+    )
+    parser.add_argument(
+        "--method",
+        default=None,
+        choices=_sampling_methods(),
         help="ddpm (ancestral; learned variance when trained with it), ddim, dpm++2m "
         "(DPM-Solver++ 2M), unipc; flow models: euler, heun (default: ddpm, or euler for flow)",
-    )  # fmt: skip
+    )
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
-    parser.add_argument("--member", default="", choices=("", "a", "b"),
-                        help="which model of a two-model run")  # fmt: skip
-    parser.add_argument("--raw-weights", action="store_true",
-                        help="use the raw weights instead of the EMA")  # fmt: skip
+    parser.add_argument(
+        "--member", default="", choices=("", "a", "b"), help="which model of a two-model run"
+    )
+    parser.add_argument(
+        "--raw-weights", action="store_true", help="use the raw weights instead of the EMA"
+    )
     parser.add_argument("--device", help="cpu, cuda, ... (default: a GPU if there is one)")
     parser.add_argument("--out", default=out_default, help=f"output (default: {out_default})")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                        help="progress bar on stderr (default: on)")  # fmt: skip
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bar on stderr (default: on)",
+    )
 
 
 def _add_sample(sub) -> None:
@@ -455,8 +509,12 @@ def _add_sample(sub) -> None:
         "sample", help="draw samples from a checkpoint: a PNG grid and an .npz of the arrays"
     )
     _add_sampling_args(sample, n_default=64, out_default="samples.png")
-    sample.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="model batch size (default: all at once)")  # fmt: skip
+    sample.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="model batch size (default: all at once)",
+    )
     sample.set_defaults(func=_sample)
 
 
@@ -468,10 +526,11 @@ def _add_evaluate(sub) -> None:
     )
     _add_sampling_args(evaluate, n_default=512, out_default="runs/evaluate")
     evaluate.add_argument(
-        "--feature-weights", metavar="PATH",
+        "--feature-weights",
+        metavar="PATH",
         help="a local TorchScript feature extractor (e.g. Inception) for FD and PRDC; "
         "default: a small classifier trained on the run's data",
-    )  # fmt: skip
+    )
     evaluate.set_defaults(func=_evaluate)
 
 
@@ -484,12 +543,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sample(sub)
     _add_evaluate(sub)
     _add_score(sub)
-    _add_module(sub, "study", "debias.pipeline.study",
-                "each paper's claim as one command: train a grid over seeds, evaluate it, write "
-                "study.json, study.md and plots to OUT/study-NAME/ (resumable)")  # fmt: skip
-    _add_module(sub, "info", "debias.info",
-                "versions, compiled kernels, CPU features, backends and GPU (--json for bug "
-                "reports)")  # fmt: skip
+    _add_module(
+        sub,
+        "study",
+        "debias.pipeline.study",
+        "each paper's claim as one command: train a grid over seeds, evaluate it, write "
+        "study.json, study.md and plots to OUT/study-NAME/ (resumable)",
+    )
+    _add_module(
+        sub,
+        "info",
+        "debias.info",
+        "versions, compiled kernels, CPU features, backends and GPU (--json for bug reports)",
+    )
     return parser
 
 

@@ -16,8 +16,12 @@ from debias.ops import _backend
 CPU = torch.device("cpu")
 CPU_BACKENDS = ("torch", "cpu", "triton")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-             torch.float64: "fp64"}  # fmt: skip
+DTYPE_IDS = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+}
 
 
 def skip_unless_backend(backend: str, device: torch.device = CPU) -> None:
@@ -34,6 +38,18 @@ def backend(request) -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after): the pipeline's models are tiny, a
+    second thread buys nothing, and on a shared 2-core machine two spinning OpenMP threads per
+    process can slow a step 50x. Files of such tests set
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def step_indices(scheduler, timesteps) -> list[int]:

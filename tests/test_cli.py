@@ -68,10 +68,24 @@ def test_score_arrays(arrays, tmp_path, capsys):
 def test_score_pt_and_two_models(arrays, tmp_path):
     out = tmp_path / "b"
     argv = [
-        "score", "--samples", str(arrays / "samples.pt"), "--train", str(arrays / "train.npy"),
-        "--samples-b", str(arrays / "samples_b.npy"), "--train-b", str(arrays / "train_b.npy"),
-        "--out", str(out), "--threshold", "0.5", "--delta", "0.3", "--metric", "standardized",
-    ]  # fmt: skip
+        "score",
+        "--samples",
+        str(arrays / "samples.pt"),
+        "--train",
+        str(arrays / "train.npy"),
+        "--samples-b",
+        str(arrays / "samples_b.npy"),
+        "--train-b",
+        str(arrays / "train_b.npy"),
+        "--out",
+        str(out),
+        "--threshold",
+        "0.5",
+        "--delta",
+        "0.3",
+        "--metric",
+        "standardized",
+    ]
     assert main(argv + FAST) == 0
     report = _report(out)
     assert report["gu"]["threshold"] == 0.5 and report["carlini"]["delta"] == 0.3
@@ -116,10 +130,19 @@ def test_rgb_images_and_sizes(tmp_path):
 
 def test_bad_path_exits_2():
     bad = subprocess.run(
-        [sys.executable, "-m", "debias.cli", "score", "--samples", "missing.npy", "--train",
-         "x.npy"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "debias.cli",
+            "score",
+            "--samples",
+            "missing.npy",
+            "--train",
+            "x.npy",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert (
         bad.stderr.strip() == "debias score: error: --samples: no such file or folder: missing.npy"

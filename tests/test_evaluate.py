@@ -148,15 +148,6 @@ def test_frechet_errors():
         E.frechet_distance(torch.randn(5, 3), torch.full((5, 3), math.inf))
 
 
-@pytest.fixture
-def one_thread():
-    """Small convolutions run faster on one thread than on two cores shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---- feature network ----------------------------------------------------------------------
 
 

@@ -220,9 +220,16 @@ def test_zero_terminal_snr_debias_weighting(backend):
     assert torch.isfinite(capped)
     # The cap is the weight at t = T-1 (sample 1): 1e3 times the plain MSE there.
     per_sample = debias.fused_loss(
-        model_pred.detach(), noise, timesteps, noise_scheduler, "debias", "epsilon",
-        reduction="none", backend=backend, max_weight=1e3,
-    )  # fmt: skip
+        model_pred.detach(),
+        noise,
+        timesteps,
+        noise_scheduler,
+        "debias",
+        "epsilon",
+        reduction="none",
+        backend=backend,
+        max_weight=1e3,
+    )
     mse = F.mse_loss(model_pred.detach(), noise, reduction="none").mean(dim=(1, 2, 3))
     torch.testing.assert_close(per_sample[1], 1e3 * mse[1], rtol=RTOL, atol=0)
     assert all(torch.isfinite(p.grad).all() for p in unet.parameters())
@@ -399,7 +406,7 @@ def make_flow_batch(noise_scheduler, weighting_scheme, seed: int = 1):
 def flow_script_step(
     script, transformer, noise_scheduler_copy, model_input, noise, timesteps, cond,
     weighting_scheme, with_prior_preservation=False, precondition_outputs=False,
-):  # fmt: skip
+):
     """The scripts' training step from the timesteps on; (noisy_model_input, loss) after
     backward. With prior preservation the batch is instance images then class images;
     precondition_outputs is the SD3 script's option."""
@@ -525,9 +532,15 @@ def test_flow_step_matches_diffusers(script, weighting_scheme, shift, backend):
     model_input, noise, timesteps, cond = make_flow_batch(noise_scheduler_copy, weighting_scheme)
 
     noisy_model_input, want_loss = flow_script_step(
-        script, transformer, noise_scheduler_copy, model_input, noise, timesteps, cond,
+        script,
+        transformer,
+        noise_scheduler_copy,
+        model_input,
+        noise,
+        timesteps,
+        cond,
         weighting_scheme,
-    )  # fmt: skip
+    )
     want_grads = take_grads(transformer)
 
     noisy, returned = debias.add_noise(
@@ -565,9 +578,16 @@ def test_flow_prior_preservation_matches_diffusers(script, weighting_scheme, bac
     model_input, noise, timesteps, cond = make_flow_batch(noise_scheduler_copy, weighting_scheme)
 
     _, want_loss = flow_script_step(
-        script, transformer, noise_scheduler_copy, model_input, noise, timesteps, cond,
-        weighting_scheme, with_prior_preservation=True,
-    )  # fmt: skip
+        script,
+        transformer,
+        noise_scheduler_copy,
+        model_input,
+        noise,
+        timesteps,
+        cond,
+        weighting_scheme,
+        with_prior_preservation=True,
+    )
     want_grads = take_grads(transformer)
 
     noisy, _ = debias.add_noise(
@@ -575,9 +595,15 @@ def test_flow_prior_preservation_matches_diffusers(script, weighting_scheme, bac
     )
     model_pred = flow_model_pred(script, transformer, noisy, timesteps, cond)
     per_sample = debias.fused_loss(
-        model_pred, noise, timesteps, noise_scheduler_copy, weighting=weighting_scheme,
-        x0=model_input, reduction="none", backend=backend,
-    )  # fmt: skip
+        model_pred,
+        noise,
+        timesteps,
+        noise_scheduler_copy,
+        weighting=weighting_scheme,
+        x0=model_input,
+        reduction="none",
+        backend=backend,
+    )
     assert per_sample.shape == (FLOW_BATCH,)
     instance_loss, prior_loss = per_sample.chunk(2)
     loss = instance_loss.mean() + PRIOR_LOSS_WEIGHT * prior_loss.mean()
@@ -600,9 +626,16 @@ def test_sd3_precondition_outputs_matches_diffusers(shift, output, backend):
     model_input, noise, timesteps, cond = make_flow_batch(noise_scheduler_copy, "sigma_sqrt")
 
     _, want_loss = flow_script_step(
-        "sd3", transformer, noise_scheduler_copy, model_input, noise, timesteps, cond,
-        "sigma_sqrt", precondition_outputs=True,
-    )  # fmt: skip
+        "sd3",
+        transformer,
+        noise_scheduler_copy,
+        model_input,
+        noise,
+        timesteps,
+        cond,
+        "sigma_sqrt",
+        precondition_outputs=True,
+    )
     want_grads = take_grads(transformer)
 
     noisy, _ = debias.add_noise(
@@ -614,9 +647,15 @@ def test_sd3_precondition_outputs_matches_diffusers(shift, output, backend):
         sigmas = get_sigmas(noise_scheduler_copy, timesteps, model_input.ndim, model_input.dtype)
         model_pred, prediction = model_pred * (-sigmas) + noisy, "sample"
     loss = debias.fused_loss(
-        model_pred, noise, timesteps, noise_scheduler_copy, weighting="none",
-        prediction=prediction, x0=model_input, backend=backend,
-    )  # fmt: skip
+        model_pred,
+        noise,
+        timesteps,
+        noise_scheduler_copy,
+        weighting="none",
+        prediction=prediction,
+        x0=model_input,
+        backend=backend,
+    )
     loss.backward()
 
     # On F debias never forms D; the script rounds D = x_t - sigma F before subtracting x0,
@@ -744,9 +783,15 @@ def test_sdxl_edm_step_matches_diffusers(prediction_type, output, backend):
     if output == "denoised":
         model_pred = noise_scheduler.precondition_outputs(noisy, model_pred, sigmas)
     loss = debias.fused_loss(
-        model_pred, noise, timesteps, noise_scheduler, weighting=unweighted_x0,
-        prediction="sample" if output == "denoised" else "raw", x0=model_input, backend=backend,
-    )  # fmt: skip
+        model_pred,
+        noise,
+        timesteps,
+        noise_scheduler,
+        weighting=unweighted_x0,
+        prediction="sample" if output == "denoised" else "raw",
+        x0=model_input,
+        backend=backend,
+    )
     loss.backward()
 
     torch.testing.assert_close(loss.detach(), want_loss, rtol=RTOL, atol=ATOL)
@@ -773,9 +818,15 @@ def test_sdxl_edm_style_euler_step_matches_diffusers(prediction_type, backend):
     model_pred = unet(inp_noisy_latents, timesteps).sample
     model_pred = sdxl_edm_denoised(noise_scheduler, noisy_model_input, model_pred, sigmas)
     loss = debias.fused_loss(
-        model_pred, noise, timesteps.long(), noise_scheduler, weighting="constant",
-        prediction="sample", x0=model_input, backend=backend,
-    )  # fmt: skip
+        model_pred,
+        noise,
+        timesteps.long(),
+        noise_scheduler,
+        weighting="constant",
+        prediction="sample",
+        x0=model_input,
+        backend=backend,
+    )
     loss.backward()
 
     torch.testing.assert_close(loss.detach(), want_loss, rtol=RTOL, atol=ATOL)
@@ -828,9 +879,12 @@ def test_kohya_weightings_reproduced(function, prediction_type, backend):
     timestep, and fused_loss(reduction="none") its weighted per-sample loss. "debias" itself
     differs from apply_debiased_estimation where snr > 1000 and, for v, by 1/sqrt(snr)."""
     noise_scheduler = DDPMScheduler(
-        num_train_timesteps=T, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=T,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
         prediction_type=prediction_type,
-    )  # fmt: skip
+    )
     v_prediction = prediction_type == "v_prediction"
     weighting, options = KOHYA_EQUIVALENTS[function, prediction_type]
     timesteps = torch.arange(T)
@@ -856,9 +910,16 @@ def test_kohya_weightings_reproduced(function, prediction_type, backend):
     mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean([1, 2, 3])
     want_loss = mse * kohya_weight(function, kohya_all_snr(noise_scheduler), t, v_prediction)
     loss = debias.fused_loss(
-        pred, noise, t, noise_scheduler, weighting, x0=latents, reduction="none",
-        backend=backend, **options,
-    )  # fmt: skip
+        pred,
+        noise,
+        t,
+        noise_scheduler,
+        weighting,
+        x0=latents,
+        reduction="none",
+        backend=backend,
+        **options,
+    )
     torch.testing.assert_close(loss, want_loss, rtol=RTOL, atol=ATOL)
 
 

@@ -79,8 +79,18 @@ def test_add_noise_special_values_round_like_torch(backend, dtype):
     """NaN, infinities, the largest finite value (its product rounds past it), subnormals and
     -0 go through the kernel's rounding exactly as through torch's."""
     info = torch.finfo(dtype)
-    special = [float("nan"), float("inf"), -float("inf"), info.max, -info.max, info.tiny / 3,
-               -0.0, 0.0, 1.0, info.eps]  # fmt: skip
+    special = [
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        info.max,
+        -info.max,
+        info.tiny / 3,
+        -0.0,
+        0.0,
+        1.0,
+        info.eps,
+    ]
     x0 = torch.tensor(special, dtype=torch.float64).to(dtype).view(-1, 1).repeat(1, 37)
     noise = x0.flip(0)
     t = torch.arange(len(special)) * 100
@@ -266,10 +276,12 @@ def test_philox_stream_equal_across_backends():
     skip_unless_backend("cpu")
     key = torch.tensor([0x0123456789ABCDEF, -7])
     shape = [3, 5, 7, 11]
-    cpu = debias.ops.noise_loss._philox_normal_impl(key, shape, torch.float32, torch.device("cpu"),
-                                               "cpu")  # fmt: skip
-    ref = debias.ops.noise_loss._philox_normal_impl(key, shape, torch.float32, torch.device("cpu"),
-                                               "torch")  # fmt: skip
+    cpu = debias.ops.noise_loss._philox_normal_impl(
+        key, shape, torch.float32, torch.device("cpu"), "cpu"
+    )
+    ref = debias.ops.noise_loss._philox_normal_impl(
+        key, shape, torch.float32, torch.device("cpu"), "torch"
+    )
     # the same stream up to float rounding of log, sin and cos
     torch.testing.assert_close(cpu, ref, rtol=4e-6, atol=1e-6)
     if "triton" in _backend.available(CPU):
@@ -292,14 +304,17 @@ def _cpu_uses_fma() -> bool:
 
 def _stream(backend, numel, seed=1234, offset=0):
     key = torch.tensor([seed, offset])
-    return debias.ops.noise_loss._philox_normal_impl(key, [numel], torch.float64,
-                                                torch.device("cpu"), backend)  # fmt: skip
+    return debias.ops.noise_loss._philox_normal_impl(
+        key, [numel], torch.float64, torch.device("cpu"), backend
+    )
 
 
 def test_philox_statistics(backend):
     if backend == "triton":
-        pytest.skip("slow in the interpreter; the Triton stream is compared with the cpu one in "
-                    "test_philox_stream_equal_across_backends")  # fmt: skip
+        pytest.skip(
+            "slow in the interpreter; the Triton stream is compared with the cpu one in "
+            "test_philox_stream_equal_across_backends"
+        )
     scipy_stats = pytest.importorskip("scipy.stats")
     n = 1 << 20
     x = _stream(backend, n)
@@ -321,8 +336,10 @@ def test_philox_statistics(backend):
 
 def test_philox_independent_across_keys(backend):
     if backend == "triton":
-        pytest.skip("slow in the interpreter; the Triton stream is compared with the cpu one in "
-                    "test_philox_stream_equal_across_backends")  # fmt: skip
+        pytest.skip(
+            "slow in the interpreter; the Triton stream is compared with the cpu one in "
+            "test_philox_stream_equal_across_backends"
+        )
     n = 1 << 18
     a, b, c = _stream(backend, n, 1), _stream(backend, n, 2), _stream(backend, n, 1, offset=1)
     for other in (b, c):
@@ -437,8 +454,14 @@ def test_triton_kernels_compile_for_hopper(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # Run outside the source tree, which has debias/ but not debias/triton_kernels/: the
     # installed package maps triton_kernels/ there.
-    run = subprocess.run([sys.executable, "-c", _HOPPER_BUILD], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", _HOPPER_BUILD],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     counts = json.loads(run.stdout.strip().splitlines()[-1])
     for kernel, count in counts.items():
@@ -778,8 +801,9 @@ def test_non_contiguous_inputs(backend):
     (a + b).backward()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(p_cl.grad, p.grad, rtol=0, atol=0)
-    x_t, _ = debias.add_noise(x0.to(memory_format=torch.channels_last), t, SCHEDULE, noise=wide,
-                              backend=backend)  # fmt: skip
+    x_t, _ = debias.add_noise(
+        x0.to(memory_format=torch.channels_last), t, SCHEDULE, noise=wide, backend=backend
+    )
     assert torch.equal(x_t, debias.add_noise(x0, t, SCHEDULE, noise=noise, backend=backend)[0])
 
 
@@ -1097,9 +1121,16 @@ def test_gpu_beyond_2_31_elements(gpu_backend, gpu_design, poisoned):
     key_gen = torch.Generator().manual_seed(7)
     x_t, noise = debias.add_noise(x0, t, SCHEDULE, generator=key_gen, backend=gpu_backend)
     loss = debias.fused_loss(
-        pred, noise, t, SCHEDULE, "debias", prediction, x0=x0, reduction="none",
+        pred,
+        noise,
+        t,
+        SCHEDULE,
+        "debias",
+        prediction,
+        x0=x0,
+        reduction="none",
         backend=gpu_backend,
-    )  # fmt: skip
+    )
     loss.backward(grad_out)
     _assert_finite(x_t=x_t, loss=loss, grad=pred.grad)
 
@@ -1113,8 +1144,9 @@ def test_gpu_beyond_2_31_elements(gpu_backend, gpu_design, poisoned):
     _assert_within("x_t", x_t[rows], x_t_oracle, x_t_base, dtype)
 
     p_ref = pred.detach()[rows].clone().requires_grad_(True)
-    base = reference.noise_loss(p_ref, eps, t_s, w64.float(), x0_s, _abar(dtype), prediction,
-                                "none")  # fmt: skip
+    base = reference.noise_loss(
+        p_ref, eps, t_s, w64.float(), x0_s, _abar(dtype), prediction, "none"
+    )
     base.backward(go_s)
     p_64 = pred.detach()[rows].double().requires_grad_(True)
     oracle = reference.noise_loss(p_64, target, t_s, w64, reduction="none")
@@ -1129,10 +1161,12 @@ def test_learned_variance_mean_channels_read_in_place(backend, design):
     x0, noise, _, t = _inputs((3, 4, 6, 5), torch.float32)
     out = torch.randn(3, 8, 6, 5, requires_grad=True)
     copy = out.detach()[:, :4].clone().requires_grad_(True)
-    a = debias.fused_loss(out[:, :4], noise, t, SCHEDULE, "debias", "v_prediction", x0=x0,
-                          backend=backend)  # fmt: skip
-    b = debias.fused_loss(copy, noise, t, SCHEDULE, "debias", "v_prediction", x0=x0,
-                          backend=backend)  # fmt: skip
+    a = debias.fused_loss(
+        out[:, :4], noise, t, SCHEDULE, "debias", "v_prediction", x0=x0, backend=backend
+    )
+    b = debias.fused_loss(
+        copy, noise, t, SCHEDULE, "debias", "v_prediction", x0=x0, backend=backend
+    )
     (a + b).backward()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(out.grad[:, :4], copy.grad, rtol=0, atol=0)

@@ -30,14 +30,7 @@ TINY_ARGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: a second thread buys nothing, and on a shared 2-core machine
-    two spinning OpenMP threads per process can slow a step 50x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -52,17 +45,42 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def test_cli_train_writes_a_complete_run(tmp_path, capsys):
-    args = ["train", "--out", str(tmp_path), "--name", "r", "--steps", "20", "--log-every", "5",
-            "--eval-every", "10", "--sample-every", "10", "--checkpoint-every", "10",
-            "--monitor-every", "10", *TINY_ARGS]  # fmt: skip
+    args = [
+        "train",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "r",
+        "--steps",
+        "20",
+        "--log-every",
+        "5",
+        "--eval-every",
+        "10",
+        "--sample-every",
+        "10",
+        "--checkpoint-every",
+        "10",
+        "--monitor-every",
+        "10",
+        *TINY_ARGS,
+    ]
     assert cli.main(args) == 0
     run = tmp_path / "r"
     expected = [
-        "config.json", "metrics.csv", "metrics.jsonl", "monitor.csv", "monitor.json",
-        "monitor.png", "summary.json", "samples/step_0000010.png", "samples/step_0000020.png",
-        "checkpoints/last.safetensors", "checkpoints/step_0000010.safetensors",
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "monitor.csv",
+        "monitor.json",
+        "monitor.png",
+        "summary.json",
+        "samples/step_0000010.png",
+        "samples/step_0000020.png",
+        "checkpoints/last.safetensors",
+        "checkpoints/step_0000010.safetensors",
         "checkpoints/step_0000020.safetensors",
-    ]  # fmt: skip
+    ]
     for name in expected:
         assert (run / name).is_file(), name
     rows = _rows(run)
@@ -82,20 +100,51 @@ def test_cli_train_writes_a_complete_run(tmp_path, capsys):
     assert not model.training
 
     grid = tmp_path / "grid.png"
-    assert cli.main(["sample", "--ckpt", str(run), "--steps", "4", "--n", "9",
-                     "--out", str(grid), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--ckpt",
+                str(run),
+                "--steps",
+                "4",
+                "--n",
+                "9",
+                "--out",
+                str(grid),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert grid.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = torch.from_numpy(__import__("numpy").load(grid.with_suffix(".npz"))["samples"])
     assert first.shape == (9, 1, 8, 8) and torch.isfinite(first).all()
-    assert cli.main(["sample", "--ckpt", str(run), "--steps", "4", "--n", "9",
-                     "--out", str(grid), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "sample",
+                "--ckpt",
+                str(run),
+                "--steps",
+                "4",
+                "--n",
+                "9",
+                "--out",
+                str(grid),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     again = torch.from_numpy(__import__("numpy").load(grid.with_suffix(".npz"))["samples"])
     assert torch.equal(first, again), "the same seed must give the same samples"
 
 
 def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
-    common = dict(TINY, steps=16, log_every=1, eval_every=4, sample_every=0, monitor_every=0,
-                  dropout=0.1)  # fmt: skip
+    common = dict(
+        TINY, steps=16, log_every=1, eval_every=4, sample_every=0, monitor_every=0, dropout=0.1
+    )
     train(TrainConfig(**common, checkpoint_every=8), tmp_path / "full", progress=False)
     train(TrainConfig(**{**common, "steps": 8}), tmp_path / "cut", progress=False)
     train(TrainConfig(**common), tmp_path / "cut", resume=True, progress=False)
@@ -112,8 +161,9 @@ def test_resume_gives_the_uninterrupted_loss_sequence(tmp_path):
 
 
 def test_two_model_run_resumes_exactly(tmp_path):
-    common = dict(TINY, steps=6, log_every=1, eval_every=3, sample_every=0, monitor_every=3,
-                  two_models=True)  # fmt: skip
+    common = dict(
+        TINY, steps=6, log_every=1, eval_every=3, sample_every=0, monitor_every=3, two_models=True
+    )
     train(TrainConfig(**common), tmp_path / "full", progress=False)
     train(TrainConfig(**{**common, "steps": 3}), tmp_path / "cut", progress=False)
     train(TrainConfig(**common), tmp_path / "cut", resume=True, progress=False)
@@ -131,9 +181,29 @@ def test_two_model_run_resumes_exactly(tmp_path):
 
 def test_ctrl_c_saves_and_resume_continues(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "debias.cli", "train", "--out", str(tmp_path), "--name", "run",
-           "--steps", "100000", "--log-every", "1", "--eval-every", "0", "--sample-every", "0",
-           "--monitor-every", "0", "--checkpoint-every", "0", *TINY_ARGS]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "debias.cli",
+        "train",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "run",
+        "--steps",
+        "100000",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        "--sample-every",
+        "0",
+        "--monitor-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        *TINY_ARGS,
+    ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ONE_THREAD
     )
@@ -155,8 +225,9 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    config = TrainConfig(**TINY, steps=12, checkpoint_every=5, eval_every=0, sample_every=0,
-                         monitor_every=0)  # fmt: skip
+    config = TrainConfig(
+        **TINY, steps=12, checkpoint_every=5, eval_every=0, sample_every=0, monitor_every=0
+    )
     trainer = Trainer(config, tmp_path, progress=False)
     model = trainer.members[0].model
     forward = model.forward
@@ -259,11 +330,22 @@ def test_train_size_larger_than_the_split_is_an_error(tmp_path):
 
 
 def _monitor_run(tmp_path: Path, name: str, **overrides) -> dict:
-    config = TrainConfig(**{
-        **TINY, "num_timesteps": 1000, "steps": 600, "lr": 2e-3, "log_every": 100,
-        "eval_every": 200, "sample_every": 0, "checkpoint_every": 0, "monitor_every": 200,
-        "monitor_samples": 32, "sample_steps": 20, **overrides,
-    })  # fmt: skip
+    config = TrainConfig(
+        **{
+            **TINY,
+            "num_timesteps": 1000,
+            "steps": 600,
+            "lr": 2e-3,
+            "log_every": 100,
+            "eval_every": 200,
+            "sample_every": 0,
+            "checkpoint_every": 0,
+            "monitor_every": 200,
+            "monitor_samples": 32,
+            "sample_steps": 20,
+            **overrides,
+        }
+    )
     return train(config, tmp_path / name, progress=False)
 
 
@@ -281,11 +363,21 @@ def test_monitor_flags_a_run_forced_to_memorize(tmp_path):
 
 
 def test_stop_on_memorization_stops_the_run(tmp_path):
-    config = TrainConfig(**{
-        **TINY, "steps": 400, "train_size": 2, "lr": 3e-3, "log_every": 50, "eval_every": 50,
-        "monitor_every": 50, "sample_every": 0, "checkpoint_every": 0, "sample_steps": 10,
-        "stop_on_memorization": True,
-    })  # fmt: skip
+    config = TrainConfig(
+        **{
+            **TINY,
+            "steps": 400,
+            "train_size": 2,
+            "lr": 3e-3,
+            "log_every": 50,
+            "eval_every": 50,
+            "monitor_every": 50,
+            "sample_every": 0,
+            "checkpoint_every": 0,
+            "sample_steps": 10,
+            "stop_on_memorization": True,
+        }
+    )
     summary = train(config, tmp_path / "stop", progress=False)
     assert summary["status"].startswith("memorization detected")
     assert summary["step"] < 400
@@ -302,11 +394,37 @@ def _free_port() -> int:
 
 
 def test_ddp_with_gloo_and_two_processes(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(_free_port()), "-m", "debias.cli", "train", "--out",
-           str(tmp_path), "--name", "ddp", "--steps", "6", "--log-every", "2", "--eval-every",
-           "3", "--checkpoint-every", "3", "--monitor-every", "3", "--sample-every", "3",
-           "--device", "cpu", *TINY_ARGS]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "debias.cli",
+        "train",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "ddp",
+        "--steps",
+        "6",
+        "--log-every",
+        "2",
+        "--eval-every",
+        "3",
+        "--checkpoint-every",
+        "3",
+        "--monitor-every",
+        "3",
+        "--sample-every",
+        "3",
+        "--device",
+        "cpu",
+        *TINY_ARGS,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=ONE_THREAD, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "ddp"
@@ -322,9 +440,23 @@ def test_ddp_with_gloo_and_two_processes(tmp_path):
 
 def test_cli_evaluate_and_two_model_sampling(tmp_path, capsys):
     args = [
-        "train", "--out", str(tmp_path), "--name", "ab", "--steps", "4", "--two-models", "--bf16",
-        "--eval-every", "0", "--monitor-every", "0", "--sample-every", "0", *TINY_ARGS,
-    ]  # fmt: skip
+        "train",
+        "--out",
+        str(tmp_path),
+        "--name",
+        "ab",
+        "--steps",
+        "4",
+        "--two-models",
+        "--bf16",
+        "--eval-every",
+        "0",
+        "--monitor-every",
+        "0",
+        "--sample-every",
+        "0",
+        *TINY_ARGS,
+    ]
     assert cli.main(args) == 0
     run = tmp_path / "ab"
     assert (run / "checkpoints" / "last.safetensors").is_file()
@@ -341,8 +473,25 @@ def test_cli_evaluate_and_two_model_sampling(tmp_path, capsys):
     assert a.shape == b.shape == (4, 1, 8, 8) and not np.array_equal(a, b)
 
     out = tmp_path / "eval"
-    assert cli.main(["evaluate", "--ckpt", str(run), "--member", "b", "--n", "24", "--steps",
-                     "3", "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            [
+                "evaluate",
+                "--ckpt",
+                str(run),
+                "--member",
+                "b",
+                "--n",
+                "24",
+                "--steps",
+                "3",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "evaluation.json").read_text())
     assert report["n_samples"] == 24 and report["fd"] is not None and report["fd"] >= 0
     assert set(report["prdc"]) >= {"precision", "recall", "density", "coverage"}
@@ -358,10 +507,18 @@ def test_cli_evaluate_and_two_model_sampling(tmp_path, capsys):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
 def test_training_on_a_gpu_with_bf16_autocast(tmp_path, prediction):
-    config = TrainConfig(**{
-        **TINY, "steps": 12, "log_every": 1, "eval_every": 6, "monitor_every": 6,
-        "sample_every": 6, "checkpoint_every": 6, "prediction": prediction,
-    })  # fmt: skip
+    config = TrainConfig(
+        **{
+            **TINY,
+            "steps": 12,
+            "log_every": 1,
+            "eval_every": 6,
+            "monitor_every": 6,
+            "sample_every": 6,
+            "checkpoint_every": 6,
+            "prediction": prediction,
+        }
+    )
     cut = {**config.to_dict(), "steps": 6}
     trainer = Trainer(TrainConfig(**cut), tmp_path, device="cuda", progress=False)
     assert trainer.bf16 and next(trainer.members[0].model.parameters()).is_cuda

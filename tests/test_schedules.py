@@ -77,7 +77,7 @@ def test_flow_dynamic_shifting_trains_on_the_unshifted_tables():
     [{}, {"num_train_timesteps": 7}, {"sigma_min": 0.01, "sigma_max": 50.0, "rho": 5.0,
                                       "sigma_data": 1.0, "num_train_timesteps": 33}],
     ids=["default", "T7", "custom"],
-)  # fmt: skip
+)
 def test_edm_tables_equal_diffusers(kwargs):
     theirs = EDMEulerScheduler(**kwargs)
     T = theirs.config.num_train_timesteps
@@ -304,9 +304,13 @@ def test_flow_sample_timesteps_equal_the_scripts(scheme, shift, T):
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
     g = torch.Generator().manual_seed(7)
     u = compute_density_for_timestep_sampling(
-        weighting_scheme=scheme, batch_size=64, logit_mean=0.3, logit_std=1.5, mode_scale=1.29,
+        weighting_scheme=scheme,
+        batch_size=64,
+        logit_mean=0.3,
+        logit_std=1.5,
+        mode_scale=1.29,
         generator=g,
-    )  # fmt: skip
+    )
     expected = scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()]
     g.manual_seed(7)
     ours = sample_timesteps(64, scheduler, scheme, logit_mean=0.3, logit_std=1.5, generator=g)
@@ -373,7 +377,10 @@ def test_sample_timesteps_bad_arguments(case):
     kwargs, err, match = case
     kwargs = dict(kwargs)
     family = kwargs.pop("family", "ddpm")
-    schedule = {"ddpm": NoiseSchedule.linear, "flow": NoiseSchedule.flow_matching,
-                "edm": NoiseSchedule.edm}[family]()  # fmt: skip
+    schedule = {
+        "ddpm": NoiseSchedule.linear,
+        "flow": NoiseSchedule.flow_matching,
+        "edm": NoiseSchedule.edm,
+    }[family]()
     with pytest.raises(err, match=match):
         sample_timesteps(**{"batch_size": 4, "schedule": schedule, **kwargs})

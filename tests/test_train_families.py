@@ -10,25 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pipeline import TINY
 
 import debias
 from debias.pipeline import train as train_mod
 from debias.pipeline.data import PALETTE, colored_digits, load_data
 from debias.pipeline.train import TrainConfig, Trainer, load_model, train
 
-TINY = dict(
-    base_channels=16, channel_mult=[1, 2], attention_resolutions=[4], num_timesteps=100,
-    batch_size=16, warmup=5, sample_steps=5, monitor_samples=16, eval_size=64,
-)  # fmt: skip
 QUIET = dict(eval_every=0, sample_every=0, monitor_every=0, checkpoint_every=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rows(run: Path) -> list[dict]:
@@ -70,8 +62,15 @@ def test_family_defaults_are_resolved_and_stored():
 
 
 def test_flow_training_uses_the_flow_schedule_and_resumes_exactly(tmp_path):
-    common = dict(TINY, **{**QUIET, "eval_every": 4}, family="flow", shift=3.0,
-                  timestep_sampling="logit_normal", steps=8, log_every=1)  # fmt: skip
+    common = dict(
+        TINY,
+        **{**QUIET, "eval_every": 4},
+        family="flow",
+        shift=3.0,
+        timestep_sampling="logit_normal",
+        steps=8,
+        log_every=1,
+    )
     train(TrainConfig(**{**common, "checkpoint_every": 4}), tmp_path / "full", progress=False)
     train(TrainConfig(**{**common, "steps": 4}), tmp_path / "cut", progress=False)
     train(TrainConfig(**common), tmp_path / "cut", resume=True, progress=False)
@@ -141,8 +140,16 @@ def test_learned_variance_is_the_hybrid_loss(tmp_path, prediction):
 
 
 def test_learned_variance_trains_samples_and_resumes(tmp_path):
-    common = dict(TINY, learn_sigma=True, steps=6, log_every=1, eval_every=3, sample_every=6,
-                  monitor_every=0, checkpoint_every=3)  # fmt: skip
+    common = dict(
+        TINY,
+        learn_sigma=True,
+        steps=6,
+        log_every=1,
+        eval_every=3,
+        sample_every=6,
+        monitor_every=0,
+        checkpoint_every=3,
+    )
     train(TrainConfig(**common), tmp_path / "full", progress=False)
     train(TrainConfig(**{**common, "steps": 3}), tmp_path / "cut", progress=False)
     train(TrainConfig(**common), tmp_path / "cut", resume=True, progress=False)
@@ -180,8 +187,16 @@ def test_colored_digits_are_the_digits_inked_from_the_palette():
 def test_report_to_tensorboard_writes_scalars_and_grids(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = TrainConfig(**TINY, steps=4, log_every=2, eval_every=2, sample_every=4,
-                         monitor_every=0, checkpoint_every=0, report_to="tensorboard")  # fmt: skip
+    config = TrainConfig(
+        **TINY,
+        steps=4,
+        log_every=2,
+        eval_every=2,
+        sample_every=4,
+        monitor_every=0,
+        checkpoint_every=0,
+        report_to="tensorboard",
+    )
     train(config, tmp_path, progress=False)
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
     events.Reload()

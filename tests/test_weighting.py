@@ -123,8 +123,9 @@ def test_min_snr_v_prediction_is_diffusers_formula():
     """diffusers: min(snr, gamma) / (snr + 1) for v-prediction."""
     s = NoiseSchedule.linear()
     expected = torch.clamp(s.snr, max=5.0) / (s.snr + 1)
-    torch.testing.assert_close(weight_table(s, "min_snr", "v_prediction"), expected, rtol=1e-14,
-                               atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        weight_table(s, "min_snr", "v_prediction"), expected, rtol=1e-14, atol=0
+    )
 
 
 def test_conversion_identities_hold_on_random_predictions():
@@ -238,8 +239,10 @@ def _weightings(schedule):
     options, plus a table and a callable (epsilon space)."""
     T = schedule.num_timesteps
     bounded = {"max_weight": 100.0} if (schedule.snr == 0).any() else {}
-    out = [(name, name, bounded if name == "debias" else {}, SPACES[name])
-           for name in FAMILY_WEIGHTINGS[schedule.family]]  # fmt: skip
+    out = [
+        (name, name, bounded if name == "debias" else {}, SPACES[name])
+        for name in FAMILY_WEIGHTINGS[schedule.family]
+    ]
     out += [
         ("p2-0.5", "p2", {"k": 1.0, "gamma": 0.5}, "epsilon"),
         ("min_snr-1-normalized", "min_snr", {"gamma": 1.0, "normalize": True}, "epsilon"),
@@ -248,8 +251,9 @@ def _weightings(schedule):
         ("callable", lambda snr: 1 / (snr + 2), {}, "epsilon"),
     ]
     if schedule.family == "edm":
-        out.append(("edm-capped-normalized", "edm", {"max_weight": 10.0, "normalize": True},
-                    "sample"))  # fmt: skip
+        out.append(
+            ("edm-capped-normalized", "edm", {"max_weight": 10.0, "normalize": True}, "sample")
+        )
     if schedule.family == "flow":
         out.append(("sigma_sqrt-normalized", "sigma_sqrt", {"normalize": True}, "flow"))
     return out
@@ -259,8 +263,9 @@ def _errors(schedule, idx, g):
     """Squared errors ``[B]`` of one network's prediction in every target's space, at
     fixed x_t (from random x0, eps and the network's eps_hat)."""
     a, s = schedule.alpha[idx][:, None], schedule.sigma[idx][:, None]
-    x0, eps, eps_hat = (torch.randn(len(idx), 10, dtype=torch.float64, generator=g)
-                        for _ in range(3))  # fmt: skip
+    x0, eps, eps_hat = (
+        torch.randn(len(idx), 10, dtype=torch.float64, generator=g) for _ in range(3)
+    )
     x_t = a * x0 + s * eps
     x0_hat = (x_t - s * eps_hat) / a
     errors = {}
@@ -291,9 +296,12 @@ def test_every_target_weighs_the_same_objective(family):
             assert w.dtype == torch.float64 and w.shape == (T,), label
             assert torch.isfinite(w).all() and (w >= 0).all(), label
             torch.testing.assert_close(
-                w[idx] * errors[prediction], objective, rtol=1e-9, atol=0,
+                w[idx] * errors[prediction],
+                objective,
+                rtol=1e-9,
+                atol=0,
                 msg=lambda m, p=prediction, n=label: f"{n} -> {p}: {m}",
-            )  # fmt: skip
+            )
 
 
 def test_flow_weightings_closed_forms():
@@ -301,10 +309,10 @@ def test_flow_weightings_closed_forms():
     sigma, snr = flow.sigma, flow.snr
     assert sigma[0] == 1 and snr[0] == 0  # t = 1000 is pure noise
     # epsilon-space weightings on the flow target: w (1 - sigma)^2
-    torch.testing.assert_close(weight_table(flow, "debias"), sigma * (1 - sigma), rtol=1e-12,
-                               atol=0)  # fmt: skip
-    torch.testing.assert_close(weight_table(flow, "constant"), (1 - sigma) ** 2, rtol=1e-15,
-                               atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        weight_table(flow, "debias"), sigma * (1 - sigma), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(weight_table(flow, "constant"), (1 - sigma) ** 2, rtol=1e-15, atol=0)
     min_snr = torch.where(snr > 0, torch.clamp(snr, max=5.0) / snr, 1.0) * (1 - sigma) ** 2
     torch.testing.assert_close(weight_table(flow, "min_snr"), min_snr, rtol=1e-13, atol=0)
     p2 = (1 + snr) ** -0.5 * (1 - sigma) ** 2
@@ -316,8 +324,9 @@ def test_flow_weightings_closed_forms():
     for name in ("none", "logit_normal", "mode"):
         assert torch.equal(weight_table(flow, name), torch.ones_like(sigma))
     # flow-space weights on other targets: ||u - u_hat||^2 = ||x0 - x0_hat||^2 / sigma^2
-    torch.testing.assert_close(weight_table(flow, "sigma_sqrt", "sample"), sigma**-4.0,
-                               rtol=1e-14, atol=0)  # fmt: skip
+    torch.testing.assert_close(
+        weight_table(flow, "sigma_sqrt", "sample"), sigma**-4.0, rtol=1e-14, atol=0
+    )
     v = weight_table(flow, "none", "v_prediction")
     torch.testing.assert_close(v, 1 / ((1 - sigma) ** 2 + sigma**2), rtol=1e-14, atol=0)
     assert v[0] == 1.0  # at sigma = 1 the v, x0 and flow errors are all the x0 error
@@ -333,8 +342,7 @@ def test_edm_weightings_closed_forms():
     torch.testing.assert_close(weight_table(edm, "edm"), lam * c_out**2, rtol=1e-14, atol=0)
     assert torch.allclose(weight_table(edm, "edm"), torch.ones_like(s), rtol=1e-14, atol=0)
     # EDM's lambda is the weight that makes the raw network output's loss uniform
-    torch.testing.assert_close(weight_table(edm, "edm", "epsilon"), lam * s**2, rtol=1e-14,
-                               atol=0)  # fmt: skip
+    torch.testing.assert_close(weight_table(edm, "edm", "epsilon"), lam * s**2, rtol=1e-14, atol=0)
     torch.testing.assert_close(weight_table(edm, "debias", "sample"), 1 / s, rtol=1e-14, atol=0)
 
 
@@ -367,8 +375,11 @@ def test_target_rows():
 
 
 def test_refusals():
-    flow, edm, ddpm = (NoiseSchedule.flow_matching(1000), NoiseSchedule.edm(),
-                       NoiseSchedule.linear())  # fmt: skip
+    flow, edm, ddpm = (
+        NoiseSchedule.flow_matching(1000),
+        NoiseSchedule.edm(),
+        NoiseSchedule.linear(),
+    )
     # epsilon-space debias is unbounded where snr = 0: every flow schedule's t = 1000
     with pytest.raises(ValueError, match=r"unbounded at timesteps \[1000.0\].*max_weight"):
         weight_table(flow, "debias", "epsilon")
@@ -424,16 +435,20 @@ def test_cached_tables():
         table, debias.weighting.loss_table(s, "debias", "flow", torch.bfloat16, {}).float()
     )
     assert cached_loss_table(s, "debias", "flow", torch.bfloat16, torch.float32, "cpu", {}) is table
-    other = cached_loss_table(s, "debias", None, torch.bfloat16, torch.float32, "cpu",
-                              {"max_weight": 0.1})  # fmt: skip
+    other = cached_loss_table(
+        s, "debias", None, torch.bfloat16, torch.float32, "cpu", {"max_weight": 0.1}
+    )
     assert other is not table and other[0].max() <= 0.1
     w64 = cached_weight_table(s, "cosmap", None, torch.float64, "cpu", {})
-    assert w64.dtype == torch.float64 and cached_weight_table(
-        s, "cosmap", None, torch.float64, "cpu", {}) is w64  # fmt: skip
+    assert (
+        w64.dtype == torch.float64
+        and cached_weight_table(s, "cosmap", None, torch.float64, "cpu", {}) is w64
+    )
     # a bad option is refused by name, not by the cache's hash
     with pytest.raises(TypeError, match="max_weight"):
-        cached_loss_table(s, "debias", None, torch.float32, torch.float32, "cpu",
-                          {"max_weight": [1.0]})  # fmt: skip
+        cached_loss_table(
+            s, "debias", None, torch.float32, torch.float32, "cpu", {"max_weight": [1.0]}
+        )
     with pytest.raises(TypeError, match="unknown option"):
         cached_weight_table(s, "debias", None, torch.float32, "cpu", {"cap": 1.0})
 
@@ -446,7 +461,6 @@ def test_module_surface():
         check_timesteps(torch.tensor([0.0]), 2)
     assert FAMILY_WEIGHTINGS["ddpm"] == ("constant", "debias", "p2", "min_snr")
     assert "cosmap" in FAMILY_WEIGHTINGS["flow"] and "edm" in FAMILY_WEIGHTINGS["edm"]
-    assert debias.schedules.PREDICTION_TYPES == ("epsilon", "v_prediction", "sample", "flow",
-                                                 "raw")  # fmt: skip
+    assert debias.schedules.PREDICTION_TYPES == ("epsilon", "v_prediction", "sample", "flow", "raw")
     assert debias.weighting.resolve_prediction(NoiseSchedule.edm(), "denoised") == "sample"
     assert debias.weighting.resolve_prediction(NoiseSchedule.flow_matching(), None) == "flow"

@@ -87,8 +87,12 @@ _TENSOR_FIELDS = tuple(name for name, tp in _FIELD_TYPES.items() if "Tensor" in 
 
 def _schema(head: str, tail: str) -> str:
     """A custom op schema with LossArgs' fields between ``head`` and ``tail`` arguments."""
-    types = {"torch.Tensor": "Tensor", "torch.Tensor | None": "Tensor?", "int": "int",
-             "torch.dtype": "ScalarType"}  # fmt: skip
+    types = {
+        "torch.Tensor": "Tensor",
+        "torch.Tensor | None": "Tensor?",
+        "int": "int",
+        "torch.dtype": "ScalarType",
+    }
     fields = ", ".join(f"{types[tp]} {name}" for name, tp in _FIELD_TYPES.items())
     return f"({head}, {fields}, {tail})"
 

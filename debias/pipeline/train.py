@@ -141,8 +141,17 @@ RESUMABLE = frozenset(
 
 
 def _check_config(c: TrainConfig) -> None:
-    for name in ("base_channels", "num_res_blocks", "num_timesteps", "steps", "batch_size",
-                 "log_every", "eval_size", "sample_steps", "monitor_samples"):  # fmt: skip
+    for name in (
+        "base_channels",
+        "num_res_blocks",
+        "num_timesteps",
+        "steps",
+        "batch_size",
+        "log_every",
+        "eval_size",
+        "sample_steps",
+        "monitor_samples",
+    ):
         check_int(name, getattr(c, name), 1)
     for name in ("warmup", "eval_every", "sample_every", "checkpoint_every", "monitor_every"):
         check_int(name, getattr(c, name), 0)  # 0 turns the periodic job off
@@ -259,9 +268,14 @@ class _Member:
     """A model with its EMA, optimizer, data order and random stream."""
 
     def __init__(
-        self, tag: str, data: ImageData, model: nn.Module, c: TrainConfig, rank: int,
+        self,
+        tag: str,
+        data: ImageData,
+        model: nn.Module,
+        c: TrainConfig,
+        rank: int,
         device: torch.device,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.tag = tag  # "" for the only model, "a" / "b" for two
         self.data = data
         self.images = data.images.to(device)  # small sets: kept on the device, no copy a step
@@ -513,9 +527,13 @@ class Trainer:
         self._logs = _Logs(self.dir, c.report_to) if self.dist.main else None
         start_step, started = self.step, time.perf_counter()
         bar = tqdm(
-            total=c.steps, initial=self.step, desc=f"train {self.dir.name}", unit="step",
-            disable=not self.progress, dynamic_ncols=True,
-        )  # fmt: skip
+            total=c.steps,
+            initial=self.step,
+            desc=f"train {self.dir.name}",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         stopped = None
         try:
             with _Interrupt() as interrupt:
@@ -580,14 +598,21 @@ class Trainer:
         c = self.c
         channels = x0.shape[1]
         losses = debias.fused_loss(
-            out[:, :channels], noise, t, self.schedule, weighting, prediction=c.prediction,
-            x0=None if c.prediction == "epsilon" else x0, reduction="none",
-        )  # fmt: skip
+            out[:, :channels],
+            noise,
+            t,
+            self.schedule,
+            weighting,
+            prediction=c.prediction,
+            x0=None if c.prediction == "epsilon" else x0,
+            reduction="none",
+        )
         if c.learn_sigma and vb:
             from debias.pipeline.variance import vb_loss
 
-            vb = vb_loss(out[:, channels:], out[:, :channels], x0, x_t, t, self.schedule,
-                         c.prediction)  # fmt: skip
+            vb = vb_loss(
+                out[:, channels:], out[:, :channels], x0, x_t, t, self.schedule, c.prediction
+            )
             losses = losses + vb * (c.num_timesteps / 1000.0)
         return losses
 
@@ -595,8 +620,16 @@ class Trainer:
         """Logging, held-out loss, sample grids, monitor and checkpoints due at this step;
         returns why the run stops, if it does."""
         c, due = self.c, self._due
-        if any(due(e) for e in (c.log_every, c.eval_every, c.monitor_every, c.sample_every,
-                                c.checkpoint_every)):  # fmt: skip
+        if any(
+            due(e)
+            for e in (
+                c.log_every,
+                c.eval_every,
+                c.monitor_every,
+                c.sample_every,
+                c.checkpoint_every,
+            )
+        ):
             self._check_finite()
         held = self._evaluate() if due(c.eval_every) and self.dist.main else None
         if due(c.log_every) or due(c.eval_every):  # every process: the row is all-reduced
@@ -687,18 +720,26 @@ class Trainer:
 
         shape = (n, *self.members[0].data.shape)
         return [
-            sample(m.ema, self.schedule, shape, steps=self.c.sample_steps,
-                   method=self.c.sample_method, generator=seed).cpu()
+            sample(
+                m.ema,
+                self.schedule,
+                shape,
+                steps=self.c.sample_steps,
+                method=self.c.sample_method,
+                generator=seed,
+            ).cpu()
             for m in self.members
-        ]  # fmt: skip
+        ]
 
     def _watch(self, held: list[dict] | None) -> tuple[list[torch.Tensor], str | None]:
         samples = self.draw(self.c.monitor_samples, self.c.seed + 29)
         loss = held[0]["held_out_loss"] if held is not None else None
         row = self.monitor.measure(
-            self.step, samples[0], samples_b=samples[1] if len(samples) == 2 else None,
+            self.step,
+            samples[0],
+            samples_b=samples[1] if len(samples) == 2 else None,
             held_out_loss=loss,
-        )  # fmt: skip
+        )
         self._logs.monitor(row)
         self.monitor.plot(self.dir / "monitor.png")
         (self.dir / "monitor.json").write_text(json.dumps(self.monitor.summary(), indent=2))
@@ -859,8 +900,17 @@ class _Interval:
         return row
 
 
-_METRIC_FIELDS = ["step", "model", "loss", *[f"loss_t{b}" for b in range(BUCKETS)], "lr",
-                  "grad_norm", "img_per_s", "held_out_loss", "held_out_mse"]  # fmt: skip
+_METRIC_FIELDS = [
+    "step",
+    "model",
+    "loss",
+    *[f"loss_t{b}" for b in range(BUCKETS)],
+    "lr",
+    "grad_norm",
+    "img_per_s",
+    "held_out_loss",
+    "held_out_mse",
+]
 
 
 class _Logs:
@@ -979,7 +1029,7 @@ def train(config: TrainConfig, run_dir: str | Path, **kwargs: Any) -> dict[str, 
 
 def load_model(path: str | Path, *, ema: bool = True, member: str = "") -> tuple[
     UNet, debias.NoiseSchedule, dict
-]:  # fmt: skip
+]:
     """``(model, schedule, meta)`` from a checkpoint file or run folder, in eval mode.
 
     Args:
