@@ -9,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# A child Python (`python -c ...`, `python -m debias.info`) started from the source tree would
+# put the tree's debias/ ahead of the installed package, which is the one under test (after a
+# non-editable install the tree has no debias._C): children import what this process imports.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 import pytest
 
 from debias.ops import _backend

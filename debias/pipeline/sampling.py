@@ -110,6 +110,7 @@ __all__ = [
 DDPM_METHODS = ("ddpm", "ddim", "dpm++2m", "unipc")
 FLOW_METHODS = ("euler", "heun")
 METHODS = DDPM_METHODS + FLOW_METHODS
+FAMILY_METHODS = {"ddpm": DDPM_METHODS, "flow": FLOW_METHODS}
 DEFAULT_METHOD = {"ddpm": "ddpm", "flow": "euler"}
 # What a flow model may return: u = eps - x0, x0 or v = alpha eps - sigma x0 ("epsilon" has
 # no x0 at sigma = 1, where sampling starts).

@@ -66,6 +66,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from debias._checks import check_int
+from debias.memorization import _extract
 from debias.pipeline import sampling
 from debias.pipeline.train import TrainConfig, prepare_data
 
@@ -210,27 +212,6 @@ def _config_fields() -> set[str]:
     return {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def _make_config(values: dict[str, Any], what: str) -> TrainConfig:
-    """A TrainConfig, naming the option that asks for a field this version lacks."""
-    missing = sorted(set(values) - _config_fields())
-    if missing:
-        raise ValueError(
-            f"{what}: TrainConfig has no field(s) {missing} in this version of "
-            "debias.pipeline.train; the study needs them for this setting"
-        )
-    return TrainConfig(**values)
-
-
-def _data_available(name: str) -> bool:
-    from debias.pipeline.data import load_data
-
-    try:
-        load_data(name)
-    except (ValueError, TypeError):
-        return False
-    return True
-
-
 # ---- the studies --------------------------------------------------------------------------
 
 
@@ -361,19 +342,7 @@ def _load(run_dir: Path, device: str | None):
 
 
 def _features(net, images: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([net.features(b.float()) for b in images.split(512)]).double()
-
-
-def _available_methods(family: str) -> tuple[str, ...]:
-    """The samplers this version of sampling.py offers for ``family``."""
-    per_family = getattr(sampling, "FAMILY_METHODS", None)
-    if per_family is not None:
-        return tuple(per_family.get(family, ()))
-    named = getattr(sampling, f"{family.upper()}_METHODS", None)
-    if named is not None:
-        return tuple(named)
-    return tuple(getattr(sampling, "METHODS", ("ddpm", "ddim"))) if family == "ddpm" else ()
+    return _extract(images.float(), net.features, 512, module=net).double()
 
 
 def _sample(model, schedule, shape, *, steps: int, method: str, seed: int) -> torch.Tensor:
@@ -431,51 +400,24 @@ class _Weighting(_Study):
 
     def cells(self, overrides: dict[str, Any]) -> list[Cell]:
         o = self.o
-        fields = _config_fields()
         variances = o["variances"]
         if variances is None:
-            variances = ["fixed"]
-            if self.family == "ddpm" and "learn_sigma" in fields:
-                variances.append("learned")
-            else:
-                self.notes.append(
-                    "learned variance left out: "
-                    + (
-                        "it is a DDPM option"
-                        if self.family != "ddpm"
-                        else "TrainConfig has no learn_sigma in this version"
-                    )
-                )
+            variances = ["fixed", "learned"] if self.family == "ddpm" else ["fixed"]
         for v in variances:
             if v not in ("fixed", "learned"):
                 raise ValueError(f"variances: each must be 'fixed' or 'learned', got {v!r}")
             if v == "learned" and self.family != "ddpm":
                 raise ValueError("variances: 'learned' is a DDPM option (family='ddpm')")
         methods = o["methods"]
-        available = _available_methods(self.family)
+        available = sampling.FAMILY_METHODS[self.family]
         if methods is None:
-            methods = [m for m in self._METHODS[self.family] if m in available]
-            missing = [m for m in self._METHODS[self.family] if m not in available]
-            if missing:
-                self.notes.append(f"samplers {missing} left out: not in sampling.METHODS")
-            if not methods:
-                raise ValueError(
-                    f"methods: none of {self._METHODS[self.family]} is in sampling.METHODS "
-                    f"{available}"
-                )
+            methods = self._METHODS[self.family]
         for m in methods:
             if m not in available:
-                raise ValueError(
-                    f"methods: {m!r} is not a {self.family} sampler of this version {available}"
-                )
+                raise ValueError(f"methods: {m!r} is not a {self.family} sampler {available}")
         data = o["data"]
         if data is None:
-            data = "colored-digits" if _data_available("colored-digits") else "digits"
-            if data == "digits":
-                self.notes.append(
-                    "data: digits (grayscale); colored-digits is not in this version's data "
-                    "module, so the channel mean shift is that of one channel"
-                )
+            data = "colored-digits"
         self.methods, self.variances, self.data = list(methods), list(variances), data
         self.o = {**o, "methods": self.methods, "variances": self.variances, "data": data}
         evaluation = {
@@ -490,7 +432,7 @@ class _Weighting(_Study):
                     values = self._base(overrides, data=data, weighting=weighting, seed=seed)
                     if variance == "learned":
                         values["learn_sigma"] = True
-                    config = _make_config(values, f"variances={variance!r}")
+                    config = TrainConfig(**values)
                     group = {"variance": variance, "weighting": weighting}
                     cells.append(Cell(group, seed, config, evaluation))
         return cells
@@ -784,8 +726,7 @@ class _Depth(_Study):
         if not 0.5 < float(o["majority"]) < 1.0:
             raise ValueError(f"majority must be in (0.5, 1), got {o['majority']!r}")
         for depth in o["depths"]:
-            if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-                raise ValueError(f"depths: each must be an int >= 1, got {depth!r}")
+            check_int("depths", depth, 1)
         evaluation = {k: o[k] for k in ("n_samples", "sample_steps", "feature_steps")}
         cells = []
         for dataset in o["datasets"]:
@@ -795,7 +736,7 @@ class _Depth(_Study):
                         overrides, **self._data(dataset), num_res_blocks=depth, seed=seed
                     )
                     group = {"dataset": dataset, "depth": depth}
-                    cells.append(Cell(group, seed, _make_config(values, "depth-bias"), evaluation))
+                    cells.append(Cell(group, seed, TrainConfig(**values), evaluation))
         return cells
 
     def evaluate(self, cell: Cell, run_dir: Path, ctx: _Context) -> dict[str, Any]:
@@ -1003,15 +944,14 @@ class _Biased(_Study):
             if s not in self._SETTINGS:
                 raise ValueError(f"settings: each must be one of {self._SETTINGS}, got {s!r}")
         size = o["memorize_size"]
-        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
-            raise ValueError(f"memorize_size must be an int >= 2, got {size!r}")
+        check_int("memorize_size", size, 2)
         cells = []
         for setting in o["settings"]:
             for seed in self.seeds:
                 values = self._base(overrides, two_models=True, seed=seed)
                 if setting == "memorize":
                     values["train_size"] = size
-                config = _make_config(values, "biased-generalization")
+                config = TrainConfig(**values)
                 if not config.monitor_every or not config.eval_every:
                     raise ValueError(
                         "overrides: monitor_every and eval_every must be > 0 for this study"
@@ -1237,10 +1177,8 @@ def run_study(
         ``overrides``, ``cells`` (one result each), ``aggregates`` (group -> measure -> mean
         and interval), ``findings``, ``notes``, ``status`` and ``files``.
     """
-    if max_cells is not None and (
-        isinstance(max_cells, bool) or not isinstance(max_cells, int) or max_cells < 0
-    ):
-        raise ValueError(f"max_cells must be an int >= 0 or None, got {max_cells!r}")
+    if max_cells is not None:
+        check_int("max_cells", max_cells, 0)
     study, cells = _plan(name, quick, seeds, family, options, overrides)
     merged, seed_list, overrides = study.o, study.seeds, study.overrides
 
@@ -1308,11 +1246,6 @@ def _plan(name, quick, seeds, family, options, overrides) -> tuple[_Study, list[
         raise ValueError(f"name must be one of {STUDIES}, got {name!r}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    if family != "ddpm" and "family" not in _config_fields():
-        raise ValueError(
-            f"family={family!r}: TrainConfig has no 'family' field in this version of "
-            "debias.pipeline.train"
-        )
     seed_list = _check_seeds(seeds)
     kind = _REGISTRY[name]
     merged = _merge_options(kind, quick, options or {})
@@ -1331,17 +1264,11 @@ def _plan(name, quick, seeds, family, options, overrides) -> tuple[_Study, list[
 def _check_seeds(seeds: int | Sequence[int] | None) -> list[int]:
     if seeds is None:
         return [0, 1, 2]
-    if isinstance(seeds, bool):
-        raise ValueError(f"seeds must be a count >= 1 or a list of ints >= 0, got {seeds!r}")
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise ValueError(f"seeds must be a count >= 1 or a list of ints >= 0, got {seeds}")
-        return list(range(seeds))
-    seeds = list(seeds)
-    if not seeds or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds
-    ):
-        raise ValueError(f"seeds must be a count >= 1 or a list of ints >= 0, got {seeds!r}")
+    if not isinstance(seeds, Sequence):
+        return list(range(check_int("seeds", seeds, 1)))
+    seeds = [check_int("seeds", s, 0) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must be a count >= 1 or a non-empty list of ints >= 0")
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds must be distinct, got {seeds!r}")
     return seeds
