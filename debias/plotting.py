@@ -7,6 +7,10 @@ session.
     plot_score             debias score: Gu et al.'s ratio histogram and the closest pairs
     plot_monitor           MemorizationMonitor.plot: loss and memorization measures over steps
     plot_timestep_analysis write_timestep_analysis: eps and x0 MSE against t
+
+debias.pipeline.study draws its figures (FD against steps, majority share against depth, the
+biased-generalization curves) beside the aggregates they show, on this module's `_figure` and
+`_save`.
 """
 
 from __future__ import annotations

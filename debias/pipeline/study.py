@@ -69,6 +69,7 @@ import torch
 from debias._checks import check_int
 from debias.memorization import _extract
 from debias.pipeline import sampling
+from debias.plotting import _figure, _save
 from debias.pipeline.train import TrainConfig, prepare_data
 
 __all__ = ["STUDIES", "Cell", "add_arguments", "mean_interval", "plan", "run", "run_study"]
@@ -627,9 +628,8 @@ class _Weighting(_Study):
                 ax.set_title(f"{method}, {variance} variance", fontsize=10)
                 ax.grid(alpha=0.3)
                 _legend(ax)
-            fig.tight_layout()
             name = "fd_vs_steps.png" if variance == "fixed" else f"fd_vs_steps_{variance}.png"
-            fig.savefig(folder / name, dpi=110)
+            _save(fig, folder / name, dpi=110)
             written.append(name)
         ts = _timesteps_of(agg)
         if ts:
@@ -649,8 +649,7 @@ class _Weighting(_Study):
                 ax.set_title(key.replace("_", " "), fontsize=10)
                 ax.grid(alpha=0.3)
                 _legend(ax)
-            fig.tight_layout()
-            fig.savefig(folder / "timesteps.png", dpi=110)
+            _save(fig, folder / "timesteps.png", dpi=110)
             written.append("timesteps.png")
         return written
 
@@ -883,8 +882,7 @@ class _Depth(_Study):
                 ax.set_xlabel("depth (num_res_blocks)")
                 ax.set_ylabel(label)
                 ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(folder / "majority_share.png", dpi=110)
+        _save(fig, folder / "majority_share.png", dpi=110)
         return ["majority_share.png"]
 
 
@@ -1102,8 +1100,7 @@ class _Biased(_Study):
                 ax.grid(alpha=0.3)
                 if cells:
                     ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(folder / "curves.png", dpi=110)
+        _save(fig, folder / "curves.png", dpi=110)
         return ["curves.png"]
 
 
@@ -1438,13 +1435,8 @@ def _read_json(path: Path) -> Any:
 
 
 def _subplots(rows: int, cols: int, figsize: tuple[float, float], squeeze: bool = True):
-    """``(figure, axes)`` through matplotlib's object interface (Figure + the Agg canvas): no
-    pyplot, no backend switch, as debias.plotting draws."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize)
-    FigureCanvasAgg(fig)
+    """``(figure, axes)`` drawn as debias.plotting draws (Figure + the Agg canvas, no pyplot)."""
+    fig = _figure(figsize)
     return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
