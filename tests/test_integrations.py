@@ -404,8 +404,16 @@ def make_flow_batch(noise_scheduler, weighting_scheme, seed: int = 1):
 
 
 def flow_script_step(
-    script, transformer, noise_scheduler_copy, model_input, noise, timesteps, cond,
-    weighting_scheme, with_prior_preservation=False, precondition_outputs=False,
+    script,
+    transformer,
+    noise_scheduler_copy,
+    model_input,
+    noise,
+    timesteps,
+    cond,
+    weighting_scheme,
+    with_prior_preservation=False,
+    precondition_outputs=False,
 ):
     """The scripts' training step from the timesteps on; (noisy_model_input, loss) after
     backward. With prior preservation the batch is instance images then class images;

@@ -74,8 +74,17 @@ def test_flow_dynamic_shifting_trains_on_the_unshifted_tables():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"num_train_timesteps": 7}, {"sigma_min": 0.01, "sigma_max": 50.0, "rho": 5.0,
-                                      "sigma_data": 1.0, "num_train_timesteps": 33}],
+    [
+        {},
+        {"num_train_timesteps": 7},
+        {
+            "sigma_min": 0.01,
+            "sigma_max": 50.0,
+            "rho": 5.0,
+            "sigma_data": 1.0,
+            "num_train_timesteps": 33,
+        },
+    ],
     ids=["default", "T7", "custom"],
 )
 def test_edm_tables_equal_diffusers(kwargs):

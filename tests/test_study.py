@@ -9,7 +9,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from debias.pipeline import study
 from debias.pipeline import train as train_module

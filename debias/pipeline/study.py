@@ -69,8 +69,8 @@ import torch
 from debias._checks import check_int
 from debias.memorization import _extract
 from debias.pipeline import sampling
-from debias.plotting import _figure, _save
 from debias.pipeline.train import TrainConfig, prepare_data
+from debias.plotting import _figure, _save
 
 __all__ = ["STUDIES", "Cell", "add_arguments", "mean_interval", "plan", "run", "run_study"]
 

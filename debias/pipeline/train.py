@@ -1027,9 +1027,9 @@ def train(config: TrainConfig, run_dir: str | Path, **kwargs: Any) -> dict[str, 
     return Trainer(config, run_dir, **kwargs).run()
 
 
-def load_model(path: str | Path, *, ema: bool = True, member: str = "") -> tuple[
-    UNet, debias.NoiseSchedule, dict
-]:
+def load_model(
+    path: str | Path, *, ema: bool = True, member: str = ""
+) -> tuple[UNet, debias.NoiseSchedule, dict]:
     """``(model, schedule, meta)`` from a checkpoint file or run folder, in eval mode.
 
     Args:
