@@ -1186,3 +1186,21 @@ def test_timesteps_looked_up_once_per_step_and_again_when_changed(backend):
     t[0] = 0.5  # not a timestep of the schedule: refused although t was seen before
     with pytest.raises(ValueError, match=r"\bt\b"):
         debias.fused_loss(pred, noise, t, FLOW, "cosmap", x0=x0, backend=backend)
+
+
+def test_timestep_lookup_cache_writes_nothing_on_the_schedule_and_keeps_nothing_alive():
+    """The one-entry lookup cache lives in the op module: the schedule's attributes are the
+    same after a step, and neither t nor the schedule is kept alive by it."""
+    import gc
+    import weakref
+
+    schedule = NoiseSchedule.flow_matching(1000)
+    x0, noise, pred, t, _ = _family_inputs(schedule, (3, 5), torch.float32)
+    before = set(vars(schedule))
+    debias.add_noise(x0, t, schedule, noise=noise)
+    debias.fused_loss(pred, noise, t, schedule, "cosmap", x0=x0)
+    assert set(vars(schedule)) == before
+    t_ref, schedule_ref = weakref.ref(t), weakref.ref(schedule)
+    del t, schedule
+    gc.collect()
+    assert t_ref() is None and schedule_ref() is None
