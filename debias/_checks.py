@@ -54,8 +54,11 @@ def check_float(
     return value
 
 
-# The dtypes every op and score takes for data (samples, features, model outputs).
+# The dtypes every op and score takes for data (samples, features, model outputs), and their
+# names for messages.
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+*_first, _last = (str(dtype).removeprefix("torch.") for dtype in FLOAT_DTYPES)
+FLOAT_DTYPE_NAMES = f"{', '.join(_first)} or {_last}"  # "float32, float64, bfloat16 or float16"
 
 
 def check_tensor(name: str, x: Any, layout: str = "") -> torch.Tensor:
@@ -70,10 +73,26 @@ def check_tensor(name: str, x: Any, layout: str = "") -> torch.Tensor:
     return x
 
 
-def check_float_dtype(name: str, x: torch.Tensor) -> None:
-    """TypeError unless ``x`` holds one of FLOAT_DTYPES."""
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {x.dtype}")
+def check_float_dtype(name: str, x: torch.Tensor | torch.dtype) -> None:
+    """TypeError unless ``x`` (a tensor, or a dtype itself) is one of FLOAT_DTYPES."""
+    dtype = x if isinstance(x, torch.dtype) else x.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be {FLOAT_DTYPE_NAMES}, got {dtype}")
+
+
+def check_generator(generator: Any, why: str) -> torch.Generator | None:
+    """``generator`` if it is None or a CPU ``torch.Generator``: TypeError for anything else,
+    ValueError for a generator on another device. ``why`` (such as "timesteps are drawn on the
+    host") says in the message why it has to be a CPU one."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != "cpu":
+        raise ValueError(
+            f"generator must be a CPU torch.Generator ({why}), got one on {generator.device}"
+        )
+    return generator
 
 
 def check_finite_rows(name: str, x: torch.Tensor, start: int = 0) -> None:

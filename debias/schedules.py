@@ -19,22 +19,39 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from debias._checks import check_float, check_int
+from debias._checks import check_float, check_float_dtype, check_generator, check_int
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "raw")
+FAMILIES = ("ddpm", "flow", "edm")
+# Which of eps and x0 a target y = p eps + q x0 reads: the `Terms` of csrc/noise_loss.h.
+TERM_EPS, TERM_X0 = 1, 2
+
+
+class Prediction(NamedTuple):
+    """What a prediction type's target reads and where it exists."""
+
+    terms: int  # TERM_EPS | TERM_X0: the terms of its target (p or q is 0 where one is absent)
+    families: tuple[str, ...]  # the schedule families it applies to
+
+
+# Every prediction type, written once. Every target is affine in (x0, eps), so each applies to
+# every family; "raw" is EDM's preconditioned network output and exists only there.
+PREDICTIONS = {
+    "epsilon": Prediction(TERM_EPS, FAMILIES),
+    "v_prediction": Prediction(TERM_EPS | TERM_X0, FAMILIES),
+    "sample": Prediction(TERM_X0, FAMILIES),
+    "flow": Prediction(TERM_EPS | TERM_X0, FAMILIES),
+    "raw": Prediction(TERM_EPS | TERM_X0, ("edm",)),
+}
+PREDICTION_TYPES = tuple(PREDICTIONS)
 # Other names trainers use for a prediction type.
 PREDICTION_ALIASES = {"denoised": "sample"}
-FAMILIES = ("ddpm", "flow", "edm")
-# Every target is affine in (x0, eps), so each applies to every family; "raw" is EDM's
-# preconditioned network output and exists only there.
 FAMILY_PREDICTIONS = {
-    "ddpm": ("epsilon", "v_prediction", "sample", "flow"),
-    "flow": ("epsilon", "v_prediction", "sample", "flow"),
-    "edm": PREDICTION_TYPES,
+    family: tuple(name for name, p in PREDICTIONS.items() if family in p.families)
+    for family in FAMILIES
 }
 # sample_timesteps: the schemes each family draws with.
 TIMESTEP_SCHEMES = {
@@ -84,7 +101,7 @@ class NoiseSchedule:
         if abar[0] <= 0:
             raise ValueError("alphas_cumprod[0] must be > 0 (t=0 has to carry signal)")
         self.family = "ddpm"
-        self.prediction_type = _check_prediction(prediction_type, "prediction_type", "ddpm")
+        self.prediction_type = check_prediction(prediction_type, "prediction_type", "ddpm")
         self.alphas_cumprod = abar
         # 1/(1-abar) - 1 is the official Debias form; abar/(1-abar) is the same number with
         # one rounding fewer.
@@ -126,7 +143,7 @@ class NoiseSchedule:
             raise ValueError("timesteps must be finite and distinct: each names one noise level")
         self = cls.__new__(cls)
         self.family = family
-        self.prediction_type = _check_prediction(prediction_type, "prediction_type", family)
+        self.prediction_type = check_prediction(prediction_type, "prediction_type", family)
         self.sigma_data, self.c_out_sign = sigma_data, c_out_sign
         self.sigmas, self.timesteps = sigmas, timesteps
         self.alpha = 1.0 - sig if family == "flow" else torch.ones_like(sig)
@@ -312,8 +329,9 @@ class NoiseSchedule:
     def __len__(self) -> int:
         return self.num_timesteps
 
-    def index(self, t: Any) -> torch.Tensor:
-        """The table index of each timestep, ``[B]`` int64 on t's device.
+    def index(self, t: Any, batch: int | None = None) -> torch.Tensor:
+        """The table index of each timestep, ``[B]`` int64 on t's device; ``batch``: the B
+        that t's shape must have (any when None).
 
         ddpm: ``t`` holds integer indices in [0, T). flow / edm: ``t`` holds float timesteps
         of ``self.timesteps`` (``scheduler.timesteps[indices]`` in the training scripts; any
@@ -326,7 +344,7 @@ class NoiseSchedule:
             kind = "an integer" if self.family == "ddpm" else "a float"
             raise TypeError(f"t must be {kind} torch.Tensor of shape [B], got {type(t).__name__}")
         if self.family == "ddpm":
-            check_timesteps(t, self.num_timesteps)
+            check_timesteps(t, self.num_timesteps, batch)
             return t.long()
         if not t.dtype.is_floating_point:
             raise TypeError(
@@ -334,8 +352,7 @@ class NoiseSchedule:
                 f"(schedule.timesteps[indices], as the training scripts draw them), got dtype "
                 f"{t.dtype}; integer table indices are not timesteps here"
             )
-        if t.dim() != 1:
-            raise ValueError(f"t must have shape [B], got {list(t.shape)}")
+        _check_shape(t, batch)
         ascending = self.table(("timesteps_ascending",), lambda: self.timesteps.sort()[0], t.device)
         order = self.table(("timesteps_order",), lambda: self.timesteps.argsort(), t.device)
         t32 = t.to(torch.float32).contiguous()  # searchsorted copies (and warns) otherwise
@@ -364,13 +381,13 @@ class NoiseSchedule:
             flow  sigma (float32) -> dtype; 1 - sigma in dtype (``(1.0 - sigmas) * x0``)
             edm   1 and sigma (float32) -> dtype (``x0 + noise * sigma``)
 
-        Cached on the schedule per (dtype, device).
+        Cached on the schedule per (dtype, device); ``dtype`` is checked when the table is
+        built, so a training step's call is one dictionary lookup.
         """
-        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-            raise TypeError(f"dtype must be a floating dtype of data, got {dtype}")
         compute = torch.float64 if dtype == torch.float64 else torch.float32
 
         def build() -> torch.Tensor:
+            check_float_dtype("dtype", dtype)
             if self.family == "ddpm":
                 abar = self.alphas_cumprod
                 if dtype != torch.float64:
@@ -468,8 +485,9 @@ def _config_get(config: Any, name: str, default: Any) -> Any:
     return getattr(config, name, default)
 
 
-def _check_prediction(prediction: Any, name: str = "prediction", family: str | None = None) -> str:
-    """A prediction type (aliases resolved), checked against ``family`` when given."""
+def check_prediction(prediction: Any, name: str = "prediction", family: str | None = None) -> str:
+    """A prediction type of ``PREDICTIONS`` (aliases resolved), checked against ``family`` when
+    given: TypeError or ValueError naming ``name`` otherwise."""
     if not isinstance(prediction, str):
         raise TypeError(f"{name} must be a string, got {type(prediction).__name__}")
     prediction = PREDICTION_ALIASES.get(prediction, prediction)
@@ -479,11 +497,18 @@ def _check_prediction(prediction: Any, name: str = "prediction", family: str | N
             f"got {prediction!r}"
         )
     if family is not None and prediction not in FAMILY_PREDICTIONS[family]:
+        only = " or ".join(PREDICTIONS[prediction].families)
         raise ValueError(
-            f"{name} {prediction!r} is EDM's preconditioned network output; this schedule "
-            f"is {family}: use one of {FAMILY_PREDICTIONS[family]}"
+            f"{name} {prediction!r} exists on {only} schedules only; this schedule is "
+            f"{family}: use one of {FAMILY_PREDICTIONS[family]}"
         )
     return prediction
+
+
+def _check_shape(t: torch.Tensor, batch: int | None) -> None:
+    if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
+        want = "[B]" if batch is None else f"[{batch}] (one timestep per sample)"
+        raise ValueError(f"t must have shape {want}, got {list(t.shape)}")
 
 
 def check_timesteps(t: Any, num_timesteps: int, batch: int | None = None) -> None:
@@ -494,9 +519,7 @@ def check_timesteps(t: Any, num_timesteps: int, batch: int | None = None) -> Non
         raise TypeError(f"t must be an integer torch.Tensor of shape [B], got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"t must be an integer tensor (int64 or int32), got dtype {t.dtype}")
-    if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
-        want = "[B]" if batch is None else f"[{batch}] (one timestep per sample)"
-        raise ValueError(f"t must have shape {want}, got {list(t.shape)}")
+    _check_shape(t, batch)
     if t.numel() == 0 or torch.compiler.is_compiling():
         return
     if t.device.type == "cpu":
@@ -574,14 +597,7 @@ def sample_timesteps(
             f"mode_scale must lie in [-1, 2/(pi - 2) = {hi:.4f}] (where SD3's mode density "
             f"stays in [0, 1]), got {mode_scale}"
         )
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != "cpu":
-            raise ValueError(
-                f"generator must be a CPU torch.Generator (timesteps are drawn on the host), "
-                f"got one on {generator.device}"
-            )
+    generator = check_generator(generator, "timesteps are drawn on the host")
     T = schedule.num_timesteps
     if schedule.family == "ddpm":
         t = torch.randint(0, T, (B,), generator=generator)

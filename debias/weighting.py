@@ -63,8 +63,8 @@ from typing import Any
 
 import torch
 
-from debias._checks import check_float
-from debias.schedules import FAMILIES, NoiseSchedule, _check_prediction, as_schedule
+from debias._checks import check_float, check_float_dtype
+from debias.schedules import FAMILIES, NoiseSchedule, as_schedule, check_prediction
 from debias.schedules import check_timesteps as check_timesteps  # its home before families
 
 WEIGHTINGS = ("constant", "debias", "p2", "min_snr", "none", "sigma_sqrt", "cosmap",
@@ -92,7 +92,6 @@ _PARAMS: dict[str, dict[str, float]] = {
     **{name: {} for name in _FAMILY},
 }
 _OPTIONS = ("k", "gamma", "max_weight", "normalize")
-_DATA_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def weight_table(
@@ -117,7 +116,14 @@ def weight_table(
     """
     schedule = as_schedule(schedule)
     prediction = resolve_prediction(schedule, prediction)
-    name, params, max_weight, normalize = _parse(weighting, options)
+    return _weight_table(schedule, weighting, prediction, _parse(weighting, options))
+
+
+def _weight_table(
+    schedule: NoiseSchedule, weighting: Weighting, prediction: str, parsed: tuple
+) -> torch.Tensor:
+    """``weight_table`` past its checks: ``prediction`` resolved, ``parsed`` from ``_parse``."""
+    name, params, max_weight, normalize = parsed
     space = SPACES.get(name, "epsilon")
     family = _FAMILY.get(name)
     if family is not None and schedule.family != family:
@@ -177,7 +183,12 @@ def target_table(schedule: Any, prediction: str | None, dtype: torch.dtype) -> t
     (-c_skip sigma, 1 - c_skip) / c_out = (-sd, sigma / sd) / sqrt(sigma^2 + sd^2), negated
     with c_out for diffusers' "v_prediction" EDM schedulers."""
     schedule = as_schedule(schedule)
-    prediction = resolve_prediction(schedule, prediction)
+    check_float_dtype("dtype", dtype)
+    return _target_table(schedule, resolve_prediction(schedule, prediction), dtype)
+
+
+def _target_table(schedule: NoiseSchedule, prediction: str, dtype: torch.dtype) -> torch.Tensor:
+    """``target_table`` past its checks (``prediction`` resolved)."""
     one = torch.ones_like(schedule.sigma)
     if prediction == "epsilon":
         return torch.stack((one, 0 * one))
@@ -206,10 +217,17 @@ def loss_table(
 ) -> torch.Tensor:
     """``[3, T]`` float64 rows (w, p, q) for data of ``dtype``: ``weight_table(schedule,
     weighting, prediction, **options)`` and ``target_table(schedule, prediction, dtype)``."""
-    if dtype not in _DATA_DTYPES:
-        raise TypeError(f"dtype must be one of {_DATA_DTYPES}, got {dtype}")
-    w = weight_table(schedule, weighting, prediction, **options)
-    return torch.cat((w[None], target_table(schedule, prediction, dtype)))
+    schedule = as_schedule(schedule)
+    check_float_dtype("dtype", dtype)
+    prediction = resolve_prediction(schedule, prediction)
+    return _loss_table(schedule, weighting, prediction, dtype, _parse(weighting, options))
+
+
+def _loss_table(
+    schedule: NoiseSchedule, weighting: Weighting, prediction: str, dtype: torch.dtype, parsed
+) -> torch.Tensor:
+    w = _weight_table(schedule, weighting, prediction, parsed)
+    return torch.cat((w[None], _target_table(schedule, prediction, dtype)))
 
 
 def loss_weight(
@@ -227,30 +245,33 @@ def loss_weight(
     schedule, the schedule's float timesteps for flow matching and EDM).
     """
     schedule = as_schedule(schedule)
+    prediction = resolve_prediction(schedule, prediction)
     index = schedule.index(t)
     table = cached_weight_table(schedule, weighting, prediction, torch.float32, t.device, options)
     return table[index]
 
 
 # Tables are constants of a compiled graph: torch.compile evaluates these once while tracing
-# (their checks read data, which tracing cannot) and keeps the result.
+# (their checks read data, which tracing cannot) and keeps the result. Both serve the public
+# ops past their door: ``prediction`` is resolved (``resolve_prediction``) and ``dtype`` is
+# a data dtype; they check the weighting and its options, which make their cache key.
 @torch.compiler.assume_constant_result
 def cached_weight_table(
     schedule: NoiseSchedule,
     weighting: Weighting,
-    prediction: str | None,
+    prediction: str,
     dtype: torch.dtype,
     device: torch.device,
     options: dict[str, Any],
 ) -> torch.Tensor:
     """``weight_table`` cast to ``dtype`` on ``device``, cached on the schedule for named
     weightings (tables and callables are rebuilt on each call)."""
-    prediction = resolve_prediction(schedule, prediction)
+    parsed = _parse(weighting, options)
     if not isinstance(weighting, str):
-        return weight_table(schedule, weighting, prediction, **options).to(device, dtype)
-    key = ("weight", _options_key(weighting, options), prediction, dtype)
+        return _weight_table(schedule, weighting, prediction, parsed).to(device, dtype)
+    key = ("weight", _options_key(parsed), prediction, dtype)
     return schedule.table(
-        key, lambda: weight_table(schedule, weighting, prediction, **options).to(dtype), device
+        key, lambda: _weight_table(schedule, weighting, prediction, parsed).to(dtype), device
     )
 
 
@@ -258,7 +279,7 @@ def cached_weight_table(
 def cached_loss_table(
     schedule: NoiseSchedule,
     weighting: Weighting,
-    prediction: str | None,
+    prediction: str,
     data_dtype: torch.dtype,
     compute_dtype: torch.dtype,
     device: torch.device,
@@ -267,14 +288,14 @@ def cached_loss_table(
     """``loss_table`` for data of ``data_dtype``, cast to ``compute_dtype`` on ``device``;
     cached on the schedule for named weightings (tables and callables are rebuilt on each
     call)."""
-    prediction = resolve_prediction(schedule, prediction)
+    parsed = _parse(weighting, options)
     if not isinstance(weighting, str):
-        table = loss_table(schedule, weighting, prediction, data_dtype, options)
+        table = _loss_table(schedule, weighting, prediction, data_dtype, parsed)
         return table.to(device, compute_dtype)
-    key = ("loss", _options_key(weighting, options), prediction, data_dtype, compute_dtype)
+    key = ("loss", _options_key(parsed), prediction, data_dtype, compute_dtype)
     return schedule.table(
         key,
-        lambda: loss_table(schedule, weighting, prediction, data_dtype, options).to(compute_dtype),
+        lambda: _loss_table(schedule, weighting, prediction, data_dtype, parsed).to(compute_dtype),
         device,
     )
 
@@ -283,13 +304,13 @@ def resolve_prediction(schedule: NoiseSchedule, prediction: str | None) -> str:
     """The prediction type to use (None: the schedule's; "denoised" is "sample"), checked
     against the schedule's family ("raw" is EDM's only)."""
     prediction = schedule.prediction_type if prediction is None else prediction
-    return _check_prediction(prediction, "prediction", schedule.family)
+    return check_prediction(prediction, "prediction", schedule.family)
 
 
-def _options_key(weighting: str, options: dict[str, Any]) -> tuple:
-    """A hashable cache key of checked options (so a bad option is refused by name, not by
-    the cache's hash)."""
-    name, params, max_weight, normalize = _parse(weighting, options)
+def _options_key(parsed: tuple) -> tuple:
+    """A hashable cache key of the options as ``_parse`` checked them (so a bad option is
+    refused by name, not by the cache's hash)."""
+    name, params, max_weight, normalize = parsed
     return (name, tuple(sorted(params.items())), max_weight, normalize)
 
 

@@ -1190,7 +1190,8 @@ def test_timesteps_looked_up_once_per_step_and_again_when_changed(backend):
 
 def test_timestep_lookup_cache_writes_nothing_on_the_schedule_and_keeps_nothing_alive():
     """The one-entry lookup cache lives in the op module: the schedule's attributes are the
-    same after a step, and neither t nor the schedule is kept alive by it."""
+    same after a step, a hit needs the batch t was checked against, and neither t nor the
+    schedule is kept alive by it."""
     import gc
     import weakref
 
@@ -1200,6 +1201,9 @@ def test_timestep_lookup_cache_writes_nothing_on_the_schedule_and_keeps_nothing_
     debias.add_noise(x0, t, schedule, noise=noise)
     debias.fused_loss(pred, noise, t, schedule, "cosmap", x0=x0)
     assert set(vars(schedule)) == before
+    # the entry holds t as checked against a batch of 3: another batch checks it again
+    with pytest.raises(ValueError, match=r"t must have shape \[2\]"):
+        debias.fused_loss(pred[:2], noise[:2], t, schedule, "cosmap", x0=x0[:2])
     t_ref, schedule_ref = weakref.ref(t), weakref.ref(schedule)
     del t, schedule
     gc.collect()

@@ -409,7 +409,7 @@ def test_refusals():
     for schedule in (ddpm, flow):
         with pytest.raises(ValueError, match="defined on edm schedules"):
             weight_table(schedule, "edm", "sample")
-        with pytest.raises(ValueError, match="prediction 'raw' is EDM's"):
+        with pytest.raises(ValueError, match="prediction 'raw' exists on edm schedules only"):
             weight_table(schedule, "debias", "raw")
 
 
@@ -426,31 +426,33 @@ def test_loss_weight_on_float_timesteps():
 
 
 def test_cached_tables():
+    """The ops' cached tables take a resolved prediction (the ops resolve it at their door)
+    and check the weighting's options, their cache key."""
     from debias.weighting import cached_loss_table, cached_weight_table
 
     s = NoiseSchedule.flow_matching(1000)
-    table = cached_loss_table(s, "debias", None, torch.bfloat16, torch.float32, "cpu", {})
+    table = cached_loss_table(s, "debias", "flow", torch.bfloat16, torch.float32, "cpu", {})
     assert table.dtype == torch.float32 and table.shape == (3, 1000)
     torch.testing.assert_close(
         table, debias.weighting.loss_table(s, "debias", "flow", torch.bfloat16, {}).float()
     )
     assert cached_loss_table(s, "debias", "flow", torch.bfloat16, torch.float32, "cpu", {}) is table
     other = cached_loss_table(
-        s, "debias", None, torch.bfloat16, torch.float32, "cpu", {"max_weight": 0.1}
+        s, "debias", "flow", torch.bfloat16, torch.float32, "cpu", {"max_weight": 0.1}
     )
     assert other is not table and other[0].max() <= 0.1
-    w64 = cached_weight_table(s, "cosmap", None, torch.float64, "cpu", {})
+    w64 = cached_weight_table(s, "cosmap", "flow", torch.float64, "cpu", {})
     assert (
         w64.dtype == torch.float64
-        and cached_weight_table(s, "cosmap", None, torch.float64, "cpu", {}) is w64
+        and cached_weight_table(s, "cosmap", "flow", torch.float64, "cpu", {}) is w64
     )
     # a bad option is refused by name, not by the cache's hash
     with pytest.raises(TypeError, match="max_weight"):
         cached_loss_table(
-            s, "debias", None, torch.float32, torch.float32, "cpu", {"max_weight": [1.0]}
+            s, "debias", "flow", torch.float32, torch.float32, "cpu", {"max_weight": [1.0]}
         )
     with pytest.raises(TypeError, match="unknown option"):
-        cached_weight_table(s, "debias", None, torch.float32, "cpu", {"cap": 1.0})
+        cached_weight_table(s, "debias", "flow", torch.float32, "cpu", {"cap": 1.0})
 
 
 def test_module_surface():

@@ -29,9 +29,9 @@ from typing import Any, NamedTuple
 import torch
 
 from debias import reference
-from debias._checks import check_float_dtype
+from debias._checks import check_float_dtype, check_generator
 from debias.ops import _backend
-from debias.schedules import NoiseSchedule, as_schedule
+from debias.schedules import PREDICTIONS, TERM_EPS, TERM_X0, NoiseSchedule, as_schedule
 from debias.weighting import Weighting, cached_loss_table, resolve_prediction
 
 # Backends that keep the noise they generate (PhiloxNoise.values): compute-bound ones.
@@ -43,17 +43,6 @@ _KEEPS_NOISE = ("torch", "cpu")
 # tensor passes for the loss side instead of 6 (benchmarks/bench_noise_loss.py times both).
 GRAD_IN_FORWARD = {"torch": True, "cpu": True, "triton": False, "cuda": False}
 _REDUCTIONS = ("mean", "sum", "none")
-
-# csrc/noise_loss.h, `Terms`: which parts of y = p eps + q x0 a kernel reads.
-TERM_EPS, TERM_X0 = 1, 2
-# The terms each prediction's target has (its p and q rows are zero where a term is absent).
-_TERMS = {
-    "epsilon": TERM_EPS,
-    "sample": TERM_X0,
-    "v_prediction": TERM_EPS | TERM_X0,
-    "flow": TERM_EPS | TERM_X0,
-    "raw": TERM_EPS | TERM_X0,
-}
 
 
 class LossArgs(NamedTuple):
@@ -163,6 +152,7 @@ def add_noise(
     schedule = as_schedule(schedule)
     _check_data("x0", x0)
     index = _index(schedule, t, x0)
+    generator = check_generator(generator, _GENERATOR_WHY)
     if noise is not None:
         _check_like("noise", noise, "x0", x0)
         if noise.dtype != x0.dtype:
@@ -234,7 +224,7 @@ def fused_loss(
         _check_same_device(pred=pred, noise=noise)
     else:
         _check_like("noise", noise, "pred", pred)
-    terms = _TERMS[prediction]
+    terms = PREDICTIONS[prediction].terms
     if terms & TERM_X0:
         if x0 is None:
             raise ValueError(f"x0 is required for prediction={prediction!r}")
@@ -312,32 +302,35 @@ def _check_same_device(**tensors: Any) -> None:
 # hands fused_loss the t it gave add_noise, so the lookup is done once per step: for flow and
 # EDM it is a search of the table plus a host check of the values, ~18 us of a ~160 us
 # fused_loss on a 128 x 3 x 32 x 32 float32 CPU batch (~4 us for DDPM). The key is the
-# schedule and t themselves, held by weak references (the entry keeps neither alive), and t's
-# version counter, so another schedule, another t or an in-place change of t is a miss.
-# Eager mode only: under torch.compile the lookup is part of the graph.
-_last_lookup: tuple[weakref.ref, weakref.ref, int, torch.Tensor] | None = None
+# schedule and t themselves, held by weak references (the entry keeps neither alive), t's
+# version counter and the batch size t was checked against, so another schedule, another t,
+# an in-place change of t or another batch is a miss. Eager mode only: under torch.compile
+# the lookup is part of the graph.
+_last_lookup: tuple[weakref.ref, weakref.ref, int, int, torch.Tensor] | None = None
 
 
 def _index(schedule: NoiseSchedule, t: Any, data: torch.Tensor) -> torch.Tensor:
-    """The table index of each sample's timestep, ``[B]`` int64 on t's device; t is checked
-    for its shape here and for its values by the schedule (on the host only in eager mode on
-    the CPU: elsewhere asynchronously, so nothing synchronises)."""
+    """The table index of each sample's timestep, ``[B]`` int64 on t's device. The schedule
+    checks t: its shape against ``data``'s batch, and its values (on the host only in eager
+    mode on the CPU: elsewhere asynchronously, so nothing synchronises)."""
     global _last_lookup
-    if isinstance(t, torch.Tensor) and (t.dim() != 1 or t.shape[0] != data.shape[0]):
-        raise ValueError(
-            f"t must have shape [{data.shape[0]}] (one timestep per sample), got {list(t.shape)}"
-        )
+    batch = data.shape[0]
     if not isinstance(t, torch.Tensor):
-        return schedule.index(t)  # a TypeError naming t
+        return schedule.index(t, batch)  # a TypeError naming t
     _check_same_device(data=data, t=t)
     eager = _eager() and not torch.is_inference(t)  # inference tensors have no version
     if eager:
         hit = _last_lookup
-        if hit is not None and hit[0]() is schedule and hit[1]() is t and hit[2] == t._version:
-            return hit[3]
-    index = schedule.index(t)
+        if (
+            hit is not None
+            and hit[0]() is schedule
+            and hit[1]() is t
+            and hit[2:4] == (t._version, batch)
+        ):
+            return hit[4]
+    index = schedule.index(t, batch)
     if eager:
-        _last_lookup = (weakref.ref(schedule), weakref.ref(t), t._version, index)
+        _last_lookup = (weakref.ref(schedule), weakref.ref(t), t._version, batch, index)
     return index
 
 
@@ -350,16 +343,12 @@ def _noise_table(schedule: NoiseSchedule, dtype: torch.dtype, device: torch.devi
     return schedule.noise_table(dtype, device)
 
 
+_GENERATOR_WHY = "the Philox key is drawn on the host so the device never synchronises"
+
+
 def _draw_key(generator: torch.Generator | None) -> torch.Tensor:
-    """A fresh (seed, offset) from a CPU generator: drawn on the host, so no device sync."""
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != "cpu":
-            raise ValueError(
-                "generator must be a CPU torch.Generator (the Philox key is drawn on the host "
-                f"so the device never synchronises), got one on {generator.device}"
-            )
+    """A fresh (seed, offset) from a CPU generator (checked by add_noise): drawn on the host,
+    so no device sync."""
     return torch.randint(-(2**63), 2**63 - 1, (2,), dtype=torch.int64, generator=generator)
 
 
