@@ -190,7 +190,7 @@ def _cpu(torch, _backend) -> dict[str, Any]:
             ),
             "knn scan": "avx2" if wide else f"portable ({why_portable})",
         },
-        "knn_fast_pass": _knn_fast_pass(_backend, amx or vnni),
+        "knn_fast_pass": _knn_fast_pass(amx or vnni),
     }
 
 
@@ -206,36 +206,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _knn_fast_pass(_backend, int8_units: bool) -> dict[str, Any]:
-    """Which fast pass debias.knn takes on the cpu backend (debias/ops/knn.py, _use_int8)."""
+def _knn_fast_pass(int8_units: bool) -> dict[str, Any]:
+    """Which fast pass debias.knn takes on the cpu backend, as debias.ops.knn reports it."""
     from debias.ops import knn
 
-    try:
-        setting = knn._fast_choice()
-    except ValueError as err:
-        return {"setting": os.environ.get(knn._FAST_ENV), "error": str(err)}
-    kernel = _backend.has_kernel("knn_candidates_int8", "CPU")
-    min_d = knn._INT8_MIN_D
-    if setting == "float32":
-        long, why = "float32", f"{knn._FAST_ENV}=float32"
-    elif not kernel:
-        long, why = "float32", "the int8 kernel is not built (no compiled kernels)"
-    elif setting == "auto" and not int8_units:
-        long, why = "float32", "no AMX or AVX512-VNNI: int8 products are not faster here"
-    elif not knn._int_mm_exact():
-        long, why = "float32", "torch._int_mm's int32 sums are not exact on this CPU"
-    elif setting == "int8":
-        long, why = "int8", f"{knn._FAST_ENV}=int8"
-    else:
-        long, why = "int8", "AMX or AVX512-VNNI int8 products through torch._int_mm (oneDNN)"
-    short = "int8" if setting == "int8" and long == "int8" else "float32"
-    return {
-        "setting": setting,
-        f"float32 data, d >= {min_d}": long,
-        f"float32 data, d < {min_d}": short,
-        "float64 data": "float64",
-        "why": why,
-    }
+    return knn.fast_pass_report(int8_units)
 
 
 def _ops(torch, _backend) -> dict[str, Any]:
@@ -248,7 +223,7 @@ def _ops(torch, _backend) -> dict[str, Any]:
         report[op] = {}
         for name in _DEVICES:
             device = torch.device(name)
-            supported = knn._supported(device) if op == "knn" else _backend.BACKENDS
+            supported = knn.supported_backends(device) if op == "knn" else _backend.BACKENDS
             built = [b for b in _backend.available(device) if b in supported]
             entry = {"backends": built, "device_present": _present(torch, name)}
             try:

@@ -2,6 +2,8 @@
 fast pass: duplicates, ties, near-duplicates, a large common offset, tiny and odd dimensions,
 streamed and memory-mapped databases."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ METRICS = ("l2", "cosine", "standardized")
 
 @pytest.fixture(params=KNN_BACKENDS)
 def backend(request):
-    if request.param not in knn_ops._supported(CPU):
+    if request.param not in knn_ops.supported_backends(CPU):
         pytest.skip(f"backend {request.param!r} has no knn kernel in this build")
     return request.param
 
@@ -144,7 +146,7 @@ def test_repeatable_and_independent_of_threads(backend):
 def int8(monkeypatch):
     """DEBIAS_KNN_FAST=int8 for one test, on any CPU where the kernel is built and torch._int_mm
     is exact; a spy counts the chunks the int8 pass searched (None: sent to the float32 pass)."""
-    if "cpu" not in knn_ops._supported(CPU):
+    if "cpu" not in knn_ops.supported_backends(CPU):
         pytest.skip("this build has no knn_candidates kernel")
     if not knn_ops._backend.has_kernel("knn_candidates_int8", "CPU"):
         pytest.skip("this build has no knn_candidates_int8 kernel")
@@ -479,11 +481,11 @@ def test_environment_backend_without_a_knn_kernel_is_ignored(monkeypatch):
 
 def test_cpu_backend_is_the_default_when_built():
     skip_unless_backend("cpu")
-    if "cpu" not in knn_ops._supported(CPU):
+    if "cpu" not in knn_ops.supported_backends(CPU):
         pytest.skip("this build has no knn_candidates kernel")
     from debias.ops import _backend
 
-    assert _backend.resolve(None, CPU, supported=knn_ops._supported(CPU)) == "cpu"
+    assert _backend.resolve(None, CPU, supported=knn_ops.supported_backends(CPU)) == "cpu"
 
 
 # ---- several processes --------------------------------------------------------------------
@@ -760,3 +762,17 @@ def test_triton_knn_kernels_compile_for_hopper(tmp_path):
     for name, instructions in found.items():
         want = ".f64.f64.f64.f64" if name.startswith("fp64") else ".f32.tf32.tf32"
         assert any(want in i for i in instructions), (name, instructions)
+
+
+def test_progress_bar_is_tqdm_on_request_only(monkeypatch, capsys):
+    """progress=True draws tqdm's bar (imported then, not before); without tqdm it is an
+    ImportError that says what to install, and progress=False never needs it."""
+    q, db = torch.randn(4, 3, dtype=torch.float64), torch.randn(9, 3, dtype=torch.float64)
+    expected = debias.knn(q, db, 2)
+    for got in (debias.knn(q, db, 2, progress=True), debias.knn(q, [db[:5], db[5:]], 2)):
+        torch.testing.assert_close(got, expected)
+    assert "knn" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # as if tqdm were not installed
+    torch.testing.assert_close(debias.knn(q, db, 2), expected)
+    with pytest.raises(ImportError, match="pip install tqdm"):
+        debias.knn(q, db, 2, progress=True)

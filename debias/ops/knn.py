@@ -34,12 +34,11 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from debias import reference
 from debias._checks import (
@@ -89,7 +88,7 @@ def knn(
     *,
     exclude_self: bool = False,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
     sharded: bool = False,
     group: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +109,10 @@ def knn(
         backend: "cpu", "cuda", "triton" or "torch" (default: the kernel built for the
             queries' device, then torch). On "cpu", the environment variable DEBIAS_KNN_FAST
             ("auto", "float32" or "int8") picks the fast pass (module docstring).
-        progress: a progress bar over the database chunks.
+        progress: a progress bar over the database chunks: True draws tqdm's (imported only
+            then; tqdm comes with the ``pipeline`` extra, or ``pip install tqdm``), a callable
+            wraps the iterable of chunks with the caller's own bar (``progress(chunks)`` must
+            yield what it is given), False (default) draws none.
         sharded: with torch.distributed initialised, ``database`` is this rank's shard of
             the whole, the shards in rank order (rank 0 holds rows 0..m_0 - 1, and so on);
             every rank passes the same queries and receives the same answer, in the whole
@@ -133,10 +135,10 @@ def knn(
     if rows is not None and want > rows and not sharded:
         raise ValueError(f"k must be at most the database's {rows} rows, got {k}")
     device = queries.device
-    backend = _backend.resolve(backend, device, supported=_supported(device))
+    backend = _backend.resolve(backend, device, supported=supported_backends(device))
     search = _Search(queries, metric, want, backend)
     chunks = _chunks(database, queries, metric, search.int8)
-    for start, chunk in tqdm(chunks, desc="knn", unit="chunk", disable=not progress):
+    for start, chunk in _progress_bar(progress, chunks):
         search.add(start, chunk)
     dist, index, seen = search.dist, search.index, search.seen
     if sharded:
@@ -153,6 +155,24 @@ def knn(
             )
         return _drop_self(dist, index, k)
     return dist, index
+
+
+def _progress_bar(progress: Any, chunks: Iterable) -> Iterable:
+    """``chunks`` through the bar ``progress`` asks for: none (False), tqdm's (True: the core
+    depends on torch and numpy only, so tqdm is imported here, when a bar is asked for) or the
+    caller's (a callable)."""
+    if callable(progress):
+        return progress(chunks)
+    if not progress:
+        return chunks
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as err:
+        raise ImportError(
+            "progress=True draws its bar with tqdm, which is not installed: pip install tqdm "
+            "(or the pipeline extra), or pass progress=<a callable wrapping an iterable>"
+        ) from err
+    return tqdm(chunks, desc="knn", unit="chunk")
 
 
 def _merge_shards(
@@ -193,7 +213,7 @@ def _dot_unit(backend: str, dtype: torch.dtype, d: int = 1) -> float:
     return 0.0
 
 
-def _supported(device: torch.device) -> tuple[str, ...]:
+def supported_backends(device: torch.device) -> tuple[str, ...]:
     """The knn backends built for ``device``: the kernels of knn_candidates, then torch (on
     the CPU, Triton only in its interpreter, as a test backend)."""
     kernel = device.type == "cpu" and _backend.has_kernel("knn_candidates", "CPU")
@@ -202,6 +222,42 @@ def _supported(device: torch.device) -> tuple[str, ...]:
     if device.type == "cuda" or _backend.triton_interpreted():
         found += ("triton",)
     return (*found, "torch")
+
+
+def fast_pass_report(int8_units: bool) -> dict[str, Any]:
+    """Which fast pass :func:`knn` takes on the cpu backend, for each kind of data, and why
+    (as ``_use_int8`` decides; ``int8_units``: the CPU has AMX or AVX512-VNNI). For
+    ``debias info``."""
+    try:
+        setting = _fast_choice()
+    except ValueError as err:
+        return {"setting": os.environ.get(_FAST_ENV), "error": str(err)}
+    kernel = _backend.has_kernel("knn_candidates_int8", "CPU")
+    min_d = _INT8_MIN_D
+    if setting == "float32":
+        long, why = "float32", f"{_FAST_ENV}=float32"
+    elif not kernel:
+        long, why = "float32", "the int8 kernel is not built (no compiled kernels)"
+    elif setting == "auto" and not int8_units:
+        long, why = "float32", "no AMX or AVX512-VNNI: int8 products are not faster here"
+    elif not _int_mm_exact():
+        long, why = "float32", "torch._int_mm's int32 sums are not exact on this CPU"
+    elif setting == "int8":
+        long, why = "int8", f"{_FAST_ENV}=int8"
+    else:
+        long, why = "int8", "AMX or AVX512-VNNI int8 products through torch._int_mm (oneDNN)"
+    short = "int8" if setting == "int8" and long == "int8" else "float32"
+    return {
+        "setting": setting,
+        f"float32 data, d >= {min_d}": long,
+        f"float32 data, d < {min_d}": short,
+        "float64 data": "float64",
+        "why": why,
+    }
+
+
+# The name benchmarks/bench_knn.py uses.
+_supported = supported_backends
 
 
 def _fast_choice() -> str:
