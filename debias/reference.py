@@ -1,9 +1,15 @@
 """Pure-torch ground truth for every op: the test oracle, the benchmark's eager baseline and
 the backend of last resort.
 
-Written for clarity in the shape of the code diffusion trainers run today (diffusers'
-``DDPMScheduler.add_noise`` / ``get_velocity`` and ``train_text_to_image.py``'s loss), not for
-speed. Memory traffic is counted in elements of the ``[B, ...]`` tensors, N = numel.
+Written for clarity in the shape of the code diffusion trainers run today, not for speed:
+DDPM as diffusers' ``DDPMScheduler.add_noise`` / ``get_velocity`` and
+``train_text_to_image.py``'s loss; flow matching as ``FlowMatchEulerDiscreteScheduler
+.scale_noise`` and the SD3 / Flux DreamBooth scripts' loss lines; EDM as Karras et al. 2022
+(``EDMPrecond``, ``EDMLoss``) and diffusers' ``EDMEulerScheduler``. ``coefficients`` and
+``weight`` give every family's and every prediction's per-sample coefficients and weights from
+the papers' closed forms in float64, independent of ``debias.schedules`` and
+``debias.weighting``. Memory traffic is counted in elements of the ``[B, ...]`` tensors,
+N = numel.
 """
 
 from __future__ import annotations
@@ -180,6 +186,217 @@ def noise_loss(
     else:
         raise ValueError(f"unknown prediction {prediction!r}")
     return weighted_mse(pred, target, weights.to(pred.device)[t], reduction)
+
+
+# ---- flow matching (rectified flow: SD3, Flux) -----------------------------------------------
+#
+# diffusers' FlowMatchEulerDiscreteScheduler and train_dreambooth_lora_{sd3,flux}.py:
+# x_t = (1 - sigma) x0 + sigma eps, the network predicts u = eps - x0, and the loss is
+# compute_loss_weighting_for_sd3's weight times the squared error, averaged per sample.
+
+
+def _per_sample(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``x [B]`` viewed ``[B, 1, ...]`` against ``like [B, ...]``, as the scripts' get_sigmas
+    shapes sigmas."""
+    return x.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def flow_noised(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The scripts' ``(1.0 - sigmas) * model_input + sigmas * noise`` (and ``scale_noise``'s
+    ``sigma * noise + (1.0 - sigma) * sample``, the same bits) for per-sample ``sigmas [B]``,
+    taken in x0's dtype as get_sigmas does. Traffic: read 2N, write N, plus two N-sized
+    temporaries (write 2N, read 2N)."""
+    sigmas = _per_sample(sigmas.to(x0.dtype), x0)
+    return (1.0 - sigmas) * x0 + sigmas * noise
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The flow-matching target ``noise - model_input``. Traffic: read 2N, write N."""
+    return noise - x0
+
+
+def sd3_loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """diffusers' ``compute_loss_weighting_for_sd3``: ``sigma_sqrt`` sigma^-2, ``cosmap``
+    2 / (pi (1 - 2 sigma + 2 sigma^2)), any other scheme 1; on sigmas of any shape (its
+    ``.float()`` keeps float64 as float64)."""
+    if weighting_scheme == "sigma_sqrt":
+        return (sigmas**-2.0).to(torch.promote_types(sigmas.dtype, torch.float32))  # `.float()`
+    if weighting_scheme == "cosmap":
+        bot = 1 - 2 * sigmas + 2 * sigmas**2
+        return 2 / (math.pi * bot)
+    return torch.ones_like(sigmas)
+
+
+def flow_loss(
+    pred: torch.Tensor, target: torch.Tensor, weighting: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """The SD3 / Flux scripts' loss lines, with per-sample ``weighting [B]``::
+
+        loss = torch.mean(
+            (weighting.float() * (model_pred.float() - target.float()) ** 2).reshape(B, -1), 1
+        )
+        loss = loss.mean()
+
+    (``.float()`` keeps float64 as float64.) Traffic: read 2N, write N three times (the
+    difference, its square, the weighted square) plus the float copies in low precision."""
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    w = _per_sample(weighting.to(acc), pred)
+    loss = torch.mean((w * (pred.to(acc) - target.to(acc)) ** 2).reshape(target.shape[0], -1), 1)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+# ---- EDM (Karras et al. 2022) -------------------------------------------------------------
+#
+# x_t = x0 + sigma eps. The network F is wrapped as D(x_t) = c_skip x_t + c_out F(c_in x_t,
+# c_noise) (EDMPrecond; diffusers' EDMEulerScheduler.precondition_inputs/_noise/_outputs) and
+# trained with EDMLoss: lambda(sigma) ||D - x0||^2, lambda = (sigma^2 + sd^2) / (sigma sd)^2.
+# EDMLoss sums the elements; the trainers (and fused_loss) average them, a factor of D.
+
+
+def edm_precondition(
+    sigma: torch.Tensor, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EDMPrecond's ``(c_skip, c_out, c_in, c_noise)`` for noise levels ``sigma``:
+    sd^2 / (sigma^2 + sd^2), sigma sd / sqrt(sigma^2 + sd^2), 1 / sqrt(sigma^2 + sd^2) and
+    ln(sigma) / 4. (diffusers negates c_out for a "v_prediction" EDM scheduler.)"""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma_data**2 + sigma**2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
+
+
+def edm_noised(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """EDMEulerScheduler.add_noise's ``original_samples + noise * sigma`` for per-sample
+    ``sigmas [B]`` in x0's dtype. Traffic: read 2N, write N, plus one N-sized temporary."""
+    return x0 + noise * _per_sample(sigmas.to(x0.dtype), x0)
+
+
+def edm_denoised(
+    x_t: torch.Tensor, raw: torch.Tensor, sigmas: torch.Tensor, sigma_data: float = 0.5
+) -> torch.Tensor:
+    """EDMPrecond's output ``D = c_skip x_t + c_out F`` from the network's raw output F."""
+    c_skip, c_out, _, _ = edm_precondition(_per_sample(sigmas, x_t), sigma_data)
+    return c_skip * x_t + c_out * raw
+
+
+def edm_weight(sigma: torch.Tensor, sigma_data: float = 0.5) -> torch.Tensor:
+    """EDMLoss's ``lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2``, the weight of ||D - x0||^2."""
+    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+
+
+def edm_raw_target(
+    x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, sigma_data: float = 0.5
+) -> torch.Tensor:
+    """The F for which D = x0: ``(x0 - c_skip x_t) / c_out``, so that c_out^2 ||F - target||^2
+    = ||D - x0||^2 (the "raw" prediction's target, affine in x0 and noise)."""
+    sigmas = _per_sample(sigmas, x0)
+    c_skip, c_out, _, _ = edm_precondition(sigmas, sigma_data)
+    return (x0 - c_skip * (x0 + sigmas * noise)) / c_out
+
+
+def edm_loss(
+    raw: torch.Tensor,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    sigma_data: float = 0.5,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """EDMLoss on the network's raw output F at x_t = x0 + sigma noise: lambda(sigma) times the
+    squared error of D = c_skip x_t + c_out F against x0, averaged per sample, then reduced.
+    Traffic: read 3N, write N four times (x_t, D, the error, its square)."""
+    x_t = edm_noised(x0, noise, sigmas)
+    denoised = edm_denoised(x_t, raw, sigmas, sigma_data)
+    return weighted_mse(denoised, x0, edm_weight(sigmas, sigma_data), reduction)
+
+
+# ---- every family and prediction: coefficients and weights --------------------------------
+#
+# The closed forms behind the fused op: x_t = a x0 + s eps, target y = p eps + q x0, and the
+# weight on ||pred - y||^2 of a weighting declared in its own space (DESIGN: at fixed x_t,
+# ||y - y_hat||^2 = k^2 ||eps - eps_hat||^2 with k = p - q s / a, so a weight declared on
+# target S becomes w k_S^2 / k_y^2 on target y).
+
+
+def coefficients(
+    family: str, level: torch.Tensor, prediction: str, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(a, s, p, q)`` in float64 for each sample's noise ``level`` (abar_t for "ddpm",
+    sigma_t for "flow" and "edm"):
+
+        ddpm  a = sqrt(abar), s = sqrt(1 - abar)     flow  a = 1 - sigma, s = sigma
+        edm   a = 1, s = sigma
+
+        epsilon (1, 0)   sample (0, 1)   flow (1, -1)
+        v_prediction (a, -s) / sqrt(a^2 + s^2)   (diffusers' get_velocity on DDPM, where
+                         a^2 + s^2 = 1)
+        raw   (-c_skip s, 1 - c_skip) / c_out    (EDM: the F of edm_raw_target)
+    """
+    level = level.double()
+    if family == "ddpm":
+        a, s = level.sqrt(), (1 - level).sqrt()
+    elif family == "flow":
+        a, s = 1 - level, level
+    else:
+        a, s = torch.ones_like(level), level
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    if prediction == "epsilon":
+        return a, s, one, zero
+    if prediction == "sample":
+        return a, s, zero, one
+    if prediction == "flow":
+        return a, s, one, -one
+    if prediction == "v_prediction":
+        norm = (a**2 + s**2).sqrt()
+        return a, s, a / norm, -s / norm
+    c_skip, c_out, _, _ = edm_precondition(s, sigma_data)
+    return a, s, -c_skip * s / c_out, (1 - c_skip) / c_out
+
+
+def weight(
+    weighting: str,
+    family: str,
+    level: torch.Tensor,
+    prediction: str,
+    sigma_data: float = 0.5,
+    k: float = 1.0,
+    gamma: float | None = None,
+) -> torch.Tensor:
+    """The per-sample weight ``[B]`` float64 on ``||pred - y||^2`` for ``prediction``, of a
+    named weighting declared in its own space:
+
+        epsilon  constant 1; debias 1 / sqrt(snr) (Yu et al. 2023); p2 1 / (k + snr)^gamma
+                 (Choi et al. 2022, gamma 1); min_snr min(snr, gamma) / snr (Hang et al. 2023,
+                 gamma 5)
+        flow     compute_loss_weighting_for_sd3 (none, logit_normal, mode: 1; sigma_sqrt;
+                 cosmap)
+        sample   edm: lambda(sigma) (EDMLoss)
+
+    converted to ``prediction`` by k_space^2 / k^2, written m_space^2 / m^2 with m = a k =
+    a p - q s, which stays finite at zero SNR. Debias, unbounded there, converts to its limit:
+    s a / m^2 (sigma (1 - sigma) on the flow target).
+    """
+    a, s, p, q = coefficients(family, level, prediction, sigma_data)
+    m = a * p - q * s
+    snr = (a / s) ** 2
+    if weighting == "debias":  # 1 / sqrt(snr) = s / a, times a^2 / m^2
+        return s * a / m**2
+    if weighting == "edm":
+        space, m_space, w = "sample", -s, edm_weight(s, sigma_data)
+    elif weighting in ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap"):
+        space, m_space, w = "flow", a + s, sd3_loss_weighting(weighting, s)
+    else:
+        space, m_space = "epsilon", a
+        if weighting == "constant":
+            w = torch.ones_like(snr)
+        elif weighting == "p2":
+            w = (k + snr) ** -(1.0 if gamma is None else gamma)
+        else:  # min_snr, written so that snr == 0 gives 1, not 0/0
+            w = ((5.0 if gamma is None else gamma) / snr).clamp(max=1.0)
+    return w if space == prediction else w * (m_space / m) ** 2
 
 
 # ---- nearest neighbours -------------------------------------------------------------------

@@ -841,6 +841,94 @@ def test_sdxl_edm_style_euler_step_matches_diffusers(prediction_type, backend):
     assert_grads_close(take_grads(unet), want_grads)
 
 
+# ---- debias.reference is the trainers' code ------------------------------------------------
+#
+# reference.py is the oracle of tests/test_noise_loss.py; here it meets the diffusers functions
+# and script lines it is written after, bit for bit.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_reference_ddpm_is_diffusers(prediction_type, dtype):
+    """reference.add_noise and get_velocity are DDPMScheduler's; reference.noise_loss is
+    train_text_to_image.py's loss lines with its mse_loss_weights."""
+    noise_scheduler = DDPMScheduler(num_train_timesteps=T, prediction_type=prediction_type)
+    latents, noise, timesteps = make_batch()
+    latents, noise = latents.to(dtype), noise.to(dtype)
+    abar = noise_scheduler.alphas_cumprod
+    x_t = debias.reference.add_noise(latents, timesteps, abar, noise)
+    assert torch.equal(x_t, noise_scheduler.add_noise(latents, noise, timesteps))
+    velocity = debias.reference.get_velocity(latents, noise, timesteps, abar)
+    assert torch.equal(velocity, noise_scheduler.get_velocity(latents, noise, timesteps))
+
+    pred = torch.randn(latents.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    target = noise if prediction_type == "epsilon" else velocity
+    weights = diffusers_weights(noise_scheduler, timesteps, prediction_type)
+    want = F.mse_loss(pred.float(), target.float(), reduction="none")
+    want = (want.mean(dim=list(range(1, want.dim()))) * weights).mean()
+    table = torch.zeros(T).index_put_((timesteps,), weights)  # the weights as a [T] table
+    got = debias.reference.noise_loss(pred, noise, timesteps, table, latents, abar, prediction_type)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift{s:g}")
+def test_reference_flow_is_the_scripts(shift, dtype):
+    """reference.flow_noised is FlowMatchEulerDiscreteScheduler.scale_noise (and the scripts'
+    (1 - sigmas) * x0 + sigmas * noise), sd3_loss_weighting is
+    compute_loss_weighting_for_sd3 and flow_loss on flow_target the SD3 / Flux scripts' loss
+    lines, for every weighting scheme, in the latents' dtype."""
+    noise_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
+    gen = torch.Generator().manual_seed(7)
+    indices = torch.randint(0, T, (FLOW_BATCH,), generator=gen)
+    indices[[0, -1]] = torch.tensor([0, T - 1])
+    timesteps = noise_scheduler.timesteps[indices]
+    x0, noise, pred = (torch.randn(FLOW_BATCH, 4, 6, generator=gen).to(dtype) for _ in range(3))
+
+    x_t = debias.reference.flow_noised(x0, noise, noise_scheduler.sigmas[indices])
+    assert torch.equal(x_t, noise_scheduler.scale_noise(x0, timesteps, noise))
+    sigmas = get_sigmas(noise_scheduler, timesteps, x0.ndim, dtype)
+    assert torch.equal(x_t, (1.0 - sigmas) * x0 + sigmas * noise)
+    target = noise - x0
+    for scheme in WEIGHTING_SCHEMES:
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=scheme, sigmas=sigmas)
+        got_weighting = debias.reference.sd3_loss_weighting(scheme, sigmas)
+        assert got_weighting.dtype == weighting.dtype and torch.equal(got_weighting, weighting)
+        want = torch.mean(
+            (weighting.float() * (pred.float() - target.float()) ** 2).reshape(FLOW_BATCH, -1), 1
+        ).mean()
+        got = debias.reference.flow_loss(
+            pred, debias.reference.flow_target(x0, noise), weighting.flatten()
+        )
+        assert torch.equal(got, want), scheme
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_reference_edm_is_diffusers(prediction_type):
+    """reference.edm_noised is EDMEulerScheduler.add_noise; edm_precondition's c_in and
+    c_noise are its precondition_inputs / precondition_noise and edm_denoised its
+    precondition_outputs (c_out negated for "v_prediction"); edm_raw_target is the raw output
+    whose D is x0."""
+    noise_scheduler = EDMEulerScheduler(num_train_timesteps=T, prediction_type=prediction_type)
+    sd = noise_scheduler.config.sigma_data
+    model_input, noise, timesteps = make_edm_batch(noise_scheduler)
+    sigmas = get_sigmas(noise_scheduler, timesteps, model_input.ndim)
+    x_t = debias.reference.edm_noised(model_input, noise, sigmas.flatten())
+    assert torch.equal(x_t, noise_scheduler.add_noise(model_input, noise, timesteps))
+
+    _, _, c_in, c_noise = debias.reference.edm_precondition(sigmas, sd)
+    assert torch.equal(c_in * x_t, noise_scheduler.precondition_inputs(x_t, sigmas))
+    assert torch.equal(c_noise, noise_scheduler.precondition_noise(sigmas))
+    raw = torch.randn(model_input.shape, generator=torch.Generator().manual_seed(3))
+    sign = 1.0 if prediction_type == "epsilon" else -1.0
+    denoised = debias.reference.edm_denoised(x_t, sign * raw, sigmas.flatten(), sd)
+    assert torch.equal(denoised, noise_scheduler.precondition_outputs(x_t, raw, sigmas))
+
+    target = debias.reference.edm_raw_target(model_input, noise, sigmas.flatten(), sd)
+    at_target = noise_scheduler.precondition_outputs(x_t, sign * target, sigmas)
+    torch.testing.assert_close(at_target, model_input, rtol=1e-5, atol=1e-5)
+
+
 # ---- kohya-ss/sd-scripts: library/custom_train_functions.py -------------------------------
 #
 # sd-scripts multiplies the per-sample MSE by a weight read from all_snr, float32

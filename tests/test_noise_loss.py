@@ -513,9 +513,10 @@ def test_compile_fullgraph_with_philox(backend):
 
 # ---- every family through one op ----------------------------------------------------------
 #
-# Flow matching (SD3/Flux) and EDM against a float64 oracle written here from the papers'
-# formulas, independent of the package's tables: x_t = a x0 + s eps, target p eps + q x0,
-# weight in the prediction's own space.
+# Flow matching (SD3/Flux) and EDM against reference.py: the trainers' noising lines bit for
+# bit, and a float64 oracle from the papers' closed forms (reference.coefficients and
+# reference.weight), independent of the package's tables: x_t = a x0 + s eps, target
+# p eps + q x0, weight in the prediction's own space.
 
 FLOW = NoiseSchedule.flow_matching(1000, shift=3.0)
 EDM = NoiseSchedule.edm(1000)
@@ -535,46 +536,9 @@ FAMILY_SCHEDULES = {"flow": FLOW, "edm": EDM}
 
 
 def _family_oracle(name, prediction, weighting, opts, sigma):
-    """(a, s, p, q, w) in float64 for each sample's sigma, from the closed forms."""
-    if name == "flow":
-        a, s = 1 - sigma, sigma
-    else:
-        a, s = torch.ones_like(sigma), sigma
-    snr = (a / s) ** 2
-    sd = 0.5  # EDM's sigma_data
-    c_skip = sd**2 / (sigma**2 + sd**2)
-    c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-    p, q = {
-        "epsilon": (torch.ones_like(s), torch.zeros_like(s)),
-        "sample": (torch.zeros_like(s), torch.ones_like(s)),
-        "flow": (torch.ones_like(s), -torch.ones_like(s)),
-        "raw": (-c_skip * sigma / c_out, (1 - c_skip) / c_out),
-    }[prediction]
-    # Each weighting in its own space: (space's k, weight); k = p - q s / a.
-    eps_space = {
-        "constant": torch.ones_like(s),
-        "debias": snr.rsqrt(),
-        "p2": (1 + snr) ** -opts.get("gamma", 1.0),
-        "min_snr": (opts.get("gamma", 5.0) / snr).clamp(max=1.0),
-    }
-    if weighting in eps_space:
-        space, k_space, w = "epsilon", torch.ones_like(s), eps_space[weighting]
-    elif weighting == "edm":
-        space, k_space, w = "sample", -s / a, (sigma**2 + sd**2) / (sigma * sd) ** 2
-    else:  # diffusers' compute_loss_weighting_for_sd3, on the flow MSE
-        space, k_space = "flow", 1 + s / a
-        w = {
-            "none": torch.ones_like(s),
-            "logit_normal": torch.ones_like(s),
-            "sigma_sqrt": sigma**-2.0,
-            "cosmap": 2 / (torch.pi * (1 - 2 * sigma + 2 * sigma**2)),
-        }[weighting]
-    if space == prediction:
-        return a, s, p, q, w
-    if (weighting, prediction) == ("debias", "flow"):  # DESIGN: its limit at sigma = 1 is 0
-        return a, s, p, q, sigma * (1 - sigma)
-    k = p - q * s / a
-    return a, s, p, q, w * k_space**2 / k**2
+    """(a, s, p, q, w) in float64 for each sample's sigma: reference's closed forms."""
+    a, s, p, q = reference.coefficients(name, sigma, prediction)
+    return a, s, p, q, reference.weight(weighting, name, sigma, prediction, **opts)
 
 
 def _family_inputs(schedule, shape, dtype, seed=0):
@@ -597,6 +561,8 @@ def test_families_match_oracle(backend, design, case, shape, dtype):
     a, s, p, q, w = _family_oracle(name, prediction, weighting, opts, schedule.sigma[index])
 
     x_t, _ = debias.add_noise(x0, t, schedule, noise=noise, backend=backend)
+    trainers = reference.flow_noised if name == "flow" else reference.edm_noised
+    assert torch.equal(x_t, trainers(x0, noise, schedule.sigmas[index]))
     expected = reference.noised(x0, noise, *(c.to(x0.dtype) for c in (a, s)))
     # the coefficients round once into the data's dtype; x_t may differ from the float64
     # coefficients' by that one rounding only
