@@ -80,14 +80,21 @@ def check_float_dtype(name: str, x: torch.Tensor | torch.dtype) -> None:
         raise TypeError(f"{name} must be {FLOAT_DTYPE_NAMES}, got {dtype}")
 
 
-def check_generator(generator: Any, why: str) -> torch.Generator | None:
-    """``generator`` if it is None or a CPU ``torch.Generator``: TypeError for anything else,
-    ValueError for a generator on another device. ``why`` (such as "timesteps are drawn on the
-    host") says in the message why it has to be a CPU one."""
+def check_generator(generator: Any, why: str, seed: bool = False) -> torch.Generator | None:
+    """``generator`` if it is None or a CPU ``torch.Generator``; with ``seed``, an int (not a
+    bool) as well, returned as a fresh CPU generator seeded with it. ``why`` (such as
+    "timesteps are drawn on the host") says in the message why it has to be a CPU one.
+
+    Raises:
+        TypeError: anything else. ValueError: a generator on another device.
+    """
     if generator is None:
         return None
+    if seed and isinstance(generator, int | np.integer) and not isinstance(generator, bool):
+        return torch.Generator().manual_seed(int(generator))
     if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        allowed = "a torch.Generator, an int seed or None" if seed else "a torch.Generator or None"
+        raise TypeError(f"generator must be {allowed}, got {type(generator).__name__}")
     if generator.device.type != "cpu":
         raise ValueError(
             f"generator must be a CPU torch.Generator ({why}), got one on {generator.device}"

@@ -393,3 +393,23 @@ def test_sample_timesteps_bad_arguments(case):
     }[family]()
     with pytest.raises(err, match=match):
         sample_timesteps(**{"batch_size": 4, "schedule": schedule, **kwargs})
+
+
+def test_generator_is_checked_by_the_one_check():
+    """sample_timesteps and add_noise refuse what _checks.check_generator refuses, naming
+    generator; an int seed is a generator only where a caller asks for it (seed=True)."""
+    from debias._checks import check_generator
+
+    schedule = NoiseSchedule.linear()
+    for call in (
+        lambda g: sample_timesteps(2, schedule, generator=g),
+        lambda g: debias.add_noise(torch.zeros(2, 3), torch.tensor([0, 1]), schedule, generator=g),
+    ):
+        with pytest.raises(TypeError, match=r"generator must be a torch\.Generator or None"):
+            call(3)
+    assert check_generator(None, "why") is None
+    seeded = check_generator(5, "why", seed=True)
+    want = torch.rand(3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.rand(3, generator=seeded), want)
+    with pytest.raises(TypeError, match="an int seed or None, got bool"):
+        check_generator(True, "why", seed=True)
