@@ -28,10 +28,12 @@
 //     n2, n3   = the same from (x2, x3)
 // and element i takes n_lane. The words and u are exact and the same bits everywhere. log,
 // sin and cos are float32 polynomials (Cephes), accurate to a few ulp, so a twin that uses
-// libm agrees to a few ulp, not bit for bit. They are evaluated with fused multiply-adds on
-// CUDA and on x86 with AVX2+FMA, with separate multiply and add on the portable CPU path:
-// the two differ by about an ulp. Within one machine every call computes the same bits,
-// whatever the threads or the cut of the tensor into chunks.
+// libm agrees to a few ulp, not bit for bit. They are this header's own code, never a math
+// library's logf / sincosf, so no compiler flag can swap in other approximations. They are
+// evaluated with fused multiply-adds (written as fmaf) on CUDA and on x86 with AVX2+FMA, with
+// separate multiply and add on the portable CPU path: the two differ by about an ulp. Within
+// one machine every call computes the same bits, whatever the threads or the cut of the tensor
+// into chunks.
 
 #pragma once
 
@@ -127,8 +129,9 @@ DEBIAS_HOST_DEVICE DEBIAS_INLINE float u32_scaled(uint32_t x, float scale) {
 #endif
 }
 
-// Correctly rounded add and sqrt, also under nvcc --use_fast_math (which would otherwise
-// approximate sqrt), so that CUDA computes the same bits as the AVX2+FMA path.
+// Correctly rounded add and sqrt whatever nvcc's flags (an intrinsic is never contracted into
+// an fma, and __fsqrt_rn stays IEEE under -prec-sqrt=false), so that CUDA computes the same
+// bits as the AVX2+FMA path.
 DEBIAS_HOST_DEVICE DEBIAS_INLINE float add_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(a, b);

@@ -24,7 +24,9 @@ CXX_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-er
 LINK_FLAGS = ("-fopenmp",)
 # Added to both compilers when the CUDA kernels join an ahead-of-time build.
 CUDA_DEFINE = "-DDEBIAS_WITH_CUDA"
-NVCC_FLAGS = ("-O3", "--use_fast_math", "-std=c++17", CUDA_DEFINE)
+# No --use_fast_math: nvcc's defaults are IEEE division and sqrt and keep subnormals (no -ftz),
+# which the kernels' bits rely on; csrc/cuda/ieee.cuh keeps products and sums unfused.
+NVCC_FLAGS = ("-O3", "-std=c++17", CUDA_DEFINE)
 # DEBIAS_NO_JIT=1: never compile on first use (the torch backend, with a warning, instead).
 NO_JIT_ENV = "DEBIAS_NO_JIT"
 

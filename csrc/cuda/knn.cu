@@ -39,10 +39,9 @@
 // above 48 KiB). At most 128 registers per thread (2 blocks per SM). The merge: 128 threads,
 // a warp per query, 4 k (sizeof(T) + 4) bytes of shared memory.
 //
-// Arithmetic and float compares are IEEE operations written as PTX because setup.py compiles
-// with --use_fast_math, whose -ftz would flush subnormal products, sums and compared scores:
-// the dot product error stays within the gamma_d bound the caller uses (kKnnDotUnit = 0) and
-// subnormal scores order as on the CPU.
+// Arithmetic is IEEE, round to nearest (ieee.cuh), and nothing flushes subnormals (no fast
+// math, no -ftz: debias/_build.py): the dot product error stays within the gamma_d bound the
+// caller uses (kKnnDotUnit = 0) and subnormal scores compare, and order, as on the CPU.
 //
 // Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
@@ -93,24 +92,9 @@ constexpr size_t merge_smem_bytes(int k) {
   return static_cast<size_t>(kMergeWarps) * k * (sizeof(T) + sizeof(uint32_t));
 }
 
-// ---- IEEE compares (arithmetic: ieee.cuh) -----------------------------------------------
+// ---- the order of scores (arithmetic: ieee.cuh) ----------------------------------------------
 
-// Compares that do not flush subnormals (--use_fast_math makes plain float compares .ftz, which
-// would tie a subnormal score with 0 and order it unlike the CPU).
-__device__ __forceinline__ bool less(float a, float b) {
-  uint32_t r;
-  asm("{.reg .pred p; setp.lt.f32 p, %1, %2; selp.u32 %0, 1, 0, p;}" : "=r"(r) : "f"(a), "f"(b));
-  return r != 0;
-}
-__device__ __forceinline__ bool equal(float a, float b) {
-  uint32_t r;
-  asm("{.reg .pred p; setp.eq.f32 p, %1, %2; selp.u32 %0, 1, 0, p;}" : "=r"(r) : "f"(a), "f"(b));
-  return r != 0;
-}
-__device__ __forceinline__ bool less(double a, double b) { return a < b; }
-__device__ __forceinline__ bool equal(double a, double b) { return a == b; }
-
-// The order of scores: NaN ranks as +inf.
+// NaN ranks as +inf.
 __device__ __forceinline__ float rank_key(float r) {
   return r != r ? __int_as_float(0x7f800000) : r;
 }
@@ -127,7 +111,7 @@ __device__ __forceinline__ T infinity() {
   }
 }
 
-// ---- end of arithmetic -----------------------------------------------------------------------
+// ---- end of the order ----------------------------------------------------------------------
 
 // Four consecutive elements from 16-byte aligned shared memory.
 __device__ __forceinline__ void load4(const float* p, float (&v)[4]) {
@@ -149,7 +133,7 @@ __device__ __forceinline__ void load4(const double* p, double (&v)[4]) {
 // (key_a, j_a) before (key_b, j_b) in the order of the lists; keys are rank keys.
 template <typename T>
 __device__ __forceinline__ bool key_before(T key_a, uint32_t j_a, T key_b, uint32_t j_b) {
-  return less(key_a, key_b) || (equal(key_a, key_b) && j_a < j_b);
+  return key_a < key_b || (key_a == key_b && j_a < j_b);
 }
 
 // Inserts (s, j) into one sorted list of `size` <= k entries, by the whole warp (every lane
@@ -321,13 +305,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
       for (int c = 0; c < kTile; c += 32) {
         const int64_t j = j0 + c + lane;
         const T s = tile[row * S::kLdS + c + lane];
-        const bool hit = j < j_end && (size < k || less(s, thr));
+        const bool hit = j < j_end && (size < k || s < thr);
         unsigned mask = __ballot_sync(kFullMask, hit);
         while (mask != 0) {  // warp-uniform: lanes in j order
           const int src = __ffs(mask) - 1;
           mask &= mask - 1;
           const T sc = __shfl_sync(kFullMask, s, src);
-          if (size == k && !less(sc, thr)) continue;  // thr dropped since the ballot
+          if (size == k && !(sc < thr)) continue;  // thr dropped since the ballot
           size = warp_insert(ls, li, size, k, sc, static_cast<uint32_t>(j0 + c + src), lane);
           if (size == k) thr = rank_key(ls[k - 1]);
         }

@@ -39,12 +39,11 @@
 // into total. The order of every addition depends on B, D and the dtypes only, never on the
 // values, so equal inputs give equal bits.
 //
-// Arithmetic on data uses round-to-nearest IEEE operations written as PTX (no contraction, no
-// flush of subnormals) because setup.py compiles with --use_fast_math, whose -fmad and -ftz
-// would otherwise change the bits: add_noise equals torch's `a * x0 + s * noise` bit for bit,
-// y and grad have the CPU kernel's bits for the same eps (each product and sum of y and g_b
-// rounded on its own), and the stream is the CPU's AVX2+FMA path's (philox.h; its own fused
-// operations meet no subnormals).
+// Arithmetic on data uses CUDA's round-to-nearest intrinsics (ieee.cuh: never contracted into
+// an fma), and nothing flushes subnormals (no fast math, no -ftz: debias/_build.py), so
+// add_noise equals torch's `a * x0 + s * noise` bit for bit, y and grad have the CPU kernel's
+// bits for the same eps (each product and sum of y and g_b rounded on its own), and the stream
+// is the CPU's AVX2+FMA path's (philox.h: its fused operations are its own, written as fmaf).
 //
 // Launch configuration: grid = B * ceil(D / kChunk) blocks (1-D, chunks strided past
 // 2^31 - 1), 256 threads (fewer, in whole warps, when a sample is smaller than a chunk), at
@@ -119,20 +118,11 @@ constexpr int kItemOf = (kIs16Bit<A> || kIs16Bit<B>) ? 8 : 4;
 template <typename A, typename B = A>
 constexpr int kRoundOf = (sizeof(A) == 8 || sizeof(B) == 8) ? 8 : 16;
 
-// ---- conversions, immune to --use_fast_math (arithmetic: ieee.cuh) ---------------------------
+// ---- conversions (arithmetic: ieee.cuh) ------------------------------------------------------
 
-__device__ __forceinline__ double widen(float v) {
-  double r;
-  asm("cvt.f64.f32 %0, %1;" : "=d"(r) : "f"(v));
-  return r;
-}
+__device__ __forceinline__ double widen(float v) { return static_cast<double>(v); }
 __device__ __forceinline__ double widen(double v) { return v; }
-
-__device__ __forceinline__ float narrow(double v) {
-  float r;
-  asm("cvt.rn.f32.f64 %0, %1;" : "=f"(r) : "d"(v));
-  return r;
-}
+__device__ __forceinline__ float narrow(double v) { return __double2float_rn(v); }
 
 // A float or double value as C (exact, or rounded to nearest for double -> float).
 template <typename C>
