@@ -2,7 +2,8 @@
 // TORCH_LIBRARY registrations of csrc/*.cpp: the ops themselves are reached through
 // torch.ops.debias_C, not through attributes of this module.
 //
-// The seven ops (schemas and kernels in the files named; debias/ops validates their inputs):
+// The seven ops (kernels in the files named, schemas and argument checks in csrc/<op>_args.h
+// and csrc/noise_loss.h; debias/ops validates their inputs):
 //   add_noise            x_t = a_b x0 + s_b eps, eps given or the Philox stream
 //                        (csrc/noise_loss.cpp; contract and schemas in csrc/noise_loss.h)
 //   noise_loss_fwd       per-sample weighted loss w_b / D sum (pred - y)^2 and its gradient

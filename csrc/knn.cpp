@@ -20,7 +20,8 @@
 //
 // Layout of this file: the per-query top-k (sorted insertion for small k, a buffer compacted
 // by nth_element for large k), the row scan, the tiled driver, the launcher; then the int8
-// pass (quantisation, its scan, driver and launchers); the registration.
+// pass (quantisation, its scan, driver and launchers); the registration. The ops' schemas and
+// argument checks are csrc/knn_args.h, shared with the CUDA glue.
 //
 // Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
@@ -39,6 +40,8 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+#include "knn_args.h"
 
 namespace debias {
 namespace {
@@ -372,56 +375,17 @@ void _knn_candidates_kernel(const at::Tensor& queries,  // [n, d]
   });
 }
 
-#define DEBIAS_KNN_CHECK_TENSOR(x, name, ndim)                                                \
-  TORCH_CHECK((x).device().is_cpu(), "debias_C::knn_candidates: ", name,                    \
-              " must be a CPU tensor, got ", (x).device());                                  \
-  TORCH_CHECK((x).dim() == (ndim), "debias_C::knn_candidates: ", name, " must be ", ndim,    \
-              "-D, got shape ", (x).sizes());                                                \
-  TORCH_CHECK((x).is_contiguous(), "debias_C::knn_candidates: ", name, " must be contiguous")
-
-// knn_candidates(Tensor queries, Tensor database, Tensor query_sqnorms,
-//                Tensor database_sqnorms, int k) -> (Tensor, Tensor)
-//   queries           [n, d] float32 or float64, contiguous CPU
-//   database          [m, d] same dtype
-//   query_sqnorms     [n] same dtype: ||q_i||^2 as the caller computed it
-//   database_sqnorms  [m] same dtype: ||y_j||^2
-//   k                 1 <= k <= m
-// Returns (r [n, k] in the input dtype, idx [n, k] int64), each row sorted by (r, j) with NaN
-// ranked as +inf.
+// Schema: DEBIAS_KNN_CANDIDATES_SCHEMA (knn_args.h, with the arguments). Returns (r [n, k] in
+// the input dtype, idx [n, k] int64), each row sorted by (r, j) with NaN ranked as +inf.
 std::tuple<at::Tensor, at::Tensor> knn_candidates_cpu(const at::Tensor& queries,
                                                       const at::Tensor& database,
                                                       const at::Tensor& query_sqnorms,
                                                       const at::Tensor& database_sqnorms,
                                                       int64_t k) {
-  constexpr const char* op = "debias_C::knn_candidates";
-  DEBIAS_KNN_CHECK_TENSOR(queries, "queries", 2);
-  DEBIAS_KNN_CHECK_TENSOR(database, "database", 2);
-  DEBIAS_KNN_CHECK_TENSOR(query_sqnorms, "query_sqnorms", 1);
-  DEBIAS_KNN_CHECK_TENSOR(database_sqnorms, "database_sqnorms", 1);
-  const at::ScalarType dtype = queries.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op,
-              ": queries must be float32 or float64, got ", dtype);
-  TORCH_CHECK(database.scalar_type() == dtype, op, ": database must have the dtype of queries (",
-              dtype, "), got ", database.scalar_type());
-  TORCH_CHECK(query_sqnorms.scalar_type() == dtype, op,
-              ": query_sqnorms must have the dtype of queries (", dtype, "), got ",
-              query_sqnorms.scalar_type());
-  TORCH_CHECK(database_sqnorms.scalar_type() == dtype, op,
-              ": database_sqnorms must have the dtype of queries (", dtype, "), got ",
-              database_sqnorms.scalar_type());
-  const int64_t n = queries.size(0), d = queries.size(1), m = database.size(0);
-  TORCH_CHECK(n >= 1, op, ": queries must have at least one row, got shape ", queries.sizes());
-  TORCH_CHECK(m >= 1, op, ": database must have at least one row, got shape ", database.sizes());
-  TORCH_CHECK(d >= 1, op, ": queries must have at least one column, got shape ",
-              queries.sizes());
-  TORCH_CHECK(database.size(1) == d, op, ": database must have d = ", d,
-              " columns like queries, got shape ", database.sizes());
-  TORCH_CHECK(query_sqnorms.size(0) == n, op, ": query_sqnorms must have shape [", n,
-              "], got ", query_sqnorms.sizes());
-  TORCH_CHECK(database_sqnorms.size(0) == m, op, ": database_sqnorms must have shape [", m,
-              "], got ", database_sqnorms.sizes());
-  TORCH_CHECK(k >= 1 && k <= m, op, ": k must be in [1, m = ", m, "], got ", k);
-
+  const knn::CandidatesArgs args =
+      knn::candidates_args(kCPU, queries, database, query_sqnorms, database_sqnorms, k);
+  const at::ScalarType dtype = args.dtype;
+  const int64_t n = args.n;
   at::Tensor r = at::empty({n, k}, queries.options());
   at::Tensor idx = at::empty({n, k}, queries.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(dtype, "knn_candidates", [&] {
@@ -608,33 +572,14 @@ __attribute__((target("avx2"))) void _quantize_rows_avx2(const T* x, const float
 }
 #endif
 
-// knn_quantize(Tensor rows, Tensor center, bool lo_first, Tensor(a!) codes) -> Tensor stats
-//   rows    [r, d] float32 or float64, contiguous CPU, 1 <= d <= 2^16
-//   center  [d] float32
-//   codes   [r, 2d] int8, contiguous: written, [h | l] per row ([l | h] when lo_first) (an
-//           output argument: the caller reuses one buffer for every chunk of a search, which
-//           spares the page faults of a fresh allocation, a third of the time at d = 3072)
-// Returns stats [r, 3] float64: ||a||^2, the scale s (0: zero row; NaN: not usable), ||l||^2.
+// Schema: DEBIAS_KNN_QUANTIZE_SCHEMA (knn_args.h, with the arguments). codes is an output
+// argument: the caller reuses one buffer for every chunk of a search, which spares the page
+// faults of a fresh allocation, a third of the time at d = 3072. Returns stats [r, 3] float64:
+// ||a||^2, the scale s (0: zero row; NaN: not usable), ||l||^2.
 at::Tensor knn_quantize_cpu(const at::Tensor& rows, const at::Tensor& center, bool lo_first,
                             at::Tensor& codes) {
-  constexpr const char* op = "debias_C::knn_quantize";
-  TORCH_CHECK(rows.device().is_cpu() && center.device().is_cpu() && codes.device().is_cpu(), op,
-              ": CPU tensors only");
-  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous(), op,
-              ": rows must be a contiguous [r, d] tensor, got shape ", rows.sizes());
-  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble, op,
-              ": rows must be float32 or float64, got ", rows.scalar_type());
+  knn::check_quantize(rows, center, codes);
   const int64_t r = rows.size(0), d = rows.size(1);
-  TORCH_CHECK(d >= 1 && d <= (int64_t(1) << 16), op, ": rows must have 1 to 2^16 columns, got ",
-              d);
-  TORCH_CHECK(center.dim() == 1 && center.size(0) == d && center.is_contiguous() &&
-                  center.scalar_type() == at::kFloat,
-              op, ": center must be a contiguous float32 [", d, "] tensor, got ",
-              center.scalar_type(), " ", center.sizes());
-  TORCH_CHECK(codes.dim() == 2 && codes.size(0) == r && codes.size(1) == 2 * d &&
-                  codes.is_contiguous() && codes.scalar_type() == at::kChar,
-              op, ": codes must be a contiguous int8 [", r, ", ", 2 * d, "] tensor, got ",
-              codes.scalar_type(), " ", codes.sizes());
   at::Tensor stats = at::empty({r, 3}, rows.options().dtype(at::kDouble));
   if (r == 0) return stats;
   const float* c = center.data_ptr<float>();
@@ -787,46 +732,16 @@ void _knn_candidates_int8_kernel(const at::Tensor& codes_q,   // [n, 2d]: [h | l
   });
 }
 
-// knn_candidates_int8(Tensor codes_q, Tensor codes_db, Tensor query_sqnorms,
-//                     Tensor database_sqnorms, Tensor query_scales, Tensor database_scales,
-//                     int k) -> (Tensor, Tensor)
-//   codes_q           [n, 2d] int8, [h | l] per query (knn_quantize, lo_first false)
-//   codes_db          [m, 2d] int8, [l | h] per database row (lo_first true)
-//   query_sqnorms     [n] float32 qn;  database_sqnorms [m] float32 yn
-//   query_scales      [n] float32 qs;  database_scales  [m] float32 ys
-//   k                 1 <= k <= m;  d <= 2^16 (G2 = h . l + l . h stays exact in int32)
-// Returns (r [n, k] float32, idx [n, k] int64): the k rows with the smallest int8 score
+// Schema: DEBIAS_KNN_CANDIDATES_INT8_SCHEMA (knn_args.h, with the arguments). Returns
+// (r [n, k] float32, idx [n, k] int64): the k rows with the smallest int8 score
 //   r_ij = (qn_i + yn_j) - qs_i * (ys_j * (G1_ij + G2_ij / 256)), sorted by (r, j).
 std::tuple<at::Tensor, at::Tensor> knn_candidates_int8_cpu(
     const at::Tensor& codes_q, const at::Tensor& codes_db, const at::Tensor& query_sqnorms,
     const at::Tensor& database_sqnorms, const at::Tensor& query_scales,
     const at::Tensor& database_scales, int64_t k) {
-  constexpr const char* op = "debias_C::knn_candidates_int8";
-  DEBIAS_KNN_CHECK_TENSOR(codes_q, "codes_q", 2);
-  DEBIAS_KNN_CHECK_TENSOR(codes_db, "codes_db", 2);
-  DEBIAS_KNN_CHECK_TENSOR(query_sqnorms, "query_sqnorms", 1);
-  DEBIAS_KNN_CHECK_TENSOR(database_sqnorms, "database_sqnorms", 1);
-  DEBIAS_KNN_CHECK_TENSOR(query_scales, "query_scales", 1);
-  DEBIAS_KNN_CHECK_TENSOR(database_scales, "database_scales", 1);
-  TORCH_CHECK(codes_q.scalar_type() == at::kChar && codes_db.scalar_type() == at::kChar, op,
-              ": codes must be int8, got ", codes_q.scalar_type(), " and ",
-              codes_db.scalar_type());
-  for (const at::Tensor* t : {&query_sqnorms, &database_sqnorms, &query_scales, &database_scales}) {
-    TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": norms and scales must be float32, got ",
-                t->scalar_type());
-  }
-  const int64_t n = codes_q.size(0), m = codes_db.size(0), d2 = codes_q.size(1);
-  TORCH_CHECK(n >= 1 && m >= 1, op, ": codes must have rows, got ", codes_q.sizes(), " and ",
-              codes_db.sizes());
-  TORCH_CHECK(d2 >= 4 && d2 % 2 == 0 && d2 <= (int64_t(2) << 16), op,
-              ": codes must have 2d columns, 2 <= d <= 2^16, got ", d2);
-  TORCH_CHECK(codes_db.size(1) == d2, op, ": codes_db must have ", d2, " columns, got ",
-              codes_db.size(1));
-  TORCH_CHECK(query_sqnorms.size(0) == n && query_scales.size(0) == n, op,
-              ": query norms and scales must have shape [", n, "]");
-  TORCH_CHECK(database_sqnorms.size(0) == m && database_scales.size(0) == m, op,
-              ": database norms and scales must have shape [", m, "]");
-  TORCH_CHECK(k >= 1 && k <= m, op, ": k must be in [1, m = ", m, "], got ", k);
+  const knn::CandidatesInt8Args args = knn::candidates_int8_args(
+      codes_q, codes_db, query_sqnorms, database_sqnorms, query_scales, database_scales, k);
+  const int64_t n = args.n;
   at::Tensor r = at::empty({n, k}, query_sqnorms.options());
   at::Tensor idx = at::empty({n, k}, query_sqnorms.options().dtype(at::kLong));
   const float* qn = query_sqnorms.data_ptr<float>();
@@ -847,14 +762,9 @@ std::tuple<at::Tensor, at::Tensor> knn_candidates_int8_cpu(
 }  // namespace debias
 
 TORCH_LIBRARY_FRAGMENT(debias_C, m) {
-  m.def(
-      "knn_candidates(Tensor queries, Tensor database, Tensor query_sqnorms, "
-      "Tensor database_sqnorms, int k) -> (Tensor, Tensor)");
-  m.def("knn_quantize(Tensor rows, Tensor center, bool lo_first, Tensor(a!) codes) -> Tensor");
-  m.def(
-      "knn_candidates_int8(Tensor codes_q, Tensor codes_db, Tensor query_sqnorms, "
-      "Tensor database_sqnorms, Tensor query_scales, Tensor database_scales, int k) "
-      "-> (Tensor, Tensor)");
+  m.def(DEBIAS_KNN_CANDIDATES_SCHEMA);
+  m.def(DEBIAS_KNN_QUANTIZE_SCHEMA);
+  m.def(DEBIAS_KNN_CANDIDATES_INT8_SCHEMA);
 }
 
 TORCH_LIBRARY_IMPL(debias_C, CPU, m) {

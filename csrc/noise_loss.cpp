@@ -16,8 +16,8 @@
 //
 // Layout of this file: the stream generator (an AVX2+FMA path and a portable path, chosen
 // once per process), the elementwise helpers, the kernels, the launchers, the registration.
-// Ops live in torch.ops.debias_C; inputs are validated by the Python caller, the launchers
-// re-check the cheap invariants.
+// Ops live in torch.ops.debias_C; inputs are validated by the Python caller, and the launchers
+// check the op's arguments with csrc/noise_loss_args.h, the checks the CUDA glue shares.
 //
 // Tile, chunk, worker and block mean what csrc/README.md says, in every kernel file.
 
@@ -40,6 +40,7 @@
 #endif
 
 #include "noise_loss.h"
+#include "noise_loss_args.h"
 #include "philox.h"
 
 namespace debias {
@@ -463,153 +464,61 @@ void _philox_normal_kernel(Stream st, T* out, int64_t N) {
   });
 }
 
-// name: the argument's name in the op schema, for the message.
-#define DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, name)                                         \
-  TORCH_CHECK((x).device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",      \
-              (x).device());                                                             \
-  TORCH_CHECK((x).is_contiguous(), op, ": ", name, " must be contiguous")
-
-#define DEBIAS_CHECK_DTYPE(op, x, name, dtype)                                           \
-  TORCH_CHECK((x).scalar_type() == (dtype), op, ": ", name, " must have dtype ", (dtype), \
-              ", got ", (x).scalar_type())
-
-bool is_supported_float(at::ScalarType dt) {
-  return dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf;
-}
-
-at::ScalarType compute_dtype(at::ScalarType dt) {
-  return dt == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// coef: a contiguous [rows, B] CPU tensor of the compute dtype ctype.
-void check_coef(const char* op, const at::Tensor& coef, int64_t rows, int64_t B,
-                at::ScalarType ctype) {
-  DEBIAS_CHECK_CPU_CONTIGUOUS(op, coef, "coef");
-  DEBIAS_CHECK_DTYPE(op, coef, "coef", ctype);
-  TORCH_CHECK(coef.dim() == 2 && coef.size(0) == rows && coef.size(1) == B, op,
-              ": coef must have shape [", rows, ", ", B, "], got ", coef.sizes());
-}
-
-// Each sample of x is one contiguous run of memory (the runs may be any stride apart):
-// true of contiguous tensors and of channel slices such as model_output[:, :C].
-bool samples_contiguous(const at::Tensor& x) {
-  return x.dim() >= 1 && (x.size(0) == 0 || x.select(0, 0).is_contiguous());
-}
-
-// The data tensor (x0 or pred): CPU, [B, ...], a supported float dtype; contiguous, or for
-// pred (samples_ok) with each sample contiguous.
-void check_data(const char* op, const char* name, const at::Tensor& x, bool samples_ok = false) {
-  if (samples_ok) {
-    TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
-    TORCH_CHECK(samples_contiguous(x), op, ": each sample of ", name, " must be contiguous");
-  } else {
-    DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, name);
-  }
-  TORCH_CHECK(x.dim() >= 1, op, ": ", name, " needs a batch dimension, got shape ", x.sizes());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", x.scalar_type());
-}
-
-// A tensor read alongside pred or x0: contiguous CPU, of its shape.
-void check_like(const char* op, const char* name, const at::Tensor& x, const at::Tensor& like) {
-  DEBIAS_CHECK_CPU_CONTIGUOUS(op, x, name);
-  TORCH_CHECK(x.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(),
-              ", got ", x.sizes());
-}
-
 // Schema: DEBIAS_ADD_NOISE_SCHEMA (noise_loss.h). Returns (x_t like x0, the eps of the
 // stream like x0 when keep_noise and noise is None, else an empty [0] tensor).
 std::tuple<at::Tensor, at::Tensor> add_noise_cpu(const at::Tensor& x0, const at::Tensor& coef,
                                                  const std::optional<at::Tensor>& noise,
                                                  int64_t seed, int64_t offset,
                                                  bool keep_noise) {
-  constexpr const char* op = "debias_C::add_noise";
-  check_data(op, "x0", x0);
-  check_coef(op, coef, noise_loss::kNoiseRows, x0.size(0), compute_dtype(x0.scalar_type()));
-  if (noise.has_value()) {
-    check_like(op, "noise", *noise, x0);
-    DEBIAS_CHECK_DTYPE(op, (*noise), "noise", x0.scalar_type());
-  }
+  using namespace noise_loss;
+  const AddNoiseArgs args = add_noise_args(kCPU, x0, coef, noise);
   at::Tensor out = at::empty_like(x0);
   const bool keep = keep_noise && !noise.has_value();
   at::Tensor kept = keep ? at::empty_like(x0) : at::empty({0}, x0.options());
-  const int64_t B = x0.size(0);
   if (x0.numel() == 0) return {out, kept};
-  const int64_t D = x0.numel() / B;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x0.scalar_type(), "add_noise", [&] {
+  const int64_t B = args.B;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "add_noise", [&] {
     using C = compute_t<scalar_t>;
     const C* c = coef.data_ptr<C>();
     _add_noise_fwd_kernel<scalar_t>(
-        x0.data_ptr<scalar_t>(), c + noise_loss::kRowA * B, c + noise_loss::kRowS * B,
+        x0.data_ptr<scalar_t>(), c + kRowA * B, c + kRowS * B,
         noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, make_stream(seed, offset),
-        out.data_ptr<scalar_t>(), keep ? kept.data_ptr<scalar_t>() : nullptr, B, D);
+        out.data_ptr<scalar_t>(), keep ? kept.data_ptr<scalar_t>() : nullptr, B, args.D);
   });
   return {out, kept};
 }
 
-// Checks the arguments that noise_loss_fwd and noise_loss_bwd share (DEBIAS_NOISE_LOSS_ARGS);
-// returns E, the dtype of eps and x0 (noise's dtype when given, else eps_dtype).
-at::ScalarType check_noise_loss(const char* op, const at::Tensor& pred, const at::Tensor& coef,
-                                const std::optional<at::Tensor>& noise,
-                                const std::optional<at::Tensor>& x0, int64_t terms,
-                                at::ScalarType eps_dtype, int64_t grad_div) {
-  using namespace noise_loss;
-  check_data(op, "pred", pred, /*samples_ok=*/true);
-  check_coef(op, coef, kLossRows, pred.size(0), compute_dtype(pred.scalar_type()));
-  TORCH_CHECK(terms == kEpsTerm || terms == kX0Term || terms == (kEpsTerm | kX0Term), op,
-              ": terms must be 1 (eps), 2 (x0) or 3 (both), got ", terms);
-  TORCH_CHECK(grad_div >= 1, op, ": grad_div must be >= 1, got ", grad_div);
-  at::ScalarType edtype = eps_dtype;
-  if (noise.has_value()) {
-    check_like(op, "noise", *noise, pred);
-    edtype = noise->scalar_type();
-  }
-  TORCH_CHECK(is_supported_float(edtype), op,
-              ": noise/eps_dtype must be float32, float64, bfloat16 or float16, got ", edtype);
-  TORCH_CHECK(((terms & kX0Term) != 0) == x0.has_value(), op,
-              ": x0 must be given exactly when terms has the x0 term (2), terms = ", terms);
-  if (x0.has_value()) {
-    check_like(op, "x0", *x0, pred);
-    DEBIAS_CHECK_DTYPE(op, (*x0), "x0", edtype);
-  }
-  return edtype;
-}
-
 // Runs the loss kernel into loss ([B], C) and, when grad is given, grad (like pred);
-// grad_output (C, [B] or [1]) scales the gradient when given.
-void run_noise_loss(const at::Tensor& pred, const at::Tensor& coef,
-                    const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& x0,
-                    int64_t terms, at::ScalarType edtype, int64_t seed, int64_t offset,
-                    int64_t grad_div, const at::Tensor* grad_output, at::Tensor& loss,
-                    at::Tensor* grad) {
+// grad_output (C, [B] or [1], contiguous) scales the gradient when given.
+void run_noise_loss(const noise_loss::LossArgs& a, const at::Tensor* grad_output,
+                    at::Tensor& loss, at::Tensor* grad) {
   using namespace noise_loss;
-  const int64_t B = pred.size(0);
+  const int64_t B = a.B, D = a.D;
   if (B == 0) return;
-  const int64_t D = pred.numel() / B;
-  const Stream st = make_stream(seed, offset);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pred.scalar_type(), "noise_loss", [&] {
+  const Stream st = make_stream(a.seed, a.offset);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.pred_dtype, "noise_loss", [&] {
     using P = scalar_t;
     using C = compute_t<P>;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, edtype, "noise_loss", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a.eps_dtype, "noise_loss", [&] {
       using E = scalar_t;
-      const C* c = coef.data_ptr<C>();
-      const E* noise_p = noise.has_value() ? noise->data_ptr<E>() : nullptr;
-      const E* x0_p = x0.has_value() ? x0->data_ptr<E>() : nullptr;
+      const C* c = a.coef->data_ptr<C>();
+      const E* noise_p = a.noise != nullptr ? a.noise->data_ptr<E>() : nullptr;
+      const E* x0_p = a.x0 != nullptr ? a.x0->data_ptr<E>() : nullptr;
       const C* go_p = grad_output != nullptr ? grad_output->data_ptr<C>() : nullptr;
       const int64_t go_stride = grad_output != nullptr && grad_output->numel() > 1 ? 1 : 0;
       auto run = [&](auto grad_flag, auto terms_c) {
         _noise_loss_fwd_kernel<P, E, decltype(grad_flag)::value, decltype(terms_c)::value>(
-            pred.data_ptr<P>(), B > 1 ? pred.stride(0) : D, c + kRowW * B, c + kRowP * B, c + kRowQ * B, noise_p, x0_p, st,
-            grad_div, go_p, go_stride, loss.data_ptr<C>(),
+            a.pred->data_ptr<P>(), a.pred_stride, c + kRowW * B, c + kRowP * B, c + kRowQ * B,
+            noise_p, x0_p, st, a.grad_div, go_p, go_stride, loss.data_ptr<C>(),
             grad != nullptr ? grad->data_ptr<P>() : nullptr, B, D);
       };
       auto with_terms = [&](auto grad_flag) {
         using Eps = std::integral_constant<int64_t, kEpsTerm>;
         using X0 = std::integral_constant<int64_t, kX0Term>;
         using Both = std::integral_constant<int64_t, kEpsTerm | kX0Term>;
-        if (terms == kEpsTerm) {
+        if (a.terms == kEpsTerm) {
           run(grad_flag, Eps{});
-        } else if (terms == kX0Term) {
+        } else if (a.terms == kX0Term) {
           run(grad_flag, X0{});
         } else {
           run(grad_flag, Both{});
@@ -626,21 +535,18 @@ void run_noise_loss(const at::Tensor& pred, const at::Tensor& coef,
 
 // Schema: DEBIAS_NOISE_LOSS_FWD_SCHEMA (noise_loss.h). Returns (loss [B] in C, total [] in C,
 // grad like pred or an empty [0] tensor when not need_grad).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cpu(
-    const at::Tensor& pred, const at::Tensor& coef, const std::optional<at::Tensor>& noise,
-    const std::optional<at::Tensor>& x0, int64_t terms, at::ScalarType eps_dtype, int64_t seed,
-    int64_t offset, int64_t grad_div, int64_t loss_div, bool need_grad) {
-  constexpr const char* op = "debias_C::noise_loss_fwd";
-  const at::ScalarType edtype =
-      check_noise_loss(op, pred, coef, noise, x0, terms, eps_dtype, grad_div);
-  TORCH_CHECK(loss_div >= 1, op, ": loss_div must be >= 1, got ", loss_div);
-  const at::ScalarType ctype = compute_dtype(pred.scalar_type());
-  at::Tensor loss = at::empty({pred.size(0)}, pred.options().dtype(ctype));
+std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cpu(DEBIAS_NOISE_LOSS_PARAMS,
+                                                                  int64_t loss_div,
+                                                                  bool need_grad) {
+  using namespace noise_loss;
+  const LossArgs args = loss_args(kNoiseLossFwdOp, kCPU, pred, coef, noise, x0, terms, eps_dtype,
+                                  seed, offset, grad_div);
+  check_loss_div(loss_div);
+  at::Tensor loss = at::empty({args.B}, pred.options().dtype(args.compute_dtype));
   at::Tensor grad = at::empty(need_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options());
-  run_noise_loss(pred, coef, noise, x0, terms, edtype, seed, offset, grad_div, nullptr, loss,
-                 need_grad ? &grad : nullptr);
+  run_noise_loss(args, nullptr, loss, need_grad ? &grad : nullptr);
   at::Tensor total = at::empty({}, loss.options());
-  AT_DISPATCH_FLOATING_TYPES(ctype, "noise_loss_total", [&] {
+  AT_DISPATCH_FLOATING_TYPES(args.compute_dtype, "noise_loss_total", [&] {
     const scalar_t* lp = loss.data_ptr<scalar_t>();
     double sum = 0.0;
     for (int64_t b = 0; b < loss.numel(); ++b) sum += static_cast<double>(lp[b]);
@@ -650,35 +556,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cpu(
 }
 
 // Schema: DEBIAS_NOISE_LOSS_BWD_SCHEMA (noise_loss.h). The gradient of noise_loss_fwd
-// recomputed, each sample's factor times grad_output (C, [B] or one element).
-at::Tensor noise_loss_bwd_cpu(const at::Tensor& pred, const at::Tensor& coef,
-                              const std::optional<at::Tensor>& noise,
-                              const std::optional<at::Tensor>& x0, int64_t terms,
-                              at::ScalarType eps_dtype, int64_t seed, int64_t offset,
-                              int64_t grad_div, const at::Tensor& grad_output) {
-  constexpr const char* op = "debias_C::noise_loss_bwd";
-  const at::ScalarType edtype =
-      check_noise_loss(op, pred, coef, noise, x0, terms, eps_dtype, grad_div);
-  const at::ScalarType ctype = compute_dtype(pred.scalar_type());
-  DEBIAS_CHECK_CPU_CONTIGUOUS(op, grad_output, "grad_output");
-  DEBIAS_CHECK_DTYPE(op, grad_output, "grad_output", ctype);
-  TORCH_CHECK(grad_output.numel() == 1 || grad_output.numel() == pred.size(0), op,
-              ": grad_output must have 1 or ", pred.size(0), " elements, got ",
-              grad_output.numel());
-  at::Tensor loss = at::empty({pred.size(0)}, pred.options().dtype(ctype));
+// recomputed, each sample's factor times grad_output (C, 1 or B values).
+at::Tensor noise_loss_bwd_cpu(DEBIAS_NOISE_LOSS_PARAMS, const at::Tensor& grad_output) {
+  using namespace noise_loss;
+  const LossArgs args = loss_args(kNoiseLossBwdOp, kCPU, pred, coef, noise, x0, terms, eps_dtype,
+                                  seed, offset, grad_div);
+  const at::Tensor go = grad_output_values(kCPU, args, grad_output);
+  at::Tensor loss = at::empty({args.B}, pred.options().dtype(args.compute_dtype));
   at::Tensor grad = at::empty(pred.sizes(), pred.options());
-  run_noise_loss(pred, coef, noise, x0, terms, edtype, seed, offset, grad_div, &grad_output,
-                 loss, &grad);
+  run_noise_loss(args, &go, loss, &grad);
   return grad;
 }
 
 // Schema: DEBIAS_PHILOX_NORMAL_SCHEMA (noise_loss.h). Fills a contiguous CPU tensor with the
 // stream of (seed, offset), rounded to its dtype (float64 holds the float32 normals exactly).
 void philox_normal_cpu(at::Tensor& out, int64_t seed, int64_t offset) {
-  constexpr const char* op = "debias_C::philox_normal_";
-  DEBIAS_CHECK_CPU_CONTIGUOUS(op, out, "out");
-  TORCH_CHECK(is_supported_float(out.scalar_type()), op,
-              ": out must be float32, float64, bfloat16 or float16, got ", out.scalar_type());
+  noise_loss::check_philox_out(kCPU, out);
   if (out.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "philox_normal",
                                   [&] {

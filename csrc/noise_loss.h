@@ -1,6 +1,7 @@
 // The contract of the noise_loss op, written once for every C++ and CUDA file that
 // implements it (csrc/noise_loss.cpp, csrc/cuda/noise_loss.cu and its glue). No torch
-// headers: plain nvcc includes it. debias/ops/noise_loss.py holds the Python side (the
+// headers: plain nvcc includes it. Its torch side, the arguments' checks that the CPU
+// launchers and the CUDA glue share, is csrc/noise_loss_args.h. debias/ops/noise_loss.py holds the Python side (the
 // argument record and the same constants; tests/test_noise_loss.py checks the two agree),
 // and triton_kernels/noise_loss.py follows the same arithmetic.
 //

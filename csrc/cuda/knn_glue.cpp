@@ -1,8 +1,9 @@
-// The torch side of the CUDA kernels of the knn_candidates op (csrc/cuda/knn.cu): checks the
-// tensors, allocates the outputs and the split workspace, launches on the current stream of
-// the data's device, and registers the kernels under the CUDA key of the op that csrc/knn.cpp
-// defines. (Not named knn.cpp: setuptools names objects by stem, and that one would collide
-// with knn.cu's in the same folder.) Nothing here reads device memory.
+// The torch side of the CUDA kernels of the knn_candidates op (csrc/cuda/knn.cu): allocates the
+// outputs and the split workspace, launches on the current stream of the data's device, and
+// registers the kernels under the CUDA key of the op that csrc/knn.cpp defines. The arguments
+// are checked by csrc/knn_args.h, as on the CPU. (Not named knn.cpp: setuptools names objects
+// by stem, and that one would collide with knn.cu's in the same folder.) Nothing here reads
+// device memory.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -15,69 +16,37 @@
 #include <tuple>
 
 #include "knn.cuh"
+#include "knn_args.h"
 
 namespace debias {
 namespace {
 
-constexpr const char* kOp = "debias_C::knn_candidates";
-
-// A contiguous CUDA tensor of `ndim` dims on `device` with the queries' dtype.
-void check_tensor(const at::Tensor& x, const char* name, int64_t ndim, const at::Device& device,
-                  at::ScalarType dtype) {
-  TORCH_CHECK(x.is_cuda(), kOp, ": ", name, " must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.device() == device, kOp, ": ", name, " must be on the queries' device ", device,
-              ", got ", x.device());
-  TORCH_CHECK(x.dim() == ndim, kOp, ": ", name, " must be ", ndim, "-D, got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), kOp, ": ", name, " must be contiguous");
-  TORCH_CHECK(x.scalar_type() == dtype, kOp, ": ", name, " must have the dtype of queries (",
-              dtype, "), got ", x.scalar_type());
-}
-
-// knn_candidates(Tensor queries, Tensor database, Tensor query_sqnorms,
-//                Tensor database_sqnorms, int k) -> (Tensor, Tensor)
-// As on the CPU (csrc/knn.cpp): (scores [n, k] in the input dtype, indices [n, k] int64), each
-// row sorted by (score, index), NaN ranked as +inf. k above cuda::kKnnMaxK raises
-// NotImplementedError (the caller's torch path takes it); m is at most 2^31 - 1 per call.
+// Schema: DEBIAS_KNN_CANDIDATES_SCHEMA (knn_args.h, with the arguments). As on the CPU
+// (csrc/knn.cpp): (scores [n, k] in the input dtype, indices [n, k] int64), each row sorted by
+// (score, index), NaN ranked as +inf. k above cuda::kKnnMaxK raises NotImplementedError (the
+// caller's torch path takes it); m is at most 2^31 - 1 per call.
 std::tuple<at::Tensor, at::Tensor> knn_candidates_cuda(const at::Tensor& queries,
                                                        const at::Tensor& database,
                                                        const at::Tensor& query_sqnorms,
                                                        const at::Tensor& database_sqnorms,
                                                        int64_t k) {
-  TORCH_CHECK(queries.is_cuda(), kOp, ": queries must be a CUDA tensor, got one on ",
-              queries.device());
-  const at::Device device = queries.device();
-  const at::ScalarType dtype = queries.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, kOp,
-              ": queries must be float32 or float64, got ", dtype);
-  check_tensor(queries, "queries", 2, device, dtype);
-  check_tensor(database, "database", 2, device, dtype);
-  check_tensor(query_sqnorms, "query_sqnorms", 1, device, dtype);
-  check_tensor(database_sqnorms, "database_sqnorms", 1, device, dtype);
-  const int64_t n = queries.size(0), d = queries.size(1), m = database.size(0);
-  TORCH_CHECK(n >= 1, kOp, ": queries must have at least one row, got shape ", queries.sizes());
-  TORCH_CHECK(m >= 1, kOp, ": database must have at least one row, got shape ",
-              database.sizes());
-  TORCH_CHECK(d >= 1, kOp, ": queries must have at least one column, got shape ",
-              queries.sizes());
-  TORCH_CHECK(database.size(1) == d, kOp, ": database must have d = ", d,
-              " columns like queries, got shape ", database.sizes());
-  TORCH_CHECK(query_sqnorms.size(0) == n, kOp, ": query_sqnorms must have shape [", n,
-              "], got ", query_sqnorms.sizes());
-  TORCH_CHECK(database_sqnorms.size(0) == m, kOp, ": database_sqnorms must have shape [", m,
-              "], got ", database_sqnorms.sizes());
-  TORCH_CHECK(m <= std::numeric_limits<int32_t>::max(), kOp,
+  constexpr const char* op = knn::kCandidatesOp;
+  const knn::CandidatesArgs a =
+      knn::candidates_args(kCUDA, queries, database, query_sqnorms, database_sqnorms, k);
+  const int64_t n = a.n, m = a.m, d = a.d;
+  TORCH_CHECK(m <= std::numeric_limits<int32_t>::max(), op,
               ": database must have at most 2^31 - 1 rows per call, got ", m);
-  TORCH_CHECK(k >= 1 && k <= m, kOp, ": k must be in [1, m = ", m, "], got ", k);
-  TORCH_CHECK_NOT_IMPLEMENTED(k <= cuda::kKnnMaxK, kOp, ": the CUDA kernel takes k up to ",
+  TORCH_CHECK_NOT_IMPLEMENTED(k <= cuda::kKnnMaxK, op, ": the CUDA kernel takes k up to ",
                               cuda::kKnnMaxK, ", got ", k);
 
+  const at::Device device = queries.device();
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor scores = at::empty({n, k}, queries.options());
   at::Tensor index = at::empty({n, k}, queries.options().dtype(at::kLong));
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
   cuda::KnnArgs args{};
-  args.dtype = dtype == at::kDouble ? cuda::DType::kFloat64 : cuda::DType::kFloat32;
+  args.dtype = a.dtype == at::kDouble ? cuda::DType::kFloat64 : cuda::DType::kFloat32;
   args.queries = queries.const_data_ptr();
   args.database = database.const_data_ptr();
   args.query_sqnorms = query_sqnorms.const_data_ptr();
