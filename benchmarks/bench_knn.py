@@ -1,6 +1,7 @@
 """Exact k nearest neighbours (``debias.knn``) against the searches people run today, on the
 same float32 Gaussian data: the whole n x m distance matrix (``torch.cdist`` + ``topk``) and
-faiss' flat index (``faiss.IndexFlatL2``).
+faiss' flat index (``faiss.IndexFlatL2``; on a GPU ``faiss.GpuIndexFlatL2``, where the
+installed faiss has GPU support).
 
     pytest benchmarks/bench_knn.py --benchmark-json=knn.json
     python benchmarks/report.py knn.json
@@ -16,6 +17,8 @@ that warms up); the streamed case runs in a subprocess per provider (see _worker
 memory is always measured in a fresh subprocess, from /proc/self/status (see _peak). CUDA
 (DEBIAS_BENCH_DEVICE=cuda, or a GPU present): CUDA-event times (triton.testing.do_bench, as in
 bench_noise_loss.py) stored in extra_info, peak memory from the caching allocator.
+DEBIAS_BENCH_JSONL and the stand-in for a missing pytest-benchmark work as in
+bench_noise_loss.py.
 
 Also runnable as ``python benchmarks/bench_knn.py --worker SPEC``: the subprocess side.
 """
@@ -42,6 +45,7 @@ import pytest
 import torch
 from bench_noise_loss import (
     DEVICE,
+    HAVE_PYTEST_BENCHMARK,
     ON_GPU,
     THREADS,
     _cpu_ticks,
@@ -50,11 +54,15 @@ from bench_noise_loss import (
     _times,
     _version,
     device_name,
+    jsonl_result,  # noqa: F401 (an autouse fixture: imported, it applies here too)
 )
 
 import debias
 from debias import reference
 from debias.ops import knn as knn_ops
+
+if not HAVE_PYTEST_BENCHMARK:
+    from bench_noise_loss import benchmark  # noqa: F401 (the fixture's stand-in)
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,9 @@ PROVIDERS: dict[str, Provider] = {
     # short (it streams the same way)
     "debias-torch": Provider("debias", "torch", True, ("cpu",), streamed=False),
     "cdist+topk": Provider("cdist", None, False, ("cpu", "cuda")),
-    "faiss": Provider("faiss", None, False, ("cpu",)),
+    # faiss-cpu's IndexFlatL2, or on CUDA faiss-gpu's GpuIndexFlatL2 (skipped where the
+    # installed faiss has no GPU support)
+    "faiss": Provider("faiss", None, False, ("cpu", "cuda")),
 }
 
 SEED_QUERIES, SEED_DATABASE, SEED_CHECK = 0, 1, 2
@@ -226,6 +236,19 @@ def searcher(name: str, case: Case, queries: torch.Tensor, database: Any) -> Cal
         return lambda: cdist_topk(queries, database, case.k)
     import faiss
 
+    if queries.is_cuda:
+        # torch_utils lets the index take and return CUDA tensors: no host copies in the call
+        import faiss.contrib.torch_utils
+
+        resources = faiss.StandardGpuResources()
+        index = faiss.GpuIndexFlatL2(resources, case.d)
+        index.add(database)
+
+        def search_gpu() -> torch.Tensor:
+            return index.search(queries, case.k)[1]
+
+        search_gpu.resources = resources  # kept alive as long as the index
+        return search_gpu
     faiss.omp_set_num_threads(THREADS)
     q = queries.contiguous().numpy()
     if isinstance(database, str):
@@ -437,7 +460,9 @@ def _skip_unless_runs(name: str, case: Case) -> None:
             f"(available: {knn_ops._supported(DEVICE)})"
         )
     if provider.kind == "faiss":
-        pytest.importorskip("faiss", reason="faiss-cpu is not installed (pip install faiss-cpu)")
+        faiss = pytest.importorskip("faiss", reason="faiss is not installed (faiss-cpu, faiss-gpu)")
+        if DEVICE.type == "cuda" and not hasattr(faiss, "GpuIndexFlatL2"):
+            pytest.skip("the installed faiss has no GPU support (faiss-gpu)")
     if case.streamed and provider.kind != "debias":
         # The whole database in memory, plus faiss' copy of it or cdist's block of distances.
         need = case.m * case.d * 4 + max(case.m * case.d * 4, CDIST_BLOCK_BYTES)
@@ -451,11 +476,12 @@ def _skip_unless_runs(name: str, case: Case) -> None:
 
 def _common_info(name: str, case: Case) -> dict[str, Any]:
     provider = PROVIDERS[name]
-    faiss_threads = ""
+    faiss_threads = faiss_version = ""
     if provider.kind == "faiss":
         import faiss
 
-        faiss_threads = faiss.omp_get_max_threads()
+        faiss_threads = "" if ON_GPU else faiss.omp_get_max_threads()
+        faiss_version = faiss.__version__
     return dict(
         op="knn",
         provider=name,
@@ -476,7 +502,7 @@ def _common_info(name: str, case: Case) -> dict[str, Any]:
         faiss_threads=faiss_threads,
         torch=str(torch.__version__),
         triton=_version("triton"),
-        faiss=_version("faiss-cpu"),
+        faiss=faiss_version,
         cdist_block_queries=max(1, CDIST_BLOCK_BYTES // (4 * case.m)),
         command=shlex.join(["pytest", *sys.argv[1:]]),
     )
@@ -540,7 +566,8 @@ def test_knn(benchmark: Any, request: pytest.FixtureRequest, case: Case, name: s
         info.update(
             peak_rss_bytes=torch.cuda.max_memory_allocated(DEVICE) - base,
             peak_anon_bytes=None,
-            peak_method="cuda max_memory_allocated",
+            peak_method="cuda max_memory_allocated"
+            + (" (faiss' own allocations not seen)" if PROVIDERS[name].kind == "faiss" else ""),
         )
         before, start = _cpu_ticks(), time.perf_counter()
         times, timer = _times(run)
@@ -555,7 +582,7 @@ def test_knn(benchmark: Any, request: pytest.FixtureRequest, case: Case, name: s
     before, start = _cpu_ticks(), time.perf_counter()
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1)
     info["other_cpu"] = _other_cpu(before, _cpu_ticks(), time.perf_counter() - start)
-    info["timer"] = "pytest-benchmark pedantic (host clock)"
+    info.setdefault("timer", "pytest-benchmark pedantic (host clock)")
     if benchmark.stats is not None:  # None under --benchmark-disable
         data = benchmark.stats.stats.data
         q = statistics.quantiles(data, n=5, method="inclusive")

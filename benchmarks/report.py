@@ -2,8 +2,9 @@
 
     python benchmarks/report.py bench.json [more.json ...] [--out-dir benchmarks/results]
 
-Several JSONs (say, gpu_run.sh's DDPM and flow stages) are reported as one run: their results
-in order, the commit and date of the first.
+Several files are reported as one run: their results in order, the commit and date of the
+first JSON. Files ending in ``.jsonl`` are the benchmarks' DEBIAS_BENCH_JSONL output (one
+result a line, each with its own date and commit; gpu_run.sh reports from these).
 
 bench_knn.py's results (extra_info ``op == "knn"``, in the same JSON or their own) go to
 report_knn.py, which writes ``knn_<device>.csv/.md`` the same way; report_common.py holds
@@ -19,7 +20,6 @@ correctness check did not pass is left out: no speed-up is reported for a wrong 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -31,10 +31,12 @@ import report_knn
 from report_common import (
     RESULTS,
     busy_warning,
-    git_sha,
+    load,
     num,
+    provenance,
     side_by_side,
     slug,
+    timing,
     verdict,
     write_csv,
 )
@@ -81,16 +83,15 @@ def _targets(r: dict[str, Any]) -> str | None:
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One CSV row per benchmark that passed its check, in the order the suite ran them."""
-    sha = git_sha(data.get("commit_info") or {})
-    date = data.get("datetime", "")[:19].replace("T", " ")
     out = []
     for bench in data["benchmarks"]:
-        info, stats = bench["extra_info"], bench["stats"]
+        info, times = bench["extra_info"], timing(bench)
         if info.get("check") not in CHECKED:
             print(f"not reported: {bench['name']} (check: {info.get('check')})", file=sys.stderr)
             continue
+        sha, date = provenance(data, bench)
         # CUDA results carry their own (CUDA-event) times; on the CPU pytest-benchmark's.
-        median = info.get("median_s", stats["median"])
+        median = times["median_s"]
         kind = info.get("kind", "loss_side")
         row = {
             "device": info["device"],
@@ -113,9 +114,9 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
             "timer": info.get("timer", "pytest-benchmark (host clock)"),
             "numel": info["numel"],
             "median_ms": median * 1e3,
-            "q20_ms": info["q20_s"] * 1e3,
-            "q80_ms": info["q80_s"] * 1e3,
-            "rounds": info.get("rounds", stats["rounds"]),
+            "q20_ms": times["q20_s"] * 1e3,
+            "q80_ms": times["q80_s"] * 1e3,
+            "rounds": times["rounds"],
             "elements_per_s": round(info["numel"] / median),
             "bytes_per_step": None,
             "gb_per_s": None,
@@ -299,13 +300,13 @@ def markdown(table: list[dict[str, Any]], bench_command: str, report_command: st
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", type=Path, nargs="+", help="pytest --benchmark-json output(s)")
+    parser.add_argument(
+        "json", type=Path, nargs="+", help="pytest --benchmark-json output(s), or .jsonl files"
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    data = json.loads(args.json[0].read_text())
-    for more in args.json[1:]:
-        data["benchmarks"] += json.loads(more.read_text())["benchmarks"]
+    data = load(args.json)
     report_command = shlex.join(["python", *sys.argv])
     # One JSON may hold both suites (`pytest benchmarks/`): knn results carry op="knn".
     by_op: dict[str, list[dict[str, Any]]] = {}

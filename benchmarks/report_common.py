@@ -5,6 +5,7 @@ nothing of each other; report.py is the command that sends each result to its op
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -18,6 +19,43 @@ BUSY = 0.05  # share of CPU time used by other processes above which a result is
 def slug(name: str) -> str:
     """``"AMD EPYC 7B13"`` -> ``"amd-epyc-7b13"``."""
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def load(paths: Sequence[Path]) -> dict[str, Any]:
+    """One run from pytest's ``--benchmark-json`` files and the benchmarks' DEBIAS_BENCH_JSONL
+    files (``.jsonl``, one result a line; a torn last line, left by a run killed mid-write, is
+    dropped): their results in order, the commit and date of the first JSON."""
+    first: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
+    for path in paths:
+        if path.suffix == ".jsonl":
+            for line in path.read_text().splitlines():
+                try:
+                    results.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+        else:
+            data = json.loads(path.read_text())
+            results += data["benchmarks"]
+            first = first or data
+    return {**first, "benchmarks": results}
+
+
+def provenance(data: dict[str, Any], bench: dict[str, Any]) -> tuple[str, str]:
+    """(git sha, "YYYY-MM-DD HH:MM:SS" UTC) of one result: its own (a JSONL line's), else its
+    file's (--benchmark-json's commit_info and datetime)."""
+    sha = bench.get("git_sha") or git_sha(data.get("commit_info") or {})
+    date = bench.get("date") or data.get("datetime", "")
+    return sha, date[:19].replace("T", " ")
+
+
+def timing(bench: dict[str, Any]) -> dict[str, Any]:
+    """median_s, q20_s, q80_s and rounds of one result: the benchmark's own, in extra_info
+    (CUDA events, the CPU quantiles, the stand-in for a missing pytest-benchmark), else
+    pytest-benchmark's stats (min and max standing in for the quantiles)."""
+    info, stats = bench["extra_info"], bench.get("stats") or {}
+    theirs = dict(median_s="median", q20_s="min", q80_s="max", rounds="rounds")
+    return {key: info[key] if key in info else stats[theirs[key]] for key in theirs}
 
 
 def git_sha(commit: dict[str, Any]) -> str:

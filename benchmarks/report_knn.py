@@ -14,7 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from report_common import busy_warning, git_sha, num, side_by_side, slug, verdict, write_csv
+from report_common import (
+    busy_warning,
+    num,
+    provenance,
+    side_by_side,
+    slug,
+    timing,
+    verdict,
+    write_csv,
+)
 
 # Targets for the `debias` provider (the C++ CPU backend) on the in-memory CPU cases.
 TARGET_FAISS, TARGET_CDIST = 1.5, 2.0
@@ -38,12 +47,11 @@ def _targets(r: dict[str, Any]) -> str | None:
 
 def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per knn result, in the order the suite ran them."""
-    sha = git_sha(data.get("commit_info") or {})
-    date = data.get("datetime", "")[:19].replace("T", " ")
     out = []
     for bench in data["benchmarks"]:
-        info, stats = bench["extra_info"], bench["stats"]
-        median = info.get("median_s", stats["median"])
+        info, times = bench["extra_info"], timing(bench)
+        sha, date = provenance(data, bench)
+        median = times["median_s"]
         mm32, mm_tf32 = info.get("mm_fp32_gflops"), info.get("mm_tf32_gflops")
         gflops = info["flops"] / median / 1e9
         peak_anon = info.get("peak_anon_bytes")
@@ -81,9 +89,9 @@ def rows(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "git_sha": sha,
                 "date": date,
                 "median_ms": median * 1e3,
-                "q20_ms": info.get("q20_s", stats["min"]) * 1e3,
-                "q80_ms": info.get("q80_s", stats["max"]) * 1e3,
-                "rounds": info.get("rounds", stats["rounds"]),
+                "q20_ms": times["q20_s"] * 1e3,
+                "q80_ms": times["q80_s"] * 1e3,
+                "rounds": times["rounds"],
                 "gflops": gflops,
                 "mm_fp32_gflops": mm32,
                 "mm_fraction": gflops / mm32 if mm32 else None,
@@ -170,10 +178,11 @@ def markdown(table: list[dict[str, Any]], report_command: str) -> str:
     on_gpu = first["device_type"] == "cuda"
     title = first["device"] if on_gpu else f"{first['device']} ({first['threads']} threads)"
     faiss_threads = next((r["faiss_threads"] for r in table if r["faiss_threads"]), "")
+    faiss = next((r["faiss"] for r in table if r["faiss"]), "")
     provenance = (
         f"torch {first['torch']}"
         + (f", triton {first['triton']}" if first["triton"] else "")
-        + (f", faiss-cpu {first['faiss']}" if first["faiss"] else "")
+        + (f", faiss {faiss}" if faiss else "")
         + f", git {first['git_sha'] or 'unknown'}, {first['date']} UTC; threads: torch"
         f" {first['threads']}"
         + (f", faiss {faiss_threads}" if faiss_threads else "")
