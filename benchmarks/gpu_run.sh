@@ -1,217 +1,262 @@
 #!/usr/bin/env bash
-# Everything the GPU machine is for, in one call: build debias with its CUDA kernels, the
-# kernels' resource usage, the GPU tests, the noise_loss benchmark and its report, the knn
-# benchmark and its report, then the CPU tests with whatever time is left. From the repository
-# root:
+# Everything a GPU machine is needed for, in one command that ends inside its budget (530 s,
+# for a 10-minute limit) whatever fails. From the repository root (the GPU machine needs no
+# git: the caller names the commit):
 #
-#     OUT=/some/dir bash benchmarks/gpu_run.sh
+#     OUT=/some/dir DEBIAS_GIT_SHA=$(git rev-parse HEAD) bash benchmarks/gpu_run.sh
 #
-# Each stage runs under its own time limit and a failing stage does not stop the next; the
-# exit status of each is in $OUT/summary.txt. What lands in $OUT (8 files):
-#   env.txt             nvidia-smi, versions
-#   resource_usage.txt  nvcc --resource-usage for sm_90, per kernel of csrc/cuda/*.cu
-#   bench.json          pytest-benchmark's JSON of the DDPM cases and the training step
-#                       (CUDA-event times in extra_info)
-#   bench_flow.json     the same for the flow-matching cases
-#   noise_loss_<gpu>.csv, noise_loss_<gpu>.md   the report of both (also in
-#                       benchmarks/results/)
-#   logs.tar.gz         every stage's full log, and the knn benchmark's knn.json and its
-#                       report knn_<gpu>.csv/.md (also in benchmarks/results/)
-#   summary.txt         each stage's exit status (124: out of time), the elapsed time and the
-#                       knn report's Markdown
-# Settings: PYTHON (python3), DEBIAS_GPU_BUDGET (seconds for the whole run, 500),
-# DEBIAS_GPU_XDIST (pytest-xdist workers for the GPU tests, 4; 0 runs them in one process),
-# DEBIAS_GIT_SHA (recorded in the report where the tree has no .git).
-set -euo pipefail
+# Parts, in order, each under its own time limit (SIGINT, then SIGKILL 10 s later); a part
+# that fails or runs out of time does not stop the next:
+#   env         nvidia-smi, versions, the GPU's compute capability (env.txt)
+#   build       pip install -e . against the machine's torch, nothing downloaded, the CUDA
+#               kernels for this GPU's arch alone, nvcc --resource-usage in the log; if it fails,
+#               build-fallback installs the package without compiled code, so that the triton
+#               and torch rows still run (DEBIAS_NO_JIT=1: no compiling on first use either)
+#   info        python -m debias.info: the kernels and backends found (env.txt)
+#   tests       the GPU tests: those marked gpu and the Triton knn kernel tests (not so marked;
+#               they run on a GPU when one is there); not the slow ones
+#   loss, loss-flow   bench_noise_loss.py: the DDPM cases; then the flow-matching cases and the
+#               training step. eager, compile, triton, cuda (each GPU backend in both gradient
+#               designs). Each result is appended to a JSONL file as its test ends, so a part
+#               stopped at its limit keeps what it finished
+#   loss-report noise_loss_<gpu>.csv and .md
+#   knn, knn-report   bench_knn.py: debias on triton and cuda, cdist+topk, faiss where a faiss
+#               with GPU support imports; knn_<gpu>.csv and .md
+#   large       the GPU tests of more than 2^31 elements (slow, ~25 GB each), with the time left
+# $OUT gets env.txt, summary.txt (per part: status, seconds, what it produced; rewritten after
+# each part), the four report files and logs.tar.gz (every log, the JSONL results).
+# Without a CUDA device every part after env is skipped, and the script exits 0; else it exits
+# 1 when a part failed or ran out of time.
+#
+# Settings: PYTHON (python3); DEBIAS_GPU_BUDGET (seconds, 530);
+# DEBIAS_GPU_PARTS (default "build tests loss knn large"; say "build loss" to rerun only the
+# loss-side benchmark); DEBIAS_GIT_SHA (written into every result); MAX_JOBS (cores).
+# Pure-Python wheels in .whl/ (diffusers, say, which the GPU image lacks) are installed first,
+# into a private folder.
+set -uo pipefail # no -e: every part runs, whatever the one before did
 
 OUT=${OUT:-$PWD/gpu_out}
 PY=${PYTHON:-python3}
-# One device call may run 10 minutes; the stages share this budget, leaving time for the
-# files to be copied back.
-BUDGET=${DEBIAS_GPU_BUDGET:-500}
-# Kept back for the noise_loss benchmark and its report while the tests run before it, and
-# for the knn benchmark and its report while both run before it (the knn stage then also gets
-# whatever the noise_loss benchmark leaves, before the CPU tests get the rest). Of the
-# noise_loss reserve, FLOW_RESERVE is kept for its flow-matching cases (4 cases, two of them
-# compiled by Inductor) while the DDPM ones run, so that running out of time cuts both
-# families rather than the one that runs last.
-BENCH_RESERVE=210
-FLOW_RESERVE=60
-KNN_RESERVE=90
-XDIST_WORKERS=${DEBIAS_GPU_XDIST:-4}
-export PYTHONUNBUFFERED=1
+BUDGET=${DEBIAS_GPU_BUDGET:-530}
+PARTS=" ${DEBIAS_GPU_PARTS:-build tests loss knn large} "
+GRACE=10 # seconds between SIGINT (pytest still prints its summary) and SIGKILL
+# Seconds kept for the parts after the one running: the least each of them gets, its SIGKILL
+# grace included; a part may also use whatever the ones before it leave, up to its own cap
+# (the part's second argument).
+MIN_FALLBACK=30 MIN_INFO=15 MIN_TESTS=45 MIN_LOSS=90 MIN_FLOW=30 MIN_KNN=60 MIN_REPORT=15
+AFTER_TESTS=$((MIN_LOSS + MIN_FLOW + MIN_KNN + 2 * MIN_REPORT)) # 210
+AFTER_BUILD=$((MIN_TESTS + AFTER_TESTS))                        # 255
+export PYTHONUNBUFFERED=1 DEBIAS_GIT_SHA=${DEBIAS_GIT_SHA:-}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 mkdir -p "$OUT"
-LOGS=$(mktemp -d)
-declare -A RC=()
-ORDER=()
+WORK=$(mktemp -d)
+STARTED=$(date -u '+%F %T')
+LINES=()
+FAILED=0
 
-# run_stage NAME LIMIT CMD...: runs CMD under min(LIMIT, what is left of the budget), its
-# output in $LOGS/NAME.log (and on stdout with TEE=1), and records its exit status. On time
-# out the command first gets SIGINT, so that pytest still writes its reports (the benchmark
-# JSON included), then SIGKILL 20 s later.
-run_stage() {
-  local name=$1 limit=$2
-  shift 2
-  local left=$((BUDGET - SECONDS))
-  ((limit > left)) && limit=$left
-  ORDER+=("$name")
-  if ((limit < 20)); then
-    echo "== $name: skipped, ${left}s of the budget left"
-    RC[$name]="skipped (no time left)"
-    return 0
-  fi
-  echo "== $name (at ${SECONDS}s, limit ${limit}s): $*"
-  set +e
-  if [[ ${TEE:-0} == 1 ]]; then
-    timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
-    RC[$name]=${PIPESTATUS[0]}
-  else
-    timeout -s INT -k 20 "$limit" "$@" >"$LOGS/$name.log" 2>&1
-    RC[$name]=$?
-  fi
-  set -e
-  echo "== $name: exit ${RC[$name]} at ${SECONDS}s"
-  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . # after every stage: a killed run keeps its logs
+# ---- bookkeeping ----------------------------------------------------------------------------
+
+write_summary() {
+  {
+    echo "debias GPU run, git ${DEBIAS_GIT_SHA:-unknown}, started $STARTED UTC;" \
+      "${SECONDS}s of a ${BUDGET}s budget"
+    printf '%-12s %-24s %6s  %s\n' part status time produced
+    printf '%s\n' "${LINES[@]}"
+    failures=$(grep -hE '^(FAILED|ERROR) ' "$WORK"/*.log 2>/dev/null)
+    if [[ -n $failures ]]; then
+      echo "failed tests ($(wc -l <<<"$failures")):"
+      head -n 30 <<<"$failures"
+    fi
+  } >"$OUT/summary.txt"
+  tar -czf "$OUT/logs.tar.gz" -C "$WORK" .
 }
 
-# ---- the machine ---------------------------------------------------------------------------
-{
+# record NAME STATUS SECONDS NOTE
+record() {
+  LINES+=("$(printf '%-12s %-24s %5ss  %s' "$1" "$2" "$3" "$4")")
+  case $2 in failed* | timed*) FAILED=1 ;; esac
+  write_summary
+}
+
+# part NAME CAP KEEP CMD...: CMD, its output in $WORK/NAME.log, for at most CAP seconds and
+# never into the KEEP seconds kept for the parts after it (nor, SIGKILL's grace included, past
+# the budget). Sets STATUS and TOOK; the caller records them with what the part produced.
+part() {
+  local name=$1 cap=$2 keep=$3 limit rc start=$SECONDS
+  shift 3
+  limit=$((BUDGET - SECONDS - keep - GRACE))
+  ((limit > cap)) && limit=$cap
+  TOOK=0
+  if ((limit < 5)); then
+    STATUS="skipped: ${limit}s left"
+    return 1
+  fi
+  echo "== $name at ${SECONDS}s, limit ${limit}s: $*"
+  timeout -s INT -k "$GRACE" "$limit" "$@" >"$WORK/$name.log" 2>&1
+  rc=$?
+  TOOK=$((SECONDS - start))
+  case $rc in
+    0) STATUS=ok ;;
+    124 | 137) STATUS="timed out (${limit}s)" ;;
+    5) STATUS="ok: no tests selected" ;; # pytest's status when -m/-k selects nothing
+    *) STATUS="failed (exit $rc)" ;;
+  esac
+  tail -n 5 "$WORK/$name.log"
+  return $rc
+}
+
+# report NAME JSONL KEEP PATTERN: report.py on a benchmark's results, its files into $OUT.
+report() {
+  if [[ -s $2 ]]; then
+    part "$1" 30 "$3" "$PY" benchmarks/report.py "$2" --out-dir "$OUT"
+    record "$1" "$STATUS" "$TOOK" "$(files "$4")"
+  else
+    record "$1" "skipped: no results" 0 ""
+  fi
+}
+
+# pytest's last summary line in a part's log ("3 failed, 40 passed, 2 skipped in 81.2s").
+pytest_line() {
+  grep -E '(passed|failed|error|skipped|deselected|no tests ran).* in [0-9.]+s' \
+    "$WORK/$1.log" 2>/dev/null | tail -n 1 | sed -E 's/^=+ | =+$//g'
+}
+
+# Lines of a JSONL file, 0 where there is none.
+count() {
+  if [[ -s $1 ]]; then wc -l <"$1"; else echo 0; fi
+}
+
+# The files in $OUT that match a pattern, on one line.
+files() {
+  (cd "$OUT" && compgen -G "$1" | xargs)
+}
+
+wants() {
+  [[ $PARTS == *" $1 "* ]]
+}
+
+# ---- env ------------------------------------------------------------------------------------
+
+# shellcheck disable=SC2329 # run by `bash -c env_report`, under part's time limit
+env_report() {
   date -u '+%F %T UTC'
-  nvidia-smi || true
-  nvcc --version | tail -2 || true
-  "$PY" - <<'EOF' || true
-import importlib.metadata as m, platform, torch
-print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print(p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", p.total_memory >> 20, "MiB")
-for name in ("triton", "diffusers", "pytest", "pytest-benchmark", "pytest-xdist", "setuptools", "ninja"):
+  timeout 20 nvidia-smi || echo "nvidia-smi: not available"
+  (nvcc --version || echo "nvcc: not found") | tail -n 2
+  "$PY" - <<'EOF'
+import importlib.metadata as m, os, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__,
+      "| cuda", torch.version.cuda)
+for name in ("triton", "pytest", "pytest-benchmark", "pytest-xdist", "setuptools", "ninja",
+             "diffusers", "faiss-cpu", "faiss-gpu"):
     try:
         print(name, m.version(name))
     except m.PackageNotFoundError:
         print(name, "not installed")
+print("cpus", os.cpu_count())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("device", p.name, "|", p.multi_processor_count, "SMs |", p.total_memory >> 20, "MiB")
+    print(f"arch {p.major}.{p.minor}")
+else:
+    print("arch none")
 EOF
-  echo "cpus $(nproc)"
-} 2>&1 | tee "$OUT/env.txt"
+}
+export -f env_report
+export PY
+part env 60 0 bash -c env_report
+cp "$WORK/env.log" "$OUT/env.txt"
+ARCH=$(sed -n 's/^arch //p' "$WORK/env.log" | tail -n 1)
+DEVICE=$(sed -n 's/^device //p' "$WORK/env.log" | tail -n 1)
+record env "$STATUS" "$TOOK" "${DEVICE:-no CUDA device}; $(grep -m1 '^python' "$WORK/env.log")"
 
-# Pure-Python wheels brought along in .whl/ for packages the machine lacks (diffusers, for
-# the UNet2DModel training step and the diffusers drop-in test), into a private folder.
+if [[ -z $ARCH || $ARCH == none ]]; then
+  why="no CUDA device"
+  [[ $STATUS == ok ]] || why="env failed"
+  for name in build info tests loss loss-flow loss-report knn knn-report large; do
+    record "$name" "skipped: $why" 0 ""
+  done
+  cat "$OUT/summary.txt"
+  exit "$FAILED"
+fi
+
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# ---- build ---------------------------------------------------------------------------------
-# The kernels' registers, shared memory and spills, compiled as setup.py compiles them but
-# for sm_90 alone; in the background, beside the build.
-resource_usage() {
-  shopt -s nullglob
-  local files=(csrc/cuda/*.cu) f
-  ((${#files[@]})) || echo "no csrc/cuda/*.cu"
-  for f in "${files[@]}"; do
-    echo "== $f"
-    # c++filt, where installed, spells out the kernels' template arguments
-    nvcc -arch=sm_90 --resource-usage -O3 --use_fast_math -std=c++17 -DDEBIAS_WITH_CUDA \
-      -Icsrc -c "$f" -o "/tmp/$(basename "$f").o" 2>&1 | (c++filt 2>/dev/null || cat) ||
-      echo "nvcc exit $?"
-  done
-}
-resource_usage >"$OUT/resource_usage.txt" 2>&1 &
-RESOURCE_PID=$!
+# ---- build ----------------------------------------------------------------------------------
 
-# No index: nothing can be downloaded there, and torch/triton are the machine's own.
-run_stage build 300 "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e .
-tail -n 15 "$LOGS/build.log" || true
-TEE=1 run_stage backends 60 "$PY" -c "import torch; from debias.ops import _backend; \
-print('backends on cuda:', _backend.available(torch.device('cuda')))"
-wait "$RESOURCE_PID" || true
+PIP_INSTALL=("$PY" -m pip install -v --no-index --no-build-isolation --no-deps
+  --disable-pip-version-check -e .)
+if wants build; then
+  # One arch (this GPU's) keeps nvcc's share of the build short.
+  part build 240 $((AFTER_BUILD + MIN_FALLBACK + MIN_INFO)) env TORCH_CUDA_ARCH_LIST="$ARCH" \
+    NVCC_APPEND_FLAGS=--resource-usage "${PIP_INSTALL[@]}"
+  grep -E 'ptxas info|bytes stack frame' "$WORK/build.log" 2>/dev/null |
+    (c++filt 2>/dev/null || cat) >"$WORK/resource_usage.txt"
+  kernels=$(grep -c 'Used [0-9]* registers' "$WORK/resource_usage.txt")
+  record build "$STATUS" "$TOOK" "sm_${ARCH/./}; resource_usage.txt: $kernels kernels"
+  if [[ $STATUS != ok ]]; then
+    # The package without compiled code: triton and torch still run; nothing compiles on first
+    # use (a failing build would be retried, minutes each, in every process).
+    export DEBIAS_NO_JIT=1
+    part build-fallback 60 $((AFTER_BUILD + MIN_INFO)) \
+      env DEBIAS_NO_EXTENSIONS=1 "${PIP_INSTALL[@]}"
+    record build-fallback "$STATUS" "$TOOK" "without compiled code; DEBIAS_NO_JIT=1"
+  fi
+fi
+part info 60 "$AFTER_BUILD" "$PY" -m debias.info
+cat "$WORK/info.log" >>"$OUT/env.txt" 2>/dev/null
+# e.g. "add_noise cuda -> cuda (built: cuda, triton, torch)"
+record info "$STATUS" "$TOOK" "$(grep -m1 -E '^ +add_noise +cuda' "$WORK/info.log" 2>/dev/null |
+  xargs)"
 
-# ---- tests on the GPU ----------------------------------------------------------------------
-PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short)
+# ---- GPU tests ------------------------------------------------------------------------------
+
+# A test module that fails to import must not stop the others' tests.
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -rfEs --tb=short --continue-on-collection-errors)
 XDIST=()
-if ((XDIST_WORKERS > 0)) && "$PY" -c "import xdist" 2>/dev/null; then
-  # Triton compiles each kernel variant on first use, one at a time per process
-  XDIST=(-n "$XDIST_WORKERS")
+if "$PY" -c "import xdist" 2>/dev/null; then
+  XDIST=(-n 4) # Triton compiles each kernel variant on first use, one at a time per process
 fi
-# Up to ten failures rather than -x: one lease should show as many problems as it can.
-TEE=1 run_stage gpu-tests $((BUDGET - SECONDS - BENCH_RESERVE - KNN_RESERVE - 50)) \
-  "${PYTEST[@]}" tests -m "gpu and not slow" --maxfail=10 ${XDIST[@]+"${XDIST[@]}"}
-# The tests of more than 2^31 elements take ~25 GB each: one at a time, in one process.
-TEE=1 run_stage gpu-tests-large $((BUDGET - SECONDS - BENCH_RESERVE - KNN_RESERVE)) \
-  "${PYTEST[@]}" tests -m "gpu and slow" --maxfail=4
+if wants tests; then
+  # -k matches marker and module names as well as test names. test_gpu_compile.py needs no
+  # GPU (CI runs it).
+  part tests 150 "$AFTER_TESTS" "${PYTEST[@]}" tests -m "not slow" --maxfail=20 \
+    -k "triton_candidates or (gpu and not test_gpu_compile.py)" ${XDIST[@]+"${XDIST[@]}"}
+  record tests "$STATUS" "$TOOK" "$(pytest_line tests)"
+fi
 
-# ---- benchmark and report ------------------------------------------------------------------
-# Case ids start with the family (ddpm-..., flow-...); the training step is a DDPM one.
-run_stage bench $((BUDGET - SECONDS - FLOW_RESERVE - KNN_RESERVE - 30)) \
-  "${PYTEST[@]}" benchmarks/bench_noise_loss.py -k "not flow" --benchmark-json="$OUT/bench.json"
-tail -n 25 "$LOGS/bench.log" || true
-run_stage bench-flow $((BUDGET - SECONDS - KNN_RESERVE - 30)) \
-  "${PYTEST[@]}" benchmarks/bench_noise_loss.py -k flow --benchmark-json="$OUT/bench_flow.json"
-tail -n 25 "$LOGS/bench-flow.log" || true
-BENCH_JSONS=()
-for json in "$OUT/bench.json" "$OUT/bench_flow.json"; do
-  if [[ -s $json ]]; then
-    BENCH_JSONS+=("$json")
+# ---- benchmarks: each result lands in a JSONL file as its test ends --------------------------
+
+LOSS=$WORK/noise_loss.jsonl KNN=$WORK/knn.jsonl
+if wants loss; then
+  BENCH=(env DEBIAS_BENCH_JSONL="$LOSS" "${PYTEST[@]}" benchmarks/bench_noise_loss.py)
+  part loss 180 $((MIN_FLOW + MIN_KNN + 2 * MIN_REPORT)) "${BENCH[@]}" -k ddpm
+  record loss "$STATUS" "$TOOK" "rows: $(count "$LOSS"); $(pytest_line loss)"
+  before=$(count "$LOSS")
+  part loss-flow 90 $((MIN_KNN + 2 * MIN_REPORT)) "${BENCH[@]}" -k "flow or train_step"
+  record loss-flow "$STATUS" "$TOOK" \
+    "rows: $(($(count "$LOSS") - before)); $(pytest_line loss-flow)"
+  report loss-report "$LOSS" $((MIN_KNN + MIN_REPORT)) 'noise_loss_*'
+fi
+if wants knn; then
+  part knn 150 "$MIN_REPORT" env DEBIAS_BENCH_JSONL="$KNN" "${PYTEST[@]}" benchmarks/bench_knn.py
+  faiss=$(grep -m1 -oE 'SKIPPED.*faiss.*' "$WORK/knn.log" 2>/dev/null | sed -E 's/.*: //')
+  record knn "$STATUS" "$TOOK" "rows: $(count "$KNN"); $(pytest_line knn)${faiss:+; faiss: $faiss}"
+  report knn-report "$KNN" 0 'knn_*'
+fi
+
+# ---- the tests of more than 2^31 elements, with the time left --------------------------------
+
+if wants large; then
+  if ((BUDGET - SECONDS - GRACE >= 60)); then
+    part large 600 0 "${PYTEST[@]}" tests -m "gpu and slow" --maxfail=4
+    record large "$STATUS" "$TOOK" "$(pytest_line large)"
+  else
+    record large "skipped: $((BUDGET - SECONDS))s left" 0 ""
   fi
-done
-if ((${#BENCH_JSONS[@]})); then
-  TEE=1 run_stage report 60 "$PY" benchmarks/report.py "${BENCH_JSONS[@]}" \
-    --out-dir benchmarks/results
-  # the report names its files after the GPU: the newest two are this run's
-  for ext in csv md; do
-    newest=$(ls -t benchmarks/results/noise_loss_*."$ext" 2>/dev/null | head -n 1 || true)
-    if [[ -n $newest ]]; then
-      cp "$newest" "$OUT/"
-    fi
-  done
 fi
 
-# ---- knn benchmark and report: into the logs tarball (the file count in $OUT stays 8) -------
-# Cases in order of priority (bench_knn.GPU_CASES): cut short at its limit, pytest still writes
-# the JSON of the cases it finished.
-run_stage knn-bench $((BUDGET - SECONDS - 30)) \
-  "${PYTEST[@]}" benchmarks/bench_knn.py --benchmark-json="$LOGS/knn.json"
-tail -n 25 "$LOGS/knn-bench.log" || true
-if [[ -s $LOGS/knn.json ]]; then
-  TEE=1 run_stage knn-report 30 "$PY" benchmarks/report.py "$LOGS/knn.json" \
-    --out-dir benchmarks/results
-  # the newest two are this run's, if the report ran (the CPU ones are in the repository)
-  for ext in csv md; do
-    newest=$(ls -t benchmarks/results/knn_*."$ext" 2>/dev/null | head -n 1 || true)
-    if [[ ${RC[knn-report]} == 0 && -n $newest ]]; then
-      cp "$newest" "$LOGS/"
-    fi
-  done
-fi
-
-# ---- the CPU tests, with the time left (CI runs them too) -----------------------------------
-run_stage cpu-tests $((BUDGET - SECONDS - 5)) "${PYTEST[@]}" tests -m "not gpu" -x
-tail -n 15 "$LOGS/cpu-tests.log" || true
-
-# ---- summary -------------------------------------------------------------------------------
-status=0
-for name in "${ORDER[@]}"; do
-  if [[ ${RC[$name]} != 0 ]]; then
-    status=1
-  fi
-done
-cat "$LOGS"/*.log | grep -E '^(FAILED|ERROR) ' >"$LOGS/failures.txt" || true
-{
-  echo "stage exit status (124: stopped at its time limit)"
-  for name in "${ORDER[@]}"; do
-    printf '  %-16s %s\n' "$name" "${RC[$name]}"
-  done
-  echo "failed tests: $(wc -l <"$LOGS/failures.txt")"
-  head -n 30 "$LOGS/failures.txt"
-  echo "elapsed ${SECONDS}s of a ${BUDGET}s budget"
-  for md in "$LOGS"/knn_*.md; do
-    if [[ -e $md ]]; then
-      echo
-      cat "$md"
-    fi
-  done
-} | tee "$OUT/summary.txt"
-tar -czf "$OUT/logs.tar.gz" -C "$LOGS" .
-exit "$status"
+cat "$OUT/summary.txt"
+exit "$FAILED"
