@@ -5,6 +5,10 @@ x_t, noise = debias.add_noise(x0, t, scheduler)          # noise drawn inside th
 loss = debias.fused_loss(model(x_t, t), noise, t, scheduler, weighting="debias")
 dist, idx = debias.knn(samples, train_images, k=2)       # exact, without the n x m matrix
 gu = debias.memorization.gu_ratio(samples, train_images)  # memorized fraction, bootstrap CI
+
+These need torch and numpy only. debias.pipeline (training, sampling, evaluation, studies, plots
+and the `debias` command) is a user of these names with dependencies of its own:
+pip install "debias-kernels[pipeline]".
 """
 
 from debias import memorization

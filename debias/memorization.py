@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,10 +62,10 @@ __all__ = [
     "SomepalliResult",
     "SplitPreference",
     "biased_generalization",
+    "bootstrap_interval",
     "carlini_extraction",
     "extract_features",
     "gu_ratio",
-    "load_samples",
     "memorization_report",
     "nearest_distances",
     "paired_similarity",
@@ -287,81 +284,6 @@ class BiasedGeneralization:
         return {"paired": self.paired.summary(), "split": self.split.summary(), **self.extra}
 
 
-# ---- reading samples ----------------------------------------------------------------------
-
-
-def load_samples(path: str | os.PathLike, name: str = "path") -> torch.Tensor:
-    """Samples ``[n, ...]`` from a file or folder, for scoring: .npy, .npz (its first array,
-    or ``file.npz:key``), .pt (one tensor) or a folder of PNG/JPEG images (sorted by name,
-    class sub-folders allowed, ``[n, C, H, W]`` in [-1, 1], through the training data's
-    reader). uint8 arrays are read as images too (x / 127.5 - 1); float arrays as they are,
-    float16 and bfloat16 widened to float32.
-
-    Raises:
-        ValueError: no such file, an unreadable or malformed file, or no ``[n, ...]`` floats;
-            the message starts with ``name`` (the command line passes its flag).
-    """
-    path = os.fspath(path)
-    key = None
-    if ":" in path and not os.path.exists(path):
-        base, _, maybe_key = path.rpartition(":")
-        if base.endswith(".npz"):
-            path, key = base, maybe_key
-    if not os.path.exists(path):
-        raise ValueError(f"{name}: no such file or folder: {path}")
-    if os.path.isdir(path):
-        return _read_image_folder(path, name)
-    try:
-        data = _read_array(path, key, name)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        raise ValueError(f"{name}: cannot read {path}: {err}") from err
-    except ValueError as err:  # numpy's own complaints about a malformed file
-        if str(err).startswith(name):
-            raise
-        raise ValueError(f"{name}: cannot read {path}: {err}") from err
-    x = torch.as_tensor(data) if isinstance(data, np.ndarray) else data
-    if x.dtype == torch.uint8:
-        x = x.float() / 127.5 - 1.0
-    elif not x.is_floating_point():
-        raise ValueError(f"{name}: {path} must hold floats or uint8 images, got {x.dtype}")
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name}: {path} must hold [n, ...] samples, got shape {list(x.shape)}")
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-def _read_array(path: str, key: str | None, name: str) -> np.ndarray | torch.Tensor:
-    if path.endswith(".npy"):
-        return np.load(path, allow_pickle=False)
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as archive:
-            if not archive.files:
-                raise ValueError(f"{name}: {path} holds no arrays")
-            if key is not None and key not in archive.files:
-                raise ValueError(f"{name}: {path} has no array {key!r} (it has {archive.files})")
-            return archive[key if key is not None else archive.files[0]]
-    if path.endswith(".pt"):
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(data, torch.Tensor):
-            raise ValueError(f"{name}: {path} must hold one tensor, got {type(data).__name__}")
-        return data
-    raise ValueError(f"{name}: {path} is not .npy, .npz, .pt or a folder of images")
-
-
-def _read_image_folder(folder: str, name: str) -> torch.Tensor:
-    """A folder of images through the training data's reader (class sub-folders allowed)."""
-    from PIL import UnidentifiedImageError
-
-    from debias.pipeline.data import read_image_folder
-
-    try:
-        images, _ = read_image_folder(Path(folder))
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"{name}: cannot read an image in {folder}: {err}") from err
-    except ValueError as err:
-        raise ValueError(f"{name}: {err}") from err
-    return images
-
-
 # ---- validation (once, at the door) -------------------------------------------------------
 
 
@@ -427,13 +349,22 @@ def _apply(extractor: Extractor, x: torch.Tensor) -> torch.Tensor:
 
 
 def extract_features(
-    x: torch.Tensor, features: Extractor | None = None, batch_size: int = 256
+    x: torch.Tensor,
+    features: Extractor | None = None,
+    batch_size: int = 256,
+    *,
+    module: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """``features`` applied to ``x [n, ...]`` in batches under ``torch.no_grad()``: ``[n, f]``;
-    ``x`` itself without an extractor."""
+    """``features`` applied to ``x [n, ...]`` in batches of ``batch_size`` under
+    ``torch.no_grad()``: ``[n, f]`` on x's device; ``x`` itself without an extractor. With
+    ``module`` (the network behind ``features``), each batch moves to the module's device and
+    the module runs in eval mode, its mode restored after. The package's one feature extraction
+    loop: the scores here and debias.pipeline's evaluation and studies use it."""
     x = check_samples("x", x, numpy=True)
     _check_extractor(features, batch_size)
-    return _extract(x, features, batch_size)
+    if module is not None and not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module or None, got {type(module).__name__}")
+    return _extract(x, features, batch_size, module)
 
 
 def _extract(
@@ -442,11 +373,7 @@ def _extract(
     batch_size: int,
     module: torch.nn.Module | None = None,
 ) -> torch.Tensor:
-    """``features`` applied to ``x`` in batches of ``batch_size`` under ``torch.no_grad()``:
-    ``[n, f]`` on x's device; ``x`` itself without an extractor. With ``module`` (the network
-    behind ``features``), each batch moves to the module's device and the module runs in eval
-    mode, its mode restored after. The package's one feature extractor loop: the scores here
-    and debias.pipeline.evaluate use it."""
+    """:func:`extract_features` on checked arguments."""
     if features is None:
         return x
     device = x.device
@@ -524,6 +451,24 @@ def _search(name, queries, database, k, metric, backend, progress, exclude_self=
 # ---- statistics ---------------------------------------------------------------------------
 
 
+def bootstrap_interval(
+    values: torch.Tensor,
+    resamples: int = 1000,
+    level: float = 0.95,
+    generator: torch.Generator | int = 0,
+) -> tuple[float, float]:
+    """The percentile bootstrap interval of the mean of ``values [n]`` (bool or float) that
+    every score here reports: ``resamples`` draws of n values with replacement from
+    ``generator`` (a ``torch.Generator`` or an int seed), the (1 - level)/2 and (1 + level)/2
+    quantiles of the resampled means (linear interpolation)."""
+    values = check_tensor("values", values)
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"values must be a non-empty [n] tensor, got {list(values.shape)}")
+    check_int("resamples", resamples, 1)
+    level = check_float("level", level, 0.0, high=1.0, high_inclusive=False)
+    return _bootstrap(values, resamples, level, _generator(generator))
+
+
 def _bootstrap(
     values: torch.Tensor, resamples: int, level: float, generator: torch.Generator
 ) -> tuple[float, float]:
@@ -570,7 +515,7 @@ def nearest_distances(
     features: Extractor | None = None,
     batch_size: int = 256,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
 ) -> Neighbours:
     """Per-pixel-normalised L2 distances ``||x - y|| / sqrt(d)`` from each sample to its k
     nearest training rows, exactly.
@@ -622,7 +567,7 @@ def gu_ratio(
     features: Extractor | None = None,
     batch_size: int = 256,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
 ) -> GuResult:
     """Gu et al. (2023): a sample is memorized when d_1 / d_2 < ``threshold``.
 
@@ -664,7 +609,7 @@ def carlini_extraction(
     features: Extractor | None = None,
     batch_size: int = 256,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
 ) -> CarliniResult:
     """Carlini et al. (2023) (l2, delta)-extraction: d_1 = ||x - y_1|| / sqrt(d) < ``delta``.
 
@@ -706,7 +651,7 @@ def somepalli_similarity(
     features: Extractor | None = None,
     batch_size: int = 256,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
 ) -> SomepalliResult:
     """Somepalli et al. (2023): top-1 similarity of each sample to the training set, and the
     same for training rows against the rest of the training set.
@@ -826,7 +771,7 @@ def split_preference(
     features: Extractor | None = None,
     batch_size: int = 256,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
 ) -> SplitPreference:
     """Each sample's top-1 similarity to its own model's training split versus the other
     model's (arXiv 2603.03469): model A's samples against train A and train B, model B's
@@ -884,7 +829,7 @@ def biased_generalization(
     features: Extractor | None = None,
     batch_size: int = 256,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
 ) -> BiasedGeneralization:
     """:func:`paired_similarity` and :func:`split_preference` together (arXiv 2603.03469):
     two models on disjoint splits, sampled from the same starting and reverse noise."""
@@ -923,7 +868,7 @@ def memorization_report(
     features: Extractor | None = None,
     batch_size: int = 256,
     backend: str | None = None,
-    progress: bool = False,
+    progress: bool | Callable[[Iterable], Iterable] = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every measure that applies, as ``(summary, results)``: a JSON-ready dict and the result
     objects (``"nearest"``, ``"gu"``, ``"carlini"``, ``"somepalli"``; with ``samples_b`` and

@@ -10,9 +10,8 @@ import torch
 from PIL import Image
 
 import debias
-from debias.cli import main
-from debias.memorization import load_samples
-from debias.pipeline.data import load_digits
+from debias.pipeline.cli import main
+from debias.pipeline.data import load_digits, load_samples
 
 FAST = ["--resamples", "50", "--no-progress"]
 
@@ -133,7 +132,7 @@ def test_bad_path_exits_2():
         [
             sys.executable,
             "-m",
-            "debias.cli",
+            "debias.pipeline.cli",
             "score",
             "--samples",
             "missing.npy",
@@ -187,3 +186,114 @@ def test_errors_exit_2(arrays, tmp_path, capsys, case, words):
     assert main(argv + FAST) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("debias score: error:") and words in err and "\n" not in err
+
+
+# ---- a user's mistake exits 2 on one line naming the flag; a bug keeps its traceback ----------
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["score", "--samples", "s.npy", "--train", "t.npy", "--threshold", "2"], "--threshold"),
+        (["score", "--samples", "s.npy", "--train", "t.npy", "--delta", "nan"], "--delta"),
+        (["score", "--samples", "s.npy", "--train", "t.npy", "--k", "0"], "--k"),
+        (["score", "--samples", "s.npy"], "--train"),
+        (["sample", "--ckpt", "c", "--steps", "0"], "--steps"),
+        (["sample", "--ckpt", "c", "--device", "gpu7"], "--device"),
+        (["sample", "--ckpt", "c", "--eta", "-1"], "--eta"),
+        (["train", "--weighting", "nope"], "--weighting"),
+        (["train", "--lr", "fast"], "--lr"),
+        (["study", "depth-bias", "--seeds", "0"], "--seeds"),
+        (["study", "depth-bias", "--max-cells", "-1"], "--max-cells"),
+    ],
+)
+def test_bad_flag_values_exit_2_on_one_line(capsys, argv, words):
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"debias {argv[0]}: error: ") and words in line
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["train", "--steps", "0"], "debias train: error: --steps must be at least 1, got 0"),
+        (
+            ["train", "--held-out", "0", "--monitor-every", "0"],
+            "debias train: error: --held-out=0 leaves no held-out images",
+        ),
+        (["train", "--data", "missing.npy"], "debias train: error: --data: source 'missing.npy'"),
+        (["train", "--resume", "missing"], "debias train: error: --resume: checkpoint: no "),
+        (["sample", "--ckpt", "missing"], "debias sample: error: --ckpt: checkpoint: no such file"),
+        (["evaluate", "--ckpt", "c", "--feature-weights", "no.pt"], "--feature-weights: no such"),
+    ],
+)
+def test_checks_name_the_flag(tmp_path, monkeypatch, capsys, argv, expected):
+    """The commands' own checks and the library's checks of a flag's value, mapped to it."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("debias ") and expected in line
+
+
+def test_an_existing_run_names_the_flag(tmp_path, capsys):
+    (tmp_path / "r" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "r" / "checkpoints" / "last.safetensors").write_bytes(b"")
+    assert main(["train", "--out", str(tmp_path), "--name", "r"]) == 2
+    assert _one_line(capsys.readouterr().err).startswith("debias train: error: --name: ")
+
+
+@pytest.mark.parametrize("message", ["internal: boom", "k must be at most 2"])
+def test_a_bug_propagates(arrays, tmp_path, monkeypatch, message):
+    """A ValueError from inside is not a user's mistake, even one that names an argument no
+    flag of the call is mapped to: it propagates."""
+    import debias.memorization
+
+    def broken(*args, **kwargs):
+        raise ValueError(message)
+
+    monkeypatch.setattr(debias.memorization, "memorization_report", broken)
+    argv = ["score", "--samples", str(arrays / "samples.pt"), "--train", str(arrays / "train.npy")]
+    with pytest.raises(ValueError, match=message):
+        main([*argv, "--out", str(tmp_path), *FAST])
+
+
+def test_a_bug_exits_1_with_its_traceback(arrays, tmp_path):
+    code = (
+        "import sys, debias.memorization as m\n"
+        "def broken(*args, **kwargs):\n"
+        "    raise ValueError('internal: boom')\n"
+        "m.memorization_report = broken\n"
+        "from debias.pipeline.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    argv = ["score", "--samples", str(arrays / "samples.pt"), "--train", str(arrays / "train.npy")]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv, "--out", str(tmp_path), *FAST],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "Traceback (most recent call last)" in done.stderr
+    assert "ValueError: internal: boom" in done.stderr
+    assert "debias score: error" not in done.stderr
+
+
+def test_score_data_defects_name_the_flag(arrays, tmp_path, capsys):
+    bad = np.load(arrays / "train.npy")
+    bad[3] = np.nan
+    np.save(tmp_path / "nan.npy", bad)
+    argv = ["score", "--samples", str(arrays / "samples.pt"), "--train", str(tmp_path / "nan.npy")]
+    assert main([*argv, "--out", str(tmp_path / "o"), *FAST]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line == "debias score: error: --train: database row 3 contains NaN or infinity"
+    small = ["score", "--samples", str(arrays / "samples.pt"), "--train", str(arrays / "train.npy")]
+    assert main([*small, "--k", "201", "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "--k 201 needs --train to hold at least 201" in capsys.readouterr().err

@@ -124,6 +124,11 @@ def test_bootstrap_interval():
     assert large.ci[0] == pytest.approx(0.272, abs=0.01) and large.ci[1] == pytest.approx(
         0.328, abs=0.01
     )
+    # the same interval for any [n] values, as the monitor reports its preferences
+    assert M.bootstrap_interval(small.memorized) == small.ci
+    assert M.bootstrap_interval(small.memorized.double(), 300, 0.5) == narrow.ci
+    with pytest.raises(ValueError, match="values"):
+        M.bootstrap_interval(torch.zeros(2, 2))
 
 
 def test_baseline_excludes_self_and_subset_matches(train):
@@ -200,6 +205,10 @@ def test_feature_extractor_is_batched(train, copies):
     assert torch.equal(
         M.extract_features(copies[:3], extractor), copies[:3].reshape(3, 64) @ extractor.weight
     )
+    # with the network behind the extractor: evaluated in eval mode, its mode restored after
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.9)).train()
+    assert torch.equal(M.extract_features(copies[:3], net, module=net), copies[:3].reshape(3, 64))
+    assert net.training
 
 
 def test_paired_similarity_definition():

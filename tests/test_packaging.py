@@ -37,12 +37,12 @@ def test_public_names():
 
 def test_cli_help_and_errors():
     out = subprocess.run(
-        [sys.executable, "-m", "debias.cli", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "debias.pipeline.cli", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "score" in out.stdout
     argv = ["score", "--samples", "s.npy", "--train", "t.npy", "--k", "0"]
     bad = subprocess.run(
-        [sys.executable, "-m", "debias.cli", *argv], capture_output=True, text=True
+        [sys.executable, "-m", "debias.pipeline.cli", *argv], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "k" in bad.stderr
 
@@ -80,4 +80,4 @@ def test_readme_commands():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     install = "pip install torch==2.13.0 ninja && pip install --no-build-isolation"
     assert f'{install} ".[test]" && pytest' in readme
-    assert f"{install} . && debias train" in readme
+    assert f'{install} ".[pipeline]" && debias train' in readme

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from debias import cli
+from debias.pipeline import cli
 from debias.pipeline import checkpoint as ckpt
 from debias.pipeline.train import NonFiniteLoss, TrainConfig, Trainer, load_model, train
 
@@ -184,7 +184,7 @@ def test_ctrl_c_saves_and_resume_continues(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "debias.cli",
+        "debias.pipeline.cli",
         "train",
         "--out",
         str(tmp_path),
@@ -403,7 +403,7 @@ def test_ddp_with_gloo_and_two_processes(tmp_path):
         "--master_port",
         str(_free_port()),
         "-m",
-        "debias.cli",
+        "debias.pipeline.cli",
         "train",
         "--out",
         str(tmp_path),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -650,3 +651,77 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"{value.dtype} tensor of shape {list(value.shape)}"
     return type(value).__name__
+
+
+# ---- samples to score ---------------------------------------------------------------------
+
+
+def load_samples(path: str | os.PathLike, name: str = "path") -> torch.Tensor:
+    """Samples ``[n, ...]`` from a file or folder, for scoring: .npy, .npz (its first array,
+    or ``file.npz:key``), .pt (one tensor) or a folder of PNG/JPEG images (sorted by name,
+    class sub-folders allowed, ``[n, C, H, W]`` in [-1, 1], through :func:`read_image_folder`).
+    uint8 arrays are read as images too (x / 127.5 - 1); float arrays as they are, float16 and
+    bfloat16 widened to float32. The scores of debias.memorization take the result: they read
+    tensors, arrays and .npy paths themselves, and this reader adds the other formats.
+
+    Raises:
+        ValueError: no such file, an unreadable or malformed file, or no ``[n, ...]`` floats;
+            the message starts with ``name`` (the command line passes its flag).
+    """
+    path = os.fspath(path)
+    key = None
+    if ":" in path and not os.path.exists(path):
+        base, _, maybe_key = path.rpartition(":")
+        if base.endswith(".npz"):
+            path, key = base, maybe_key
+    if not os.path.exists(path):
+        raise ValueError(f"{name}: no such file or folder: {path}")
+    if os.path.isdir(path):
+        return _read_image_folder(path, name)
+    try:
+        data = _read_array(path, key, name)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{name}: cannot read {path}: {err}") from err
+    except ValueError as err:  # numpy's own complaints about a malformed file
+        if str(err).startswith(name):
+            raise
+        raise ValueError(f"{name}: cannot read {path}: {err}") from err
+    x = torch.as_tensor(data) if isinstance(data, np.ndarray) else data
+    if x.dtype == torch.uint8:
+        x = x.float() / 127.5 - 1.0
+    elif not x.is_floating_point():
+        raise ValueError(f"{name}: {path} must hold floats or uint8 images, got {x.dtype}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"{name}: {path} must hold [n, ...] samples, got shape {list(x.shape)}")
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _read_array(path: str, key: str | None, name: str) -> np.ndarray | torch.Tensor:
+    if path.endswith(".npy"):
+        return np.load(path, allow_pickle=False)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as archive:
+            if not archive.files:
+                raise ValueError(f"{name}: {path} holds no arrays")
+            if key is not None and key not in archive.files:
+                raise ValueError(f"{name}: {path} has no array {key!r} (it has {archive.files})")
+            return archive[key if key is not None else archive.files[0]]
+    if path.endswith(".pt"):
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, torch.Tensor):
+            raise ValueError(f"{name}: {path} must hold one tensor, got {type(data).__name__}")
+        return data
+    raise ValueError(f"{name}: {path} is not .npy, .npz, .pt or a folder of images")
+
+
+def _read_image_folder(folder: str, name: str) -> torch.Tensor:
+    """A folder of images through :func:`read_image_folder` (class sub-folders allowed)."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        images, _ = read_image_folder(Path(folder))
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"{name}: cannot read an image in {folder}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    return images

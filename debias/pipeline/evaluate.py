@@ -52,9 +52,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from debias._checks import check_float, check_int, check_samples
-from debias.memorization import _extract
+from debias.memorization import extract_features
 from debias.ops.knn import knn
-from debias.plotting import plot_timestep_analysis
+from debias.pipeline.plotting import plot_timestep_analysis
 from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
 
 # The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
@@ -463,7 +463,7 @@ def inception_features(
         b = (b + 1.0) * ((hi - lo) / 2.0) + lo
         return extractor(b).reshape(b.shape[0], -1).float()
 
-    return _extract(x, apply, batch_size)
+    return extract_features(x, apply, batch_size)
 
 
 # ---- colour shift -------------------------------------------------------------------------
@@ -694,7 +694,7 @@ def _features(extractor: Any, x: torch.Tensor, batch_size: int = 256) -> torch.T
     itself (its output flattened per image), through the package's one extraction loop."""
     fn = extractor.features if isinstance(extractor, FeatureNet) else extractor
     module = extractor if isinstance(extractor, nn.Module) else None
-    flat = _extract(x, lambda b: fn(b).reshape(b.shape[0], -1), batch_size, module)
+    flat = extract_features(x, lambda b: fn(b).reshape(b.shape[0], -1), batch_size, module=module)
     return flat.to(torch.float64)
 
 

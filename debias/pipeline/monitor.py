@@ -22,13 +22,13 @@ import torch
 
 from debias._checks import check_float, check_int, check_samples
 from debias.memorization import (
-    _bootstrap,  # the percentile bootstrap every memorization score reports
+    bootstrap_interval,  # the percentile bootstrap every memorization score reports
     gu_ratio,
     nearest_distances,
     paired_similarity,
     split_preference,
 )
-from debias.plotting import plot_monitor
+from debias.pipeline.plotting import plot_monitor
 from debias.reference import knn_features
 
 __all__ = ["MemorizationMonitor"]
@@ -360,7 +360,7 @@ class MemorizationMonitor:
                 )
 
     def _put_preference(self, row, key, score, step, tag) -> None:
-        ci = _bootstrap(score, self.resamples, self.level, self._generator(step, tag))
+        ci = bootstrap_interval(score, self.resamples, self.level, self._generator(step, tag))
         _put(row, key, float(score.mean()), ci)
 
     def _generator(self, step: int, tag: int) -> torch.Generator:

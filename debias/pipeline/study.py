@@ -67,10 +67,10 @@ from typing import Any, ClassVar
 import torch
 
 from debias._checks import check_int
-from debias.memorization import _extract
+from debias.memorization import extract_features
 from debias.pipeline import sampling
+from debias.pipeline.plotting import new_figure, save_figure
 from debias.pipeline.train import TrainConfig, prepare_data
-from debias.plotting import _figure, _save
 
 __all__ = ["STUDIES", "Cell", "add_arguments", "mean_interval", "plan", "run", "run_study"]
 
@@ -343,7 +343,7 @@ def _load(run_dir: Path, device: str | None):
 
 
 def _features(net, images: torch.Tensor) -> torch.Tensor:
-    return _extract(images.float(), net.features, 512, module=net).double()
+    return extract_features(images.float(), net.features, 512, module=net).double()
 
 
 def _sample(model, schedule, shape, *, steps: int, method: str, seed: int) -> torch.Tensor:
@@ -629,7 +629,7 @@ class _Weighting(_Study):
                 ax.grid(alpha=0.3)
                 _legend(ax)
             name = "fd_vs_steps.png" if variance == "fixed" else f"fd_vs_steps_{variance}.png"
-            _save(fig, folder / name, dpi=110)
+            save_figure(fig, folder / name, dpi=110)
             written.append(name)
         ts = _timesteps_of(agg)
         if ts:
@@ -649,7 +649,7 @@ class _Weighting(_Study):
                 ax.set_title(key.replace("_", " "), fontsize=10)
                 ax.grid(alpha=0.3)
                 _legend(ax)
-            _save(fig, folder / "timesteps.png", dpi=110)
+            save_figure(fig, folder / "timesteps.png", dpi=110)
             written.append("timesteps.png")
         return written
 
@@ -882,7 +882,7 @@ class _Depth(_Study):
                 ax.set_xlabel("depth (num_res_blocks)")
                 ax.set_ylabel(label)
                 ax.grid(alpha=0.3)
-        _save(fig, folder / "majority_share.png", dpi=110)
+        save_figure(fig, folder / "majority_share.png", dpi=110)
         return ["majority_share.png"]
 
 
@@ -1100,7 +1100,7 @@ class _Biased(_Study):
                 ax.grid(alpha=0.3)
                 if cells:
                     ax.legend(fontsize=7)
-        _save(fig, folder / "curves.png", dpi=110)
+        save_figure(fig, folder / "curves.png", dpi=110)
         return ["curves.png"]
 
 
@@ -1435,8 +1435,9 @@ def _read_json(path: Path) -> Any:
 
 
 def _subplots(rows: int, cols: int, figsize: tuple[float, float], squeeze: bool = True):
-    """``(figure, axes)`` drawn as debias.plotting draws (Figure + the Agg canvas, no pyplot)."""
-    fig = _figure(figsize)
+    """``(figure, axes)`` drawn as debias.pipeline.plotting draws (Figure + the Agg canvas, no
+    pyplot)."""
+    fig = new_figure(figsize)
     return fig, fig.subplots(rows, cols, squeeze=squeeze)
 
 
@@ -1451,13 +1452,15 @@ def _rc() -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``debias study NAME``."""
+    from debias.pipeline.cli import count, positive_int  # the command line's value checks
+
     parser.add_argument("name", choices=STUDIES, help="the study to run")
     parser.add_argument(
         "--quick",
         action="store_true",
         help="the small size: minutes on a 2-core CPU (default: full size)",
     )
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell (default: 3)")
+    parser.add_argument("--seeds", type=positive_int, default=3, help="seeds per cell (default: 3)")
     parser.add_argument(
         "--family", choices=FAMILIES, default="ddpm", help="ddpm (default) or flow (rectified flow)"
     )
@@ -1467,7 +1470,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="cpu, cuda, ... (default: a GPU if there is one)")
     parser.add_argument(
         "--max-cells",
-        type=int,
+        type=count,
         default=None,
         help="stop after this many new cells (rerun to continue)",
     )

@@ -1,53 +1,134 @@
-"""The `debias` command line."""
+"""The `debias` command line: ``debias train | sample | evaluate | score | study | info``.
+
+    debias <command> --help        each command's options
+    python -m debias.pipeline.cli  the same, without the console script (torchrun -m ...)
+
+Errors: a user's mistake (a flag's value out of range, a missing or unreadable path, flags
+that do not go together) prints one line ``debias <command>: error: <message naming the flag>``
+and exits 2. It is caught in two places only: argparse (each flag's type checks its value) and
+:class:`UsageError`, raised by the commands' own checks, or mapped by :func:`_blame` from a
+library call's ValueError/TypeError whose message starts with the name of an argument that
+came from a flag (the package's checks name their argument first), through a table, per call,
+from argument names to flags. Every other exception is a bug: it keeps its traceback and the
+command exits 1.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import NoReturn
 
 from debias.weighting import FAMILY_WEIGHTINGS
 
 
+class UsageError(Exception):
+    """A user's mistake on the command line; the message names the flag. ``main`` prints it as
+    one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: ``debias <command>: error: argument --k: ...``
+    (the usage is one ``--help`` away), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# The argument name a library error message starts with (``steps must be ...``, ``train row 3
+# contains NaN``, ``checkpoint: no such file ...``, ``--samples: ...``).
+_LEADING_NAME = re.compile(r"(?:--)?[A-Za-z_][\w-]*")
+
+
+@contextlib.contextmanager
+def _blame(flags: Mapping[str, str]) -> Iterator[None]:
+    """Within the block, a ValueError or TypeError whose message starts with a name in
+    ``flags`` (argument name -> the flag that gave it) becomes a :class:`UsageError` on that
+    flag: ``steps must be at least 1`` -> ``--steps must be at least 1`` where the flag is the
+    argument's own spelling, ``--ckpt: checkpoint: no such file ...`` where it is not. Any other
+    exception goes on unchanged (a bug: traceback, exit 1)."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        message = str(err)
+        match = _LEADING_NAME.match(message)
+        flag = flags.get(match.group(0)) if match else None
+        if flag is None:
+            raise
+        if flag == match.group(0) or flag == "--" + match.group(0).replace("_", "-"):
+            raise UsageError(flag + message[match.end() :]) from err
+        raise UsageError(f"{flag}: {message}") from err
+
+
+def _flag(name: str) -> str:
+    """The flag of an argument name: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def _score(args: argparse.Namespace) -> int:
     import debias
-    from debias.memorization import load_samples, memorization_report
-    from debias.plotting import plot_score
+    from debias.memorization import memorization_report
+    from debias.pipeline.data import load_samples
+    from debias.pipeline.plotting import plot_score
 
     if (args.samples_b is None) != (args.train_b is None):
-        raise ValueError("--samples-b and --train-b go together: give both or neither")
+        raise UsageError("--samples-b and --train-b go together: give both or neither")
     names = {"samples": args.samples, "train": args.train}
     if args.samples_b is not None:
         names.update(samples_b=args.samples_b, train_b=args.train_b)
-    data = {name: load_samples(path, "--" + name.replace("_", "-")) for name, path in names.items()}
+    data = {}
+    for name, path in names.items():
+        with _blame({_flag(name): _flag(name)}):  # load_samples' messages start with the flag
+            data[name] = load_samples(path, _flag(name))
     for name, x in data.items():
         if x.shape[1:] != data["samples"].shape[1:]:
-            raise ValueError(
-                f"--{name.replace('_', '-')}: samples have shape {list(x.shape[1:])}, expected "
+            raise UsageError(
+                f"{_flag(name)}: samples have shape {list(x.shape[1:])}, expected "
                 f"{list(data['samples'].shape[1:])} like --samples"
             )
     if args.samples_b is not None and data["samples_b"].shape[0] != data["samples"].shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"--samples-b: {data['samples_b'].shape[0]} samples, --samples has "
             f"{data['samples'].shape[0]}: the two models' samples are paired by row"
         )
-    summary, results = memorization_report(
-        data["samples"],
-        data["train"],
-        samples_b=data.get("samples_b"),
-        train_b=data.get("train_b"),
-        k=args.k,
-        threshold=args.threshold,
-        delta=args.delta,
-        similarity_threshold=args.similarity_threshold,
-        metric=args.metric,
-        baseline_size=args.baseline_size,
-        resamples=args.resamples,
-        seed=args.seed,
-        progress=args.progress,
-    )
+    for name in ("train", "train_b"):
+        if name in data and max(args.k, 2) > data[name].shape[0]:
+            raise UsageError(
+                f"--k {args.k} needs {_flag(name)} to hold at least {max(args.k, 2)} images, "
+                f"got {data[name].shape[0]}"
+            )
+    # The data's own defects (a NaN row, an all-zero sample under cosine, a training set too
+    # small for the baseline) are reported by the scores under the argument names below.
+    blame = {
+        "samples": "--samples",
+        "samples_a": "--samples",
+        "train": "--train",
+        "train_a": "--train",
+        "samples_b": "--samples-b",
+        "train_b": "--train-b",
+    }
+    with _blame(blame):
+        summary, results = memorization_report(
+            data["samples"],
+            data["train"],
+            samples_b=data.get("samples_b"),
+            train_b=data.get("train_b"),
+            k=args.k,
+            threshold=args.threshold,
+            delta=args.delta,
+            similarity_threshold=args.similarity_threshold,
+            metric=args.metric,
+            baseline_size=args.baseline_size,
+            resamples=args.resamples,
+            seed=args.seed,
+            progress=args.progress,
+        )
     report = {
         "version": debias.__version__,
         "inputs": {
@@ -85,11 +166,53 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
+# argparse types: each checks one flag's value (argparse names the flag in its message); public
+# for the commands whose options live in their own module (debias.pipeline.study).
+
+
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _number(low: float | None, high: float | None, low_open: bool, high_open: bool = False):
+    """argparse type: a finite float in the interval, the interval in the message."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        below = low is not None and (value < low or (low_open and value == low))
+        above = high is not None and (value > high or (high_open and value == high))
+        if value != value or abs(value) == float("inf") or below or above:
+            lo = "-inf" if low is None else f"{low:g}"
+            hi = "inf" if high is None else f"{high:g}"
+            shown = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must lie in {shown}, got {text}")
+        return value
+
+    parse.__name__ = "number"  # argparse's "invalid number value: 'x'"
+    return parse
+
+
+def _device(text: str) -> str:
+    """argparse type: a torch device this machine has ("cpu", "cuda", "cuda:1", ...)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device")
+    return text
 
 
 def _add_score(sub) -> None:
@@ -107,16 +230,19 @@ def _add_score(sub) -> None:
     score.add_argument("--train-b", help="model B's training split (disjoint from --train)")
     score.add_argument("--out", default="runs/score", help="output folder (default: runs/score)")
     score.add_argument(
-        "--threshold", type=float, default=1 / 3, help="Gu et al. d1/d2 threshold (default: 1/3)"
+        "--threshold",
+        type=_number(0.0, 1.0, low_open=True),
+        default=1 / 3,
+        help="Gu et al. d1/d2 threshold, in (0, 1] (default: 1/3)",
     )
     score.add_argument(
         "--delta",
-        type=float,
+        type=_number(0.0, None, low_open=True),
         default=0.15,
         help="Carlini et al. threshold on L2/sqrt(d), in the data's units (default: 0.15)",
     )
     score.add_argument(
-        "--k", type=_positive_int, default=2, help="nearest neighbours reported (default: 2)"
+        "--k", type=positive_int, default=2, help="nearest neighbours reported (default: 2)"
     )
     score.add_argument(
         "--metric",
@@ -126,18 +252,18 @@ def _add_score(sub) -> None:
     )
     score.add_argument(
         "--similarity-threshold",
-        type=float,
+        type=_number(-1.0, 1.0, low_open=False),
         default=0.5,
         help="Somepalli replica threshold (default: 0.5)",
     )
     score.add_argument(
         "--baseline-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="training images in the train-vs-train baseline (default: all)",
     )
     score.add_argument(
-        "--resamples", type=_positive_int, default=1000, help="bootstrap resamples (default: 1000)"
+        "--resamples", type=positive_int, default=1000, help="bootstrap resamples (default: 1000)"
     )
     score.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     score.add_argument(
@@ -272,7 +398,9 @@ def _add_train(sub) -> None:
     train.add_argument("--out", default="runs", help="parent folder of runs (default: runs)")
     train.add_argument("--name", help="run name (default: <data>-<weighting>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
-    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU if there is one)")
+    train.add_argument(
+        "--device", type=_device, help="cpu, cuda, cuda:1 (default: a GPU if there is one)"
+    )
     train.add_argument(
         "--bf16",
         action=argparse.BooleanOptionalAction,
@@ -294,17 +422,20 @@ def _train(args: argparse.Namespace) -> int:
     from debias.pipeline import checkpoint as ckpt
     from debias.pipeline.train import NonFiniteLoss, TrainConfig, Trainer
 
-    given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(TrainConfig)
-        if getattr(args, f.name) is not None
-    }
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    given = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    # TrainConfig's checks and the set-up's (data, model, checkpoint) name the field first; the
+    # data loaders name their "source", the checkpoint reader its "checkpoint".
+    blame = {name: _flag(name) for name in fields}
+    blame.update(source="--data", checkpoint="--resume")
     if args.resume:
         run_dir = Path(args.resume)
-        _, meta = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.LAST)
-        config = TrainConfig.from_dict({**meta["config"], **given})
+        with _blame(blame):
+            _, meta = ckpt.load_checkpoint(run_dir / "checkpoints" / ckpt.LAST)
+            config = TrainConfig.from_dict({**meta["config"], **given})
     else:
-        config = TrainConfig(**given)
+        with _blame(blame):
+            config = TrainConfig(**given)
         builtin = ("digits", "colored-digits", "gmm")
         stem = config.data if config.data in builtin else Path(config.data).stem
         family = "" if config.family == "ddpm" else f"{config.family}-"
@@ -312,14 +443,20 @@ def _train(args: argparse.Namespace) -> int:
             "-ab" if config.two_models else ""
         )
         run_dir = Path(args.out) / name
-    trainer = Trainer(
-        config,
-        run_dir,
-        resume=bool(args.resume),
-        device=args.device,
-        progress=args.progress,
-        bf16=args.bf16,
-    )
+        if (run_dir / "checkpoints" / ckpt.LAST).exists():
+            raise UsageError(
+                f"--name: the run folder {run_dir} already holds a checkpoint; pass --resume "
+                f"{run_dir} to continue it or choose another --name"
+            )
+    with _blame(blame):
+        trainer = Trainer(
+            config,
+            run_dir,
+            resume=bool(args.resume),
+            device=args.device,
+            progress=args.progress,
+            bf16=args.bf16,
+        )
     try:
         summary = trainer.run()
     except NonFiniteLoss as err:
@@ -342,7 +479,9 @@ def _train(args: argparse.Namespace) -> int:
         )
     if status == "interrupted":
         world = trainer.dist.world
-        launch = f"torchrun --nproc_per_node {world} -m debias.cli" if world > 1 else "debias"
+        launch = (
+            f"torchrun --nproc_per_node {world} -m debias.pipeline.cli" if world > 1 else "debias"
+        )
         print(f"resume with: {launch} train --resume {run_dir}")
         return 130
     print(f"wrote {run_dir}/")
@@ -354,9 +493,15 @@ def _load_for_sampling(args: argparse.Namespace):
 
     from debias.pipeline.train import load_model
 
-    model, schedule, meta = load_model(args.ckpt, ema=not args.raw_weights, member=args.member)
+    with _blame({"checkpoint": "--ckpt", "member": "--member", "config": "--ckpt"}):
+        model, schedule, meta = load_model(args.ckpt, ema=not args.raw_weights, member=args.member)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), schedule, meta, device
+
+
+# The sampler's checks of the arguments its flags give (a method of the other family, more
+# steps than the schedule has, eta with a method other than ddim).
+_SAMPLER_FLAGS = {"steps": "--steps", "method": "--method", "eta": "--eta"}
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -372,18 +517,19 @@ def _sample(args: argparse.Namespace) -> int:
         model.config["image_size"],
         model.config["image_size"],
     )
-    images = sample(
-        model,
-        schedule,
-        shape,
-        steps=args.steps,
-        method=args.method,
-        eta=args.eta,
-        generator=args.seed,
-        batch_size=args.batch_size,
-        device=device,
-        progress=args.progress,
-    ).cpu()
+    with _blame(_SAMPLER_FLAGS):
+        images = sample(
+            model,
+            schedule,
+            shape,
+            steps=args.steps,
+            method=args.method,
+            eta=args.eta,
+            generator=args.seed,
+            batch_size=args.batch_size,
+            device=device,
+            progress=args.progress,
+        ).cpu()
     out = Path(args.out)
     save_grid(images, out)
     arrays = out.with_suffix(".npz")
@@ -401,22 +547,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     from debias.pipeline.sampling import sample
     from debias.pipeline.train import TrainConfig, prepare_data
 
+    if args.feature_weights is not None and not os.path.isfile(args.feature_weights):
+        raise UsageError(f"--feature-weights: no such file: {args.feature_weights}")
     model, schedule, meta, device = _load_for_sampling(args)
     config = TrainConfig.from_dict(meta["config"])
-    parts, _ = prepare_data(config)
+    with _blame({"source": "--ckpt"}):  # the run's data, as its checkpoint names it
+        parts, _ = prepare_data(config)
     data = parts[1] if args.member == "b" else parts[0]
     shape = (args.n, *data.shape)
-    samples = sample(
-        model,
-        schedule,
-        shape,
-        steps=args.steps,
-        method=args.method,
-        eta=args.eta,
-        generator=args.seed,
-        device=device,
-        progress=args.progress,
-    ).cpu()
+    with _blame(_SAMPLER_FLAGS):
+        samples = sample(
+            model,
+            schedule,
+            shape,
+            steps=args.steps,
+            method=args.method,
+            eta=args.eta,
+            generator=args.seed,
+            device=device,
+            progress=args.progress,
+        ).cpu()
     features = None
     if args.feature_weights is not None:
         from debias.pipeline.evaluate import inception_features
@@ -474,10 +624,10 @@ def _sampling_methods() -> tuple[str, ...]:
 def _add_sampling_args(parser, *, n_default: int, out_default: str) -> None:
     parser.add_argument("--ckpt", required=True, help="checkpoint file or run folder")
     parser.add_argument(
-        "--n", type=_positive_int, default=n_default, help=f"samples (default: {n_default})"
+        "--n", type=positive_int, default=n_default, help=f"samples (default: {n_default})"
     )
     parser.add_argument(
-        "--steps", type=_positive_int, default=None, help="sampler steps, respaced (default: all T)"
+        "--steps", type=positive_int, default=None, help="sampler steps, respaced (default: all T)"
     )
     parser.add_argument(
         "--method",
@@ -486,7 +636,9 @@ def _add_sampling_args(parser, *, n_default: int, out_default: str) -> None:
         help="ddpm (ancestral; learned variance when trained with it), ddim, dpm++2m "
         "(DPM-Solver++ 2M), unipc; flow models: euler, heun (default: ddpm, or euler for flow)",
     )
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default: 0)")
+    parser.add_argument(
+        "--eta", type=_number(0.0, None, low_open=False), default=0.0, help="DDIM eta (default: 0)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default: 0)")
     parser.add_argument(
         "--member", default="", choices=("", "a", "b"), help="which model of a two-model run"
@@ -494,7 +646,9 @@ def _add_sampling_args(parser, *, n_default: int, out_default: str) -> None:
     parser.add_argument(
         "--raw-weights", action="store_true", help="use the raw weights instead of the EMA"
     )
-    parser.add_argument("--device", help="cpu, cuda, ... (default: a GPU if there is one)")
+    parser.add_argument(
+        "--device", type=_device, help="cpu, cuda, ... (default: a GPU if there is one)"
+    )
     parser.add_argument("--out", default=out_default, help=f"output (default: {out_default})")
     parser.add_argument(
         "--progress",
@@ -511,7 +665,7 @@ def _add_sample(sub) -> None:
     _add_sampling_args(sample, n_default=64, out_default="samples.png")
     sample.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="model batch size (default: all at once)",
     )
@@ -535,7 +689,7 @@ def _add_evaluate(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="debias", description="Unbiased diffusion training: fused loss kernels and tools."
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -570,10 +724,12 @@ def _add_module(sub, name: str, module: str, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (2: a user's mistake, reported on one
+    line; any other exception propagates with its traceback)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as err:
+    except UsageError as err:
         print(f"debias {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,5 @@
 """The package's figures, all of them: each draws the results of one part of the package and
-writes a PNG. matplotlib is imported when a figure is drawn (importing debias never needs it),
+writes a PNG. matplotlib (the pipeline extra) is imported when a figure is drawn,
 and only through its object interface (Figure + the Agg canvas): no pyplot, no global state,
 no backend switch, so drawing is safe from any thread and inside a user's own matplotlib
 session.
@@ -9,8 +9,8 @@ session.
     plot_timestep_analysis write_timestep_analysis: eps and x0 MSE against t
 
 debias.pipeline.study draws its figures (FD against steps, majority share against depth, the
-biased-generalization curves) beside the aggregates they show, on this module's `_figure` and
-`_save`.
+biased-generalization curves) beside the aggregates they show, on this module's `new_figure`
+and `save_figure`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,17 @@ from typing import Any
 
 import torch
 
-__all__ = ["plot_monitor", "plot_score", "plot_timestep_analysis"]
+__all__ = [
+    "new_figure",
+    "plot_monitor",
+    "plot_score",
+    "plot_timestep_analysis",
+    "save_figure",
+]
 
 
-def _figure(figsize: tuple[float, float], dpi: int = 100) -> Any:
+def new_figure(figsize: tuple[float, float], dpi: int = 100) -> Any:
+    """A matplotlib Figure ``figsize`` inches wide and high on its own Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -34,7 +41,7 @@ def _figure(figsize: tuple[float, float], dpi: int = 100) -> Any:
     return fig
 
 
-def _save(fig: Any, path: str | os.PathLike, dpi: int) -> None:
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int) -> None:
     """Lay out and write ``fig`` as a PNG, creating the parent folder."""
     path = os.fspath(path)
     parent = os.path.dirname(path)
@@ -68,7 +75,7 @@ def plot_score(
     shape = tuple(samples.shape[1:])
     showable = len(shape) == 2 or (len(shape) == 3 and shape[0] in (1, 3))
     pairs = min(6, len(ratio)) if showable else 0
-    fig = _figure((max(8, 2.0 * pairs), 6.5 if pairs else 3.5))
+    fig = new_figure((max(8, 2.0 * pairs), 6.5 if pairs else 3.5))
     grid = fig.add_gridspec(
         2 if pairs else 1, max(1, 2 * pairs), height_ratios=[2, 1.3][: 2 if pairs else 1]
     )
@@ -93,7 +100,7 @@ def plot_score(
             a.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None, vmin=0, vmax=1)
             a.set_title(title + (f"\nratio {ratio[i]:.3f}" if side == 0 else "\n"), fontsize=8)
             a.axis("off")
-    _save(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 # ---- the memorization monitor -------------------------------------------------------------
@@ -128,7 +135,7 @@ def plot_monitor(
     shaded) against the step; dotted lines at the expected train preference (when given) and
     at 1/2 (two models), dashed vertical lines at ``best_step`` and ``drift_step``."""
     history = list(history)
-    fig = _figure((8, 4.5))
+    fig = new_figure((8, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     ax.set_xlabel("step")
     ax.set_ylabel("held-out loss")
@@ -159,7 +166,7 @@ def plot_monitor(
     if handles or more_handles:
         ax.legend(handles + more_handles, labels + more_labels, fontsize=7, loc="best")
     ax.set_title("memorization monitor" + ("" if history else ": no measurements yet"))
-    _save(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 # ---- the timestep analysis ----------------------------------------------------------------
@@ -168,7 +175,7 @@ def plot_monitor(
 def plot_timestep_analysis(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Two panels of :func:`debias.pipeline.evaluate.timestep_analysis` rows: eps MSE and x0
     MSE against t, log y (zero and undefined values are left out)."""
-    fig = _figure((10, 3.8))
+    fig = new_figure((10, 3.8))
     axes = fig.subplots(1, 2)
     for ax, key, title in (
         (axes[0], "eps_mse", "eps MSE  ||eps - eps_hat||^2 / d"),
@@ -182,4 +189,4 @@ def plot_timestep_analysis(rows: Sequence[dict[str, Any]], path: str | os.PathLi
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("timestep t")
         ax.grid(alpha=0.3)
-    _save(fig, path, dpi=110)
+    save_figure(fig, path, dpi=110)
