@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from debias.pipeline import cli
 from debias.pipeline import checkpoint as ckpt
+from debias.pipeline import cli
 from debias.pipeline.train import NonFiniteLoss, TrainConfig, Trainer, load_model, train
 
 # A UNet small enough for dozens of steps a second on a 2-core CPU.
