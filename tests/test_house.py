@@ -1,5 +1,6 @@
 """The house's rules, checked on the source: the core imports torch and numpy only, data flows
-one way (no core module imports the pipeline), and no private name crosses a module boundary.
+one way (no core module imports the pipeline; each layer of LAYERS imports only from its own and
+those below), and no private name crosses a module boundary.
 
 What counts as private, and where it may go:
 
@@ -171,6 +172,42 @@ def test_no_core_module_imports_the_pipeline():
         if not _is_core(source)
     ]
     assert not offences, _report(offences, "the core never imports the pipeline")
+
+
+# Data flows one way (DESIGN, the house): each module imports only from its own layer or those
+# below. debias.triton_kernels (the kernels, installed into the package) sits with the helpers:
+# kernels take tensors and scalars and know nothing of the layers above.
+LAYERS = (
+    ("debias._checks", "debias._build", "debias.reference", "debias.triton_kernels"),
+    ("debias.schedules",),
+    ("debias.weighting",),
+    ("debias.ops",),
+    ("debias.memorization",),
+    ("debias", "debias.info"),
+    (PIPELINE,),
+)
+
+
+def _layer(module: str) -> int:
+    """The layer of a module: that of the longest name in LAYERS it is, or lies inside."""
+    best, layer = -1, None
+    for i, names in enumerate(LAYERS):
+        for name in names:
+            inside = module == name or module.startswith(name + ".")
+            if inside and len(name) > best:
+                best, layer = len(name), i
+    assert layer is not None, f"{module} is in no layer of LAYERS: place it there"
+    return layer
+
+
+def test_data_flows_one_way():
+    offences = [
+        Offence(scan.path, line, f"imports {source} (a layer above {module})")
+        for module, scan in SCANS.items()
+        for line, source in scan.imports
+        if _layer(source) > _layer(module)
+    ]
+    assert not offences, _report(offences, "data flows one way, no arrow runs up")
 
 
 def test_the_pipeline_uses_public_core_modules():
