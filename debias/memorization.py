@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from debias import reference
-from debias._checks import FLOAT_DTYPES, check_float, check_int, check_samples, check_tensor
+from debias.checks import FLOAT_DTYPES, check_float, check_int, check_samples, check_tensor
 from debias.ops.knn import knn, open_npy, read_chunks
 
 __all__ = [

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from debias._checks import check_float, check_float_dtype, check_generator, check_int
+from debias.checks import check_float, check_float_dtype, check_generator, check_int
 
 FAMILIES = ("ddpm", "flow", "edm")
 # Which of eps and x0 a target y = p eps + q x0 reads: the `Terms` of csrc/noise_loss.h.

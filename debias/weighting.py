@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from debias._checks import check_float, check_float_dtype
+from debias.checks import check_float, check_float_dtype
 from debias.schedules import FAMILIES, NoiseSchedule, as_schedule, check_prediction
 from debias.schedules import check_timesteps as check_timesteps  # its home before families
 

@@ -1,4 +1,4 @@
-"""The shared argument checks (debias/_checks.py) and the door of every public entry point:
+"""The shared argument checks (debias/checks.py) and the door of every public entry point:
 bad input is a TypeError or ValueError that names the argument."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import debias
-from debias import _checks
+from debias import checks
 
 
 @pytest.mark.parametrize(
@@ -26,13 +26,13 @@ from debias import _checks
 )
 def test_check_float_refuses(kwargs, value, error, words):
     with pytest.raises(error, match=words):
-        _checks.check_float("x", value, **kwargs)
+        checks.check_float("x", value, **kwargs)
 
 
 def test_check_float_accepts_the_ends_it_includes():
-    assert _checks.check_float("x", 1, 0.0, high=1.0) == 1.0
-    assert _checks.check_float("x", np.float32(0.5), 0.0, high=1.0, high_inclusive=False) == 0.5
-    assert _checks.check_float("x", -1.0, -1.0, inclusive=True, high=1.0) == -1.0
+    assert checks.check_float("x", 1, 0.0, high=1.0) == 1.0
+    assert checks.check_float("x", np.float32(0.5), 0.0, high=1.0, high_inclusive=False) == 0.5
+    assert checks.check_float("x", -1.0, -1.0, inclusive=True, high=1.0) == -1.0
 
 
 @pytest.mark.parametrize(
@@ -52,11 +52,11 @@ def test_check_float_accepts_the_ends_it_includes():
 )
 def test_check_samples_refuses(x, kwargs, error, words):
     with pytest.raises(error, match=words):
-        _checks.check_samples("x", x, **kwargs)
+        checks.check_samples("x", x, **kwargs)
 
 
 def test_check_samples_takes_numpy_floats_when_asked():
-    out = _checks.check_samples("x", np.ones((2, 3), np.float32), numpy=True)
+    out = checks.check_samples("x", np.ones((2, 3), np.float32), numpy=True)
     assert isinstance(out, torch.Tensor) and out.shape == (2, 3)
 
 
@@ -64,7 +64,7 @@ def test_check_finite_rows_counts_from_start():
     x = torch.zeros(4, 2)
     x[2, 1] = math.inf
     with pytest.raises(ValueError, match="database row 12 contains NaN or infinity"):
-        _checks.check_finite_rows("database", x, start=10)
+        checks.check_finite_rows("database", x, start=10)
 
 
 def test_noise_ops_trace_meta_tensors():

@@ -7,11 +7,10 @@ What counts as private, and where it may go:
 - A private name (``_name``, not a dunder) belongs to its module: ``from debias.x import _name``
   and ``x._name`` on an imported debias module are refused everywhere in debias/ except in the
   module that defines it (a package's own ``__init__`` counts as a separate module).
-- A private module (``debias._checks``, ``debias._build``, ``debias.ops._backend``) is the
-  core's own: any core module may import it and use its public names. The pipeline uses the
-  core through its public names only, with one exception, ``debias._checks``: the package's one
-  home for argument checks (one message format, which the command line relies on to name the
-  flag behind an error), listed in PIPELINE_PRIVATE_MODULES.
+- A private module (``debias._build``, ``debias.ops._backend``) is the core's own: any core
+  module may import it and use its public names. The pipeline uses the core through its public
+  modules only (``debias.checks``, the one home of the argument checks and their message format,
+  is public: the command line relies on it to name the flag behind an error).
 - The tests are not scanned: they may look inside.
 """
 
@@ -32,8 +31,6 @@ PACKAGE = Path(debias.__file__).resolve().parent
 PIPELINE = "debias.pipeline"
 # What a core call must not import: the pipeline's dependencies, and the pipeline itself.
 FORBIDDEN = ("matplotlib", "PIL", "sklearn", "safetensors", "tqdm", PIPELINE)
-# Private core modules the pipeline may import public names from (see the module docstring).
-PIPELINE_PRIVATE_MODULES = frozenset({"debias._checks"})
 
 
 def _modules() -> dict[str, Path]:
@@ -178,7 +175,7 @@ def test_no_core_module_imports_the_pipeline():
 # below. debias.triton_kernels (the kernels, installed into the package) sits with the helpers:
 # kernels take tensors and scalars and know nothing of the layers above.
 LAYERS = (
-    ("debias._checks", "debias._build", "debias.reference", "debias.triton_kernels"),
+    ("debias.checks", "debias._build", "debias.reference", "debias.triton_kernels"),
     ("debias.schedules",),
     ("debias.weighting",),
     ("debias.ops",),
@@ -216,7 +213,7 @@ def test_the_pipeline_uses_public_core_modules():
         for module, scan in SCANS.items()
         if not _is_core(module)
         for line, source in scan.imports
-        if _is_core(source) and _private_module(source) and source not in PIPELINE_PRIVATE_MODULES
+        if _is_core(source) and _private_module(source)
     ]
     assert not offences, _report(offences, "the pipeline uses the core's public modules")
 

@@ -396,9 +396,9 @@ def test_sample_timesteps_bad_arguments(case):
 
 
 def test_generator_is_checked_by_the_one_check():
-    """sample_timesteps and add_noise refuse what _checks.check_generator refuses, naming
+    """sample_timesteps and add_noise refuse what checks.check_generator refuses, naming
     generator; an int seed is a generator only where a caller asks for it (seed=True)."""
-    from debias._checks import check_generator
+    from debias.checks import check_generator
 
     schedule = NoiseSchedule.linear()
     for call in (

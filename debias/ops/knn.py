@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from debias import reference
-from debias._checks import (
+from debias.checks import (
     check_finite_rows,
     check_float_dtype,
     check_int,

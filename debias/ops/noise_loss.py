@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from debias import reference
-from debias._checks import check_float_dtype, check_generator
+from debias.checks import check_float_dtype, check_generator
 from debias.ops import _backend
 from debias.schedules import PREDICTIONS, TERM_EPS, TERM_X0, NoiseSchedule, as_schedule
 from debias.weighting import Weighting, cached_loss_table, resolve_prediction

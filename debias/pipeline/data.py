@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from debias._checks import check_float, check_int
+from debias.checks import check_float, check_int
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NPZ_IMAGE_KEYS = ("images", "x")

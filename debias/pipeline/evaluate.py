@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from debias._checks import check_float, check_int, check_samples
+from debias.checks import check_float, check_int, check_samples
 from debias.memorization import extract_features
 from debias.ops.knn import knn
 from debias.pipeline.plotting import plot_timestep_analysis

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from debias._checks import check_float, check_int, check_samples
+from debias.checks import check_float, check_int, check_samples
 from debias.memorization import (
     bootstrap_interval,  # the percentile bootstrap every memorization score reports
     gu_ratio,

@@ -88,7 +88,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from debias._checks import check_float, check_int
+from debias.checks import check_float, check_int
 from debias.pipeline.variance import model_log_variance, posterior_tables
 from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
 

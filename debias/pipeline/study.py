@@ -66,7 +66,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from debias._checks import check_int
+from debias.checks import check_int
 from debias.memorization import extract_features
 from debias.pipeline import sampling
 from debias.pipeline.plotting import new_figure, save_figure

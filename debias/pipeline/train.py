@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 import debias
-from debias._checks import check_float, check_int
+from debias.checks import check_float, check_int
 from debias.pipeline import checkpoint as ckpt
 from debias.pipeline.data import (
     ImageData,

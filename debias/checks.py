@@ -1,4 +1,6 @@
-"""Argument checks shared by the public functions: one message format everywhere."""
+"""Argument checks shared by the public functions, one message format everywhere: each raises
+TypeError or ValueError naming the argument, what was given and what is allowed. Public so that
+the pipeline (and a trainer) check their own arguments the same way."""
 
 from __future__ import annotations
 
