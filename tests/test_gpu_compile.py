@@ -343,10 +343,9 @@ def _triton_version() -> tuple[int, ...]:
 # for: (test id pattern, reason). Not strict: a fixed kernel or a newer Triton just passes.
 OLD_TRITON_FAILURES = [
     (
-        r"^knn-fp64-",
-        "Triton < 3.9: tl.dot with a float64 accumulator needs out_dtype=tl.float64 (3.6 "
-        "checks the accumulator against the default float32); triton_kernels/knn.py's "
-        "_tile_scores should pass out_dtype=acc.dtype",
+        r"^knn-fp64-count(16|64)-d64-sm(80|90)$",
+        "Triton 3.6 (ptxas 12.8): 8-12 bytes of spills in the float64 _knn_pairs_kernel at 128 "
+        "registers (8 warps; 4 warps spills more, 130-380 bytes, under 3.6 and 3.9 alike)",
     ),
     (
         r"^noise_loss-pred_fp64-noise_(fp64-eps\+x0-given-loss\+grad-D49152-sm90|"

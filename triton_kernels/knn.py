@@ -99,7 +99,7 @@ def _tile_scores(
         b_y = tl.load(
             db_ptr + o_n[:, None] * d + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0
         )
-        acc = tl.dot(b_q, tl.trans(b_y), acc, input_precision=PRECISION)
+        acc = tl.dot(b_q, tl.trans(b_y), acc, input_precision=PRECISION, out_dtype=acc.dtype)
     dn = tl.load(dn_ptr + o_n, mask=m_n, other=0.0)
     r = (qn[:, None] + dn[None, :]) - 2.0 * acc
     r = tl.where(r != r, float("inf"), r)  # NaN only from inf - inf: overflow, taken as far
