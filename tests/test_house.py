@@ -17,6 +17,7 @@ What counts as private, and where it may go:
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import textwrap
@@ -311,3 +312,20 @@ def test_knn_progress_takes_a_callable_bar():
     database = [torch.randn(4, 3, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)]
     _, index = debias.knn(queries, database, 1, progress=bar)
     assert seen == [0, 4] and index.shape == (5, 1)
+
+
+def test_architecture_names_files_that_exist():
+    """ARCHITECTURE.md draws the house by its files: each path it names exists, from the
+    repository root or, without a root (`schedules.py`, `ops/knn.py`), in the package
+    (``<op>`` stands for every op: noise_loss and knn)."""
+    root = PACKAGE.parent
+    text = (root / "ARCHITECTURE.md").read_text()
+    named = set(re.findall(r"(?<![\w/.<>-])([\w<>/]+\.(?:py|h|cpp|cu|cuh|md|sh))\b", text))
+    missing = [
+        path
+        for name in sorted(named)
+        for path in [name.replace("<op>", op) for op in ("noise_loss", "knn")]
+        if not any((base / path).exists() for base in (root, PACKAGE, PACKAGE / "pipeline"))
+    ]
+    assert len(named) > 15, f"the scan found too few paths: {sorted(named)}"
+    assert not missing, f"ARCHITECTURE.md names files that do not exist: {missing}"
