@@ -50,7 +50,14 @@ import numpy as np
 import torch
 
 from debias import reference
-from debias.checks import FLOAT_DTYPES, check_float, check_int, check_samples, check_tensor
+from debias.checks import (
+    FLOAT_DTYPES,
+    check_float,
+    check_generator,
+    check_int,
+    check_samples,
+    check_tensor,
+)
 from debias.ops.knn import knn, open_npy, read_chunks
 
 __all__ = [
@@ -319,11 +326,11 @@ def _check_extractor(features: Any, batch_size: Any) -> None:
 
 
 def _generator(generator: Any) -> torch.Generator:
-    if isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(f"generator must be a torch.Generator or an int seed, got {generator!r}")
-    return torch.Generator().manual_seed(generator)
+    """A CPU generator from ``generator`` (one, or an int seed); None is refused, so that a
+    bootstrap is reproducible."""
+    if generator is None:
+        raise TypeError("generator must be a torch.Generator or an int seed, got None")
+    return check_generator(generator, "the bootstrap draws on the CPU", seed=True)
 
 
 def _reusable(train: Any) -> Any:

@@ -55,10 +55,12 @@ from debias.checks import check_float, check_int, check_samples
 from debias.memorization import extract_features
 from debias.ops.knn import knn
 from debias.pipeline.plotting import plot_timestep_analysis
-from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
+from debias.schedules import FAMILIES, PREDICTIONS, NoiseSchedule, as_schedule
+from debias.weighting import resolve_prediction
 
-# The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
-_PREDICTIONS = FAMILY_PREDICTIONS["ddpm"]  # epsilon, v_prediction, sample, flow
+# The targets timestep_analysis inverts from (a, b) alone: those of every family (EDM's "raw"
+# output needs its c_skip and c_out).
+_PREDICTIONS = tuple(name for name, p in PREDICTIONS.items() if p.families == FAMILIES)
 
 __all__ = [
     "FeatureNet",
@@ -101,7 +103,7 @@ def _check_feature_pair(
 
 
 def _check_prediction(prediction: Any, schedule: NoiseSchedule) -> str:
-    prediction = schedule.prediction_type if prediction is None else prediction
+    prediction = resolve_prediction(schedule, prediction)
     if prediction not in _PREDICTIONS:
         raise ValueError(f"prediction must be one of {_PREDICTIONS} or None, got {prediction!r}")
     return prediction
@@ -640,7 +642,7 @@ def _timestep_row(model, schedule, x0, noise, t, prediction, batch_size, device)
             eps_hat, x0_hat = b * x_t + a * out, a * x_t - b * out
         elif prediction == "flow":  # out = eps - x0
             eps_hat, x0_hat = (x_t + a * out) / (a + b), (x_t - b * out) / (a + b)
-        else:
+        else:  # sample
             eps_hat, x0_hat = (x_t - a * out) / b, out
         eps_sq += float((eps - eps_hat).square().sum())
         if x0_hat is not None:

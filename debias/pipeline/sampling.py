@@ -88,12 +88,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from debias.checks import check_float, check_int
-from debias.pipeline.variance import model_log_variance, posterior_tables
-from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule
-
-# The DDPM targets the samplers here invert (the pipeline trains DDPM schedules).
-_PREDICTIONS = FAMILY_PREDICTIONS["ddpm"][:3]
+from debias.checks import check_float, check_generator, check_int
+from debias.pipeline.variance import DDPM_PREDICTIONS, model_log_variance, posterior_tables
+from debias.schedules import FAMILY_PREDICTIONS, PREDICTIONS, TERM_X0, NoiseSchedule, as_schedule
 
 __all__ = [
     "DDPM_METHODS",
@@ -112,9 +109,12 @@ FLOW_METHODS = ("euler", "heun")
 METHODS = DDPM_METHODS + FLOW_METHODS
 FAMILY_METHODS = {"ddpm": DDPM_METHODS, "flow": FLOW_METHODS}
 DEFAULT_METHOD = {"ddpm": "ddpm", "flow": "euler"}
-# What a flow model may return: u = eps - x0, x0 or v = alpha eps - sigma x0 ("epsilon" has
-# no x0 at sigma = 1, where sampling starts).
-_FLOW_PREDICTIONS = ("flow", "sample", "v_prediction")
+# What the samplers of each family invert. Flow: the targets that read x0 (u = eps - x0, x0,
+# v = alpha eps - sigma x0), as x_t holds none at sigma = 1, where sampling starts.
+_PREDICTIONS = {
+    "ddpm": DDPM_PREDICTIONS,
+    "flow": tuple(p for p in FAMILY_PREDICTIONS["flow"] if PREDICTIONS[p].terms & TERM_X0),
+}
 
 
 def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int]) -> list[int]:
@@ -310,7 +310,7 @@ def sample(
     eta = _check_eta(eta, method)
     if prediction is None:
         prediction = schedule.prediction_type
-    allowed = _FLOW_PREDICTIONS if flow else _PREDICTIONS
+    allowed = _PREDICTIONS[schedule.family]
     if prediction not in allowed:
         raise ValueError(
             f"prediction must be one of {allowed} for a {schedule.family} schedule, got "
@@ -320,7 +320,7 @@ def sample(
         raise TypeError(f"clip must be a bool, got {type(clip).__name__}")
     if batch_size is not None:
         batch_size = check_int("batch_size", batch_size, 1)
-    gen = _as_generator(generator)
+    gen = check_generator(generator, "noise is drawn on the CPU", seed=True)
     if not callable(model):
         raise TypeError(f"model must be callable, got {type(model).__name__}")
 
@@ -836,23 +836,6 @@ def _check_eta(eta: float, method: str) -> float:
             "needs eta=0"
         )
     return eta
-
-
-def _as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-    if generator is None:
-        return None
-    if isinstance(generator, torch.Generator):
-        if generator.device.type != "cpu":
-            raise ValueError(
-                f"generator must be a CPU torch.Generator (noise is drawn on the CPU), got one "
-                f"on {generator.device}"
-            )
-        return generator
-    if isinstance(generator, int) and not isinstance(generator, bool):
-        return torch.Generator(device="cpu").manual_seed(generator)
-    raise TypeError(
-        f"generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}"
-    )
 
 
 def _module_device(model: Any) -> torch.device | None:

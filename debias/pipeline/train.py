@@ -52,13 +52,16 @@ from debias.pipeline.data import (
     split_held_out,
 )
 from debias.pipeline.unet import UNet
+from debias.pipeline.variance import DDPM_PREDICTIONS
 from debias.schedules import TIMESTEP_SCHEMES
 from debias.weighting import FAMILY_WEIGHTINGS
 
 FAMILIES = ("ddpm", "flow")
-# Per family: the schedules, the targets the samplers invert (the first is the default).
+# Per family: the schedules, and the targets it trains (the first is the default): DDPM's
+# three, which the samplers and the learned variance invert; on flow schedules rectified flow's
+# velocity eps - x0, as SD3 / Flux train it.
 SCHEDULES = {"ddpm": ("linear", "cosine"), "flow": ("flow_matching",)}
-PREDICTIONS = {"ddpm": ("epsilon", "v_prediction", "sample"), "flow": ("flow",)}
+PREDICTIONS = {"ddpm": DDPM_PREDICTIONS, "flow": ("flow",)}
 REPORT_TO = ("none", "tensorboard")
 SPLITS = ("full", "a", "b")
 BUCKETS = 10  # per-t loss buckets of T/10 timesteps each

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from debias.schedules import NoiseSchedule, as_schedule, check_timesteps
+from debias.schedules import FAMILY_PREDICTIONS, NoiseSchedule, as_schedule, check_timesteps
 
 __all__ = [
     "discretized_gaussian_log_likelihood",
@@ -40,7 +40,10 @@ __all__ = [
     "vb_loss",
 ]
 
-VB_PREDICTIONS = ("epsilon", "v_prediction", "sample")
+# The DDPM targets the pipeline turns into x0_hat (guided-diffusion's and diffusers' DDPM
+# schedulers' three): the ddpm family's predictions but rectified flow's velocity eps - x0, which
+# the pipeline trains and samples on flow schedules only.
+DDPM_PREDICTIONS = tuple(p for p in FAMILY_PREDICTIONS["ddpm"] if p != "flow")
 
 # Row order of the float32 table vb_loss gathers from (one gather per step instead of nine).
 _ROWS = (
@@ -256,8 +259,8 @@ def vb_loss(
         )
     if prediction is None:
         prediction = schedule.prediction_type
-    if prediction not in VB_PREDICTIONS:
-        raise ValueError(f"prediction must be one of {VB_PREDICTIONS}, got {prediction!r}")
+    if prediction not in DDPM_PREDICTIONS:
+        raise ValueError(f"prediction must be one of {DDPM_PREDICTIONS}, got {prediction!r}")
     if prediction == "epsilon" and (schedule.alphas_cumprod == 0).any():
         raise ValueError(
             "prediction='epsilon' on a schedule with abar == 0 (zero terminal SNR): x0_hat = "
