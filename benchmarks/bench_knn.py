@@ -454,10 +454,10 @@ def _skip_unless_runs(name: str, case: Case) -> None:
         pytest.skip(f"this provider is measured on {'/'.join(provider.devices)} only")
     if case.streamed and not provider.streamed:
         pytest.skip("left out of the streamed case (the same streaming as debias, slower)")
-    if provider.kind == "debias" and provider.backend not in knn_ops._supported(DEVICE):
+    if provider.kind == "debias" and provider.backend not in knn_ops.supported_backends(DEVICE):
         pytest.skip(
             f"debias.knn backend {provider.backend!r} is not built for {DEVICE.type} "
-            f"(available: {knn_ops._supported(DEVICE)})"
+            f"(available: {knn_ops.supported_backends(DEVICE)})"
         )
     if provider.kind == "faiss":
         faiss = pytest.importorskip("faiss", reason="faiss is not installed (faiss-cpu, faiss-gpu)")

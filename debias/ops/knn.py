@@ -256,10 +256,6 @@ def fast_pass_report(int8_units: bool) -> dict[str, Any]:
     }
 
 
-# The name benchmarks/bench_knn.py uses.
-_supported = supported_backends
-
-
 def _fast_choice() -> str:
     """DEBIAS_KNN_FAST, read at each call: "auto" (unset or empty), "float32" or "int8"."""
     choice = os.environ.get(_FAST_ENV, "").strip().lower() or "auto"
@@ -589,7 +585,8 @@ class _Search:
         """The int8 pass on a chunk: (lower bounds, upper bounds, chunk rows) of the ``count``
         best int8 scores per query, ascending; None (the float32 pass then runs) where a row
         needs a scale out of the kernel's range."""
-        rows = db if db.dtype in (torch.float32, torch.float64) else db.float()
+        # knn_quantize dispatches float32 and float64: narrower rows are widened to float32.
+        rows = db.float() if db.dtype.itemsize < 4 else db
         rows = _pad_one(rows).contiguous()
         m, d = rows.shape
         if self.codes_db is None or self.codes_db.shape[0] < m:

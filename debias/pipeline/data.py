@@ -693,7 +693,7 @@ def load_samples(path: str | os.PathLike, name: str = "path") -> torch.Tensor:
         raise ValueError(f"{name}: {path} must hold floats or uint8 images, got {x.dtype}")
     if x.dim() < 2 or x.shape[0] == 0:
         raise ValueError(f"{name}: {path} must hold [n, ...] samples, got shape {list(x.shape)}")
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    return x.float() if x.dtype.itemsize < 4 else x  # float16 / bfloat16 arrays become float32
 
 
 def _read_array(path: str, key: str | None, name: str) -> np.ndarray | torch.Tensor:
