@@ -254,11 +254,13 @@ def _why(default: str, device: str, op: str, built, supported, _backend) -> str:
             return f"no C++ kernels: {ext['reason']}"
         return f"the C++ kernels have no {op} kernel"
     if default == "cuda":
-        return (
-            "the CUDA kernels are built; they lead until a GPU benchmark row decides between "
-            "cuda and triton (debias/ops/_backend.py, GPU_PREFERENCE)"
-        )
+        return "the CUDA kernels are built; Triton is not installed"
     if default == "triton":
+        if "cuda" in built:
+            return (
+                "Triton leads the built CUDA kernels until a committed GPU benchmark row shows "
+                "cuda faster (debias/ops/_backend.py, GPU_PREFERENCE)"
+            )
         if ext["kind"] == "jit":
             return "Triton is installed; the build on first use has no CUDA kernels"
         return "Triton is installed; the C++ extension has no CUDA kernels"

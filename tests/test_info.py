@@ -95,3 +95,20 @@ def test_module_runs():
         [sys.executable, "-m", "debias.info", "--nope"], capture_output=True, text=True
     )
     assert bad.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("default", "built", "says"),
+    [
+        ("triton", ["triton", "cuda", "torch"], "GPU_PREFERENCE"),  # Triton leads the built CUDA
+        ("cuda", ["cuda", "torch"], "Triton is not installed"),
+    ],
+)
+def test_why_on_a_gpu(monkeypatch, default, built, says):
+    """The reason given for the GPU default follows _backend.GPU_PREFERENCE: Triton first."""
+    from debias.ops import _backend
+
+    monkeypatch.delenv("DEBIAS_BACKEND", raising=False)
+    assert _backend.GPU_PREFERENCE[0] == "triton"
+    why = info._why(default, "cuda", "fused_loss", built, _backend.BACKENDS, _backend)
+    assert says in why
