@@ -31,7 +31,6 @@ import ctypes
 import ctypes.util
 import importlib.util
 import json
-import math
 import os
 import platform
 import shlex
@@ -190,13 +189,6 @@ def loss_side(
     return x_t, loss
 
 
-def cosmap(sigmas: torch.Tensor) -> torch.Tensor:
-    """diffusers.training_utils.compute_loss_weighting_for_sd3("cosmap", sigmas), written out:
-    importing diffusers.training_utils takes ~4 s here, and the GPU image may lack diffusers."""
-    bot = 1 - 2 * sigmas + 2 * sigmas**2
-    return 2 / (math.pi * bot)
-
-
 def flow_loss_side(
     x0: torch.Tensor,
     indices: torch.Tensor,
@@ -205,20 +197,19 @@ def flow_loss_side(
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What diffusers' train_dreambooth_lora_flux.py / _sd3.py run around the transformer call
-    (minus the model), --weighting_scheme cosmap. Their get_sigmas finds each timestep's index
-    with one host-synchronising ``(timesteps == t).nonzero().item()`` per sample; here the
-    indices they drew the timesteps from are passed in, which only makes eager faster."""
+    (minus the model), --weighting_scheme cosmap, through the reference's copies of their
+    lines (for fp32 and bf16 the same ops in the same dtypes). Their get_sigmas finds each
+    timestep's index with one host-synchronising ``(timesteps == t).nonzero().item()`` per
+    sample; here the indices they drew the timesteps from are passed in, which only makes eager
+    faster."""
     if noise is None:
         noise = torch.randn_like(x0)
-    # get_sigmas: the float32 table in x0's dtype, gathered, viewed [B, 1, ...]
-    sigmas = sigma_table.to(dtype=x0.dtype)[indices].view((-1,) + (1,) * (x0.dim() - 1))
-    x_t = (1.0 - sigmas) * x0 + sigmas * noise
-    weighting = cosmap(sigmas)
-    target = noise - x0
-    loss = torch.mean(
-        (weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1
-    )
-    return x_t, loss.mean()
+    # get_sigmas: the float32 table in x0's dtype, gathered (the reference views it [B, 1, ...])
+    sigmas = sigma_table.to(dtype=x0.dtype)[indices]
+    x_t = reference.flow_noised(x0, noise, sigmas)
+    weighting = reference.sd3_loss_weighting(FLOW_WEIGHTING, sigmas)
+    loss = reference.flow_loss(pred, reference.flow_target(x0, noise), weighting)
+    return x_t, loss
 
 
 # The eager code of each family: (x0, eager_t, pred, *tables, noise=None) -> (x_t, loss).
