@@ -504,10 +504,29 @@ def _load_for_sampling(args: argparse.Namespace):
 _SAMPLER_FLAGS = {"steps": "--steps", "method": "--method", "eta": "--eta"}
 
 
+def _draw(args: argparse.Namespace, model, schedule, shape, device, batch_size=None):
+    """``[N, C, H, W]`` samples on the CPU as the sampler flags ask, seeded with --seed."""
+    from debias.pipeline.sampling import sample
+
+    with _blame(_SAMPLER_FLAGS):
+        return sample(
+            model,
+            schedule,
+            shape,
+            steps=args.steps,
+            method=args.method,
+            eta=args.eta,
+            generator=args.seed,
+            batch_size=batch_size,
+            device=device,
+            progress=args.progress,
+        ).cpu()
+
+
 def _sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from debias.pipeline.sampling import sample
+    from debias.pipeline.sampling import DEFAULT_METHOD
     from debias.pipeline.train import save_grid
 
     model, schedule, meta, device = _load_for_sampling(args)
@@ -517,24 +536,12 @@ def _sample(args: argparse.Namespace) -> int:
         model.config["image_size"],
         model.config["image_size"],
     )
-    with _blame(_SAMPLER_FLAGS):
-        images = sample(
-            model,
-            schedule,
-            shape,
-            steps=args.steps,
-            method=args.method,
-            eta=args.eta,
-            generator=args.seed,
-            batch_size=args.batch_size,
-            device=device,
-            progress=args.progress,
-        ).cpu()
+    images = _draw(args, model, schedule, shape, device, args.batch_size)
     out = Path(args.out)
     save_grid(images, out)
     arrays = out.with_suffix(".npz")
     np.savez(arrays, samples=images.numpy())
-    method = args.method or ("euler" if schedule.family == "flow" else "ddpm")
+    method = args.method or DEFAULT_METHOD[schedule.family]
     print(
         f"{args.n} samples at step {meta['step']} ({method}, {args.steps or 'all'} steps, "
         f"seed {args.seed}): wrote {out} and {arrays}"
@@ -544,7 +551,6 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from debias.pipeline.evaluate import evaluate
-    from debias.pipeline.sampling import sample
     from debias.pipeline.train import TrainConfig, prepare_data
 
     if args.feature_weights is not None and not os.path.isfile(args.feature_weights):
@@ -555,18 +561,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         parts, _ = prepare_data(config)
     data = parts[1] if args.member == "b" else parts[0]
     shape = (args.n, *data.shape)
-    with _blame(_SAMPLER_FLAGS):
-        samples = sample(
-            model,
-            schedule,
-            shape,
-            steps=args.steps,
-            method=args.method,
-            eta=args.eta,
-            generator=args.seed,
-            device=device,
-            progress=args.progress,
-        ).cpu()
+    samples = _draw(args, model, schedule, shape, device)
     features = None
     if args.feature_weights is not None:
         from debias.pipeline.evaluate import inception_features
