@@ -711,59 +711,6 @@ def test_triton_candidates_rejects_bad_input(change, match):
         kernels.candidates(**args)
 
 
-_KNN_HOPPER_BUILD = r"""
-import json, re
-import torch
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource, compile
-from debias.triton_kernels import knn as k
-
-out = {}
-for count, dt in ((14, torch.float32), (128, torch.float32), (128, torch.float64)):
-    cfg = k._tiles(count, dt, torch.device("cuda"))
-    warps = cfg.pop("num_warps")
-    t = "fp32" if dt == torch.float32 else "fp64"
-    sig = {"q_ptr": f"*{t}", "db_ptr": f"*{t}", "qn_ptr": f"*{t}", "dn_ptr": f"*{t}",
-           "score_ptr": f"*{t}", "index_ptr": "*i64", "n": "i32", "m": "i32", "d": "i32",
-           "split_rows": "i32"}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, ty in enumerate(sig.values())
-             if ty.startswith("*")}
-    fn = k._knn_keys_kernel if dt == torch.float32 else k._knn_pairs_kernel
-    consts = dict(cfg, COUNT=count, PRECISION="tf32" if dt == torch.float32 else "ieee")
-    src = ASTSource(fn, sig, consts, attrs)
-    opts = {"num_warps": warps, "enable_fp_fusion": False}
-    ptx = compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
-    out[f"{t}-{count}"] = sorted(set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]*", ptx)))
-print(json.dumps(out))
-"""
-
-
-def test_triton_knn_kernels_compile_for_hopper(tmp_path):
-    """Without a GPU, both kernels compile for sm_90 in the launcher's configurations, and the
-    tile product is a tensor-core instruction: tf32 wgmma / mma.sync for float32, the fp64
-    mma.sync for float64."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-c", _KNN_HOPPER_BUILD],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    found = json.loads(run.stdout.strip().splitlines()[-1])
-    for name, instructions in found.items():
-        want = ".f64.f64.f64.f64" if name.startswith("fp64") else ".f32.tf32.tf32"
-        assert any(want in i for i in instructions), (name, instructions)
-
-
 def test_progress_bar_is_tqdm_on_request_only(monkeypatch, capsys):
     """progress=True draws tqdm's bar (imported then, not before); without tqdm it is an
     ImportError that says what to install, and progress=False never needs it."""
