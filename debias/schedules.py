@@ -12,6 +12,12 @@ A schedule is a table of T noise levels. Each family writes its noisy input the 
 
 Tables are kept in float64 on the CPU. The small per-device, per-dtype copies that kernels
 read are cached on the schedule (``NoiseSchedule.table``), so a training step does no set-up.
+
+Continuous time: the strings "flow" and "edm" name a family without a table, for trainers that
+draw sigma itself (sd-scripts, musubi-tuner, OneTrainer, SimpleTuner, ai-toolkit, diffusers'
+flux2 / qwen_image / z_image scripts). There ``t`` is each sample's sigma, a float ``[B]``
+tensor (flow: in [0, 1]; edm: > 0), and the coefficients are the same per-sample functions
+(``noise_coefficients``, ``levels``) evaluated on those sigmas, on the data's device.
 """
 
 from __future__ import annotations
@@ -53,7 +59,18 @@ FAMILY_PREDICTIONS = {
     family: tuple(name for name, p in PREDICTIONS.items() if family in p.families)
     for family in FAMILIES
 }
-# sample_timesteps: the schemes each family draws with.
+# The families that also exist without a table: schedule="flow" or "edm", t the sigmas.
+CONTINUOUS_FAMILIES = ("flow", "edm")
+# What a continuous family predicts when no prediction is given (as its table schedules).
+CONTINUOUS_PREDICTIONS = {"flow": "flow", "edm": "raw"}
+# sample_timesteps' schemes for the continuous families (they return sigmas).
+SIGMA_SCHEMES = {
+    "flow": ("uniform", "sigmoid", "logit_normal", "mode", "shift", "flux_shift"),
+    "edm": ("lognormal",),
+}
+# The schemes drawn as sd-scripts draws them: on the data's device from its default generator.
+_DEVICE_SCHEMES = ("uniform", "sigmoid", "shift", "flux_shift")
+# sample_timesteps: the schemes each family's table schedules draw with.
 TIMESTEP_SCHEMES = {
     "ddpm": ("uniform",),
     "flow": ("uniform", "logit_normal", "mode"),
@@ -146,9 +163,8 @@ class NoiseSchedule:
         self.prediction_type = check_prediction(prediction_type, "prediction_type", family)
         self.sigma_data, self.c_out_sign = sigma_data, c_out_sign
         self.sigmas, self.timesteps = sigmas, timesteps
-        self.alpha = 1.0 - sig if family == "flow" else torch.ones_like(sig)
-        self.sigma = sig
-        self.snr = (self.alpha / self.sigma) ** 2
+        level = levels(family, sig)
+        self.alpha, self.sigma, self.snr = level.alpha, level.sigma, level.snr
         self.alphas_cumprod = self.alpha**2 / (self.alpha**2 + self.sigma**2)  # VP-equivalent
         self._tables = {}
         return self
@@ -384,19 +400,11 @@ class NoiseSchedule:
         Cached on the schedule per (dtype, device); ``dtype`` is checked when the table is
         built, so a training step's call is one dictionary lookup.
         """
-        compute = torch.float64 if dtype == torch.float64 else torch.float32
 
         def build() -> torch.Tensor:
             check_float_dtype("dtype", dtype)
-            if self.family == "ddpm":
-                abar = self.alphas_cumprod
-                if dtype != torch.float64:
-                    abar = abar.float().to(dtype)
-                a, s = abar.sqrt(), (1 - abar).sqrt()
-            else:
-                s = self.sigmas.to(dtype)
-                a = 1.0 - s if self.family == "flow" else torch.ones_like(s)
-            return torch.stack((a, s)).to(compute)
+            level = self.alphas_cumprod if self.family == "ddpm" else self.sigmas
+            return noise_coefficients(self.family, level, dtype)
 
         return self.table(("noise", dtype), build, device)
 
@@ -533,6 +541,99 @@ def check_timesteps(t: Any, num_timesteps: int, batch: int | None = None) -> Non
         torch._assert_async(((t >= 0) & (t < num_timesteps)).all(), "t out of range")
 
 
+# ---- per-sample coefficients: one definition for tables and continuous sigmas ----------------
+
+
+class Levels(NamedTuple):
+    """Noise levels as the weightings read them (the attributes of a ``NoiseSchedule`` they
+    use), here per sample for a continuous family: float64 ``[B]`` on the sigmas' device."""
+
+    family: str
+    alpha: torch.Tensor  # x_t = alpha x0 + sigma eps
+    sigma: torch.Tensor
+    snr: torch.Tensor  # alpha^2 / sigma^2: inf at sigma = 0, 0 at a flow sigma of 1
+    sigma_data: float | None = None  # EDM's data standard deviation
+    c_out_sign: float = 1.0  # -1 for diffusers' "v_prediction" EDM schedulers
+    timesteps: None = None  # no table: messages name sigma
+
+
+def levels(
+    family: str, sigma: torch.Tensor, sigma_data: float | None = None, c_out_sign: float = 1.0
+) -> Levels:
+    """The ``Levels`` of a flow or EDM family at float64 ``sigma``: flow alpha = 1 - sigma,
+    edm alpha = 1; snr = (alpha / sigma)^2. A table schedule's rows are this function of its
+    table's sigmas."""
+    alpha = 1.0 - sigma if family == "flow" else torch.ones_like(sigma)
+    return Levels(family, alpha, sigma, (alpha / sigma) ** 2, sigma_data, c_out_sign)
+
+
+def noise_coefficients(family: str, level: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[2, n]`` rows (a, s) of x_t = a x0 + s eps for data of ``dtype`` at noise levels
+    ``level [n]`` (ddpm: abar, float64; flow / edm: sigma, in the trainer's dtype), rounded as
+    the trainers compute them, in the compute type (float64 for float64 data, else float32):
+    ddpm sqrt(abar), sqrt(1 - abar) in dtype from abar in float32 (float64 data: float64);
+    flow sigma -> dtype, 1 - sigma in dtype; edm 1, sigma -> dtype. On ``level``'s device."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    if family == "ddpm":
+        abar = level if dtype == torch.float64 else level.float().to(dtype)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+    else:
+        s = level.to(dtype)
+        a = 1.0 - s if family == "flow" else torch.ones_like(s)
+    return torch.stack((a, s)).to(compute)
+
+
+def continuous_family(schedule: Any) -> str | None:
+    """ "flow" or "edm" when ``schedule`` names a continuous family, None for anything else
+    but a string (a table schedule or a diffusers scheduler); ValueError for another string."""
+    if not isinstance(schedule, str):
+        return None
+    if schedule not in CONTINUOUS_FAMILIES:
+        raise ValueError(
+            f"schedule must be a debias.NoiseSchedule, a diffusers scheduler or one of "
+            f"{CONTINUOUS_FAMILIES} (continuous time: t holds each sample's sigma), got "
+            f"{schedule!r}"
+        )
+    return schedule
+
+
+def check_sigma(t: Any, family: str, batch: int | None = None) -> torch.Tensor:
+    """``t`` of a continuous family, each sample's sigma: a float ``[B]`` tensor (``batch``:
+    the B it must have), finite, in [0, 1] for flow and > 0 for edm; returned detached.
+    Values are checked as ``NoiseSchedule.index`` checks timesteps: on the host for CPU tensors
+    in eager mode (ValueError naming t and sigma), on other devices asynchronously
+    (``torch._assert_async``, no synchronisation), not while torch.compile traces."""
+    bound = "[0, 1]" if family == "flow" else "(0, inf)"
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(
+            f"t must be a float torch.Tensor [B] of per-sample sigmas in {bound} on the "
+            f"continuous {family} family, got {type(t).__name__}"
+        )
+    if not t.dtype.is_floating_point:
+        raise TypeError(
+            f"t must hold per-sample sigmas in {bound} (a float tensor) on the continuous "
+            f"{family} family, got dtype {t.dtype}"
+        )
+    if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
+        want = "[B]" if batch is None else f"[{batch}] (one sigma per sample)"
+        raise ValueError(f"t (the per-sample sigma) must have shape {want}, got {list(t.shape)}")
+    t = t.detach()
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return t
+    ok = (t >= 0) & (t <= 1) if family == "flow" else (t > 0) & (t < math.inf)
+    if t.device.type == "cpu":
+        if not bool(ok.all()):
+            bad = t[~ok][:4].tolist()
+            raise ValueError(
+                f"t holds the sigma of each sample, which must lie in {bound} on the "
+                f"continuous {family} family; got {bad}"
+            )
+    else:
+        # Checking on the host would synchronise the device; the assert fires asynchronously.
+        torch._assert_async(ok.all(), f"t: a sigma outside {bound} (or not finite)")
+    return t
+
+
 # ---- timestep sampling ----------------------------------------------------------------------
 
 
@@ -548,8 +649,34 @@ def sample_timesteps(
     *,
     p_mean: float = -1.2,
     p_std: float = 1.2,
+    sigmoid_scale: float = 1.0,
+    shift: float = 3.0,
+    seq_len: int | None = None,
 ) -> torch.Tensor:
     """Training timesteps ``[batch_size]`` for ``schedule``, drawn as the trainers draw them.
+
+    Continuous time (``schedule`` "flow" or "edm") returns float32 sigmas, each scheme drawing
+    the numbers of the trainer line it names after the same ``torch.manual_seed``:
+
+    - flow, "uniform": ``torch.rand((B,), device=device)``; "sigmoid":
+      ``torch.sigmoid(sigmoid_scale * torch.randn((B,), device=device))``; "shift": that
+      sigmoid, then ``(sigmas * shift) / (1 + (shift - 1) * sigmas)`` (default shift 3.0, as
+      ``--discrete_flow_shift``); "flux_shift": that sigmoid, then ``time_shift(mu, 1.0,
+      sigmas) = e^mu / (e^mu + (1 / sigmas - 1))`` with ``mu = get_lin_function(y1=0.5,
+      y2=1.15)(seq_len)``, linear in the latent's token count ``seq_len`` from (256, 0.5) to
+      (4096, 1.15) (sd-scripts passes ``(h // 2) * (w // 2)`` of the [B, C, h, w] latents):
+      kohya-ss/sd-scripts, library/flux_train_utils.py, ``get_noisy_model_input_and_timesteps``
+      (``--timestep_sampling``), ``time_shift``, ``get_lin_function``.
+    - flow, "logit_normal" / "mode": diffusers' ``training_utils
+      .compute_density_for_timestep_sampling(scheme, B, logit_mean, logit_std, mode_scale)``
+      (CPU draws), the u itself as sigma, as diffusers' flux2 / qwen_image / z_image scripts.
+    - edm, "lognormal": the EDM paper's ``(randn(B) * p_std + p_mean).exp()`` (Karras et al.
+      2022, training/loss.py EDMLoss; P_mean -1.2, P_std 1.2), drawn on the CPU.
+
+    Where they draw: sd-scripts' schemes with ``generator=None`` draw on ``device`` from that
+    device's default generator, exactly as its ``torch.randn(..., device=device)`` (so after
+    ``torch.manual_seed`` a CUDA device gives sd-scripts' CUDA numbers, not the CPU's); with a
+    (CPU) ``generator`` every scheme draws on the CPU and the result moves to ``device``.
 
     - ddpm, "uniform": ``torch.randint(0, T, (B,))`` (int64), as diffusers' scripts.
     - flow: ``u = compute_density_for_timestep_sampling(scheme, B, logit_mean, logit_std,
@@ -573,6 +700,12 @@ def sample_timesteps(
         a non-positive batch_size, a non-finite or out-of-range parameter, a non-CPU
         generator.
     """
+    family = continuous_family(schedule)
+    if family is not None:
+        return _sample_sigmas(
+            batch_size, family, scheme, generator, device, logit_mean, logit_std, mode_scale,
+            p_mean, p_std, sigmoid_scale, shift, seq_len,
+        )  # fmt: skip
     schedule = as_schedule(schedule)
     B = check_int("batch_size", batch_size, low=1)
     allowed = TIMESTEP_SCHEMES[schedule.family]
@@ -585,18 +718,9 @@ def sample_timesteps(
             f"scheme {scheme!r} does not apply to a {schedule.family} schedule; use one of "
             f"{allowed}"
         )
-    logit_mean, p_mean = check_float("logit_mean", logit_mean), check_float("p_mean", p_mean)
-    logit_std, p_std = (
-        check_float("logit_std", logit_std, low=0.0),
-        check_float("p_std", p_std, low=0.0),
+    logit_mean, logit_std, mode_scale, p_mean, p_std = _check_density(
+        logit_mean, logit_std, mode_scale, p_mean, p_std
     )
-    mode_scale = check_float("mode_scale", mode_scale)
-    lo, hi = _MODE_SCALE_RANGE
-    if not lo <= mode_scale <= hi:
-        raise ValueError(
-            f"mode_scale must lie in [-1, 2/(pi - 2) = {hi:.4f}] (where SD3's mode density "
-            f"stays in [0, 1]), got {mode_scale}"
-        )
     generator = check_generator(generator, "timesteps are drawn on the host")
     T = schedule.num_timesteps
     if schedule.family == "ddpm":
@@ -617,6 +741,82 @@ def sample_timesteps(
         ln_sigma = torch.normal(mean=p_mean, std=p_std, size=(B,), generator=generator).double()
         t = schedule.timesteps[_nearest(schedule.sigma.log(), ln_sigma)]
     return t if device is None else t.to(device)
+
+
+def _check_density(logit_mean, logit_std, mode_scale, p_mean, p_std) -> tuple[float, ...]:
+    """The density parameters of sample_timesteps, checked by name."""
+    logit_mean, p_mean = check_float("logit_mean", logit_mean), check_float("p_mean", p_mean)
+    logit_std, p_std = (
+        check_float("logit_std", logit_std, low=0.0),
+        check_float("p_std", p_std, low=0.0),
+    )
+    mode_scale = check_float("mode_scale", mode_scale)
+    lo, hi = _MODE_SCALE_RANGE
+    if not lo <= mode_scale <= hi:
+        raise ValueError(
+            f"mode_scale must lie in [-1, 2/(pi - 2) = {hi:.4f}] (where SD3's mode density "
+            f"stays in [0, 1]), got {mode_scale}"
+        )
+    return logit_mean, logit_std, mode_scale, p_mean, p_std
+
+
+def _sample_sigmas(
+    batch_size, family, scheme, generator, device, logit_mean, logit_std, mode_scale,
+    p_mean, p_std, sigmoid_scale, shift, seq_len,
+) -> torch.Tensor:  # fmt: skip
+    """sample_timesteps for a continuous family: float32 sigmas ``[B]`` (docstring there)."""
+    B = check_int("batch_size", batch_size, low=1)
+    if not isinstance(scheme, str):
+        raise TypeError(f"scheme must be a string, got {type(scheme).__name__}")
+    allowed = SIGMA_SCHEMES[family]
+    if scheme not in allowed:
+        raise ValueError(
+            f"scheme {scheme!r} does not apply to the continuous {family} family; use one of "
+            f"{allowed}"
+        )
+    logit_mean, logit_std, mode_scale, p_mean, p_std = _check_density(
+        logit_mean, logit_std, mode_scale, p_mean, p_std
+    )
+    sigmoid_scale = check_float("sigmoid_scale", sigmoid_scale)
+    shift = check_float("shift", shift, low=0.0)
+    mu = None
+    if scheme == "flux_shift":
+        if seq_len is None:
+            raise ValueError(
+                "seq_len is required for scheme 'flux_shift': the latent's token count, "
+                "(h // 2) * (w // 2) for Flux's packed [B, C, h, w] latents"
+            )
+        tokens = check_int("seq_len", seq_len, low=1)
+        # get_lin_function(x1=256, y1=0.5, x2=4096, y2=1.15), in Python floats as there
+        m = (1.15 - 0.5) / (4096 - 256)
+        mu = m * tokens + (0.5 - m * 256)
+    elif seq_len is not None:
+        raise ValueError(f"seq_len applies to scheme 'flux_shift' only, not {scheme!r}")
+    generator = check_generator(generator, "with a generator, sigmas are drawn on the host")
+    on = "cpu" if generator is not None or device is None else device
+    if family == "edm":
+        sigma = (torch.randn(B, generator=generator) * p_std + p_mean).exp()
+    elif scheme in ("logit_normal", "mode"):
+        # compute_density_for_timestep_sampling as diffusers writes it, on the CPU
+        if scheme == "logit_normal":
+            u = torch.normal(mean=logit_mean, std=logit_std, size=(B,), generator=generator)
+            sigma = torch.nn.functional.sigmoid(u)
+        else:
+            u = torch.rand(size=(B,), generator=generator)
+            sigma = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    elif scheme == "uniform":
+        sigma = torch.rand((B,), device=on, generator=generator)
+    elif scheme == "sigmoid":
+        sigma = torch.sigmoid(sigmoid_scale * torch.randn((B,), device=on, generator=generator))
+    else:
+        sigma = torch.randn(B, device=on, generator=generator)
+        sigma = sigma * sigmoid_scale
+        sigma = sigma.sigmoid()
+        if scheme == "shift":
+            sigma = (sigma * shift) / (1 + (shift - 1) * sigma)
+        else:  # time_shift(mu, 1.0, sigmas)
+            sigma = math.exp(mu) / (math.exp(mu) + (1 / sigma - 1) ** 1.0)
+    return sigma if device is None else sigma.to(device)
 
 
 def _nearest(table: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
