@@ -53,6 +53,14 @@ weight's continuous extension); it is finite for every built-in weighting but p2
 and gamma > 1. A weighting declared on another target has no finite
 value as an epsilon weight at snr == 0 (any epsilon error there is an infinite error of that
 target): a ValueError as well, which a cap in the declared space cannot lift.
+
+Continuous time (schedule "flow" or "edm", t each sample's sigma): the same functions run on
+per-sample ``Levels`` (``continuous_weight``, ``continuous_loss_coefficients``) in float64 on
+the sigmas' device, with the same rules; a flow sigma may be 0 (snr = inf: debias, min_snr
+and p2 weigh it 0, sigma_sqrt is unbounded there) or 1 (snr = 0, as a table's last entry).
+Without a table there is no ``normalize``, and a weighting is a name or a callable of snr.
+On a GPU nothing is read on the host: a weight with no finite value fails a
+``torch._assert_async`` instead of raising.
 """
 
 from __future__ import annotations
@@ -64,7 +72,17 @@ from typing import Any
 import torch
 
 from debias.checks import check_float, check_float_dtype
-from debias.schedules import FAMILIES, NoiseSchedule, as_schedule, check_prediction
+from debias.schedules import (
+    CONTINUOUS_PREDICTIONS,
+    FAMILIES,
+    Levels,
+    NoiseSchedule,
+    as_schedule,
+    check_prediction,
+    check_sigma,
+    continuous_family,
+    levels,
+)
 from debias.schedules import check_timesteps as check_timesteps  # its home before families
 
 WEIGHTINGS = ("constant", "debias", "p2", "min_snr", "none", "sigma_sqrt", "cosmap",
@@ -120,9 +138,16 @@ def weight_table(
 
 
 def _weight_table(
-    schedule: NoiseSchedule, weighting: Weighting, prediction: str, parsed: tuple
+    schedule: NoiseSchedule | Levels,
+    weighting: Weighting,
+    prediction: str,
+    parsed: tuple,
+    host_checks: bool = True,
 ) -> torch.Tensor:
-    """``weight_table`` past its checks: ``prediction`` resolved, ``parsed`` from ``_parse``."""
+    """``weight_table`` past its checks: ``prediction`` resolved, ``parsed`` from ``_parse``.
+    On a schedule's table, or on per-sample ``Levels`` of a continuous family: there, without
+    ``host_checks`` (on a GPU, or while compiling), nothing reads values on the host and a
+    weight with no finite value comes out inf or NaN for the caller to assert on the device."""
     name, params, max_weight, normalize = parsed
     space = SPACES.get(name, "epsilon")
     family = _FAMILY.get(name)
@@ -137,7 +162,7 @@ def _weight_table(
     if max_weight is not None:
         w = w.clamp(max=max_weight)
     unbounded = torch.isinf(w)  # NaN and negative weights were refused
-    if (prediction == space or normalize) and unbounded.any():
+    if host_checks and (prediction == space or normalize) and unbounded.any():
         _refuse_unbounded(name, space, schedule, unbounded)
     if normalize:
         w = w / w.mean()
@@ -148,6 +173,12 @@ def _weight_table(
     out = w * factor
     # inf * 0: an epsilon-space weight at snr == 0 into a target whose factor vanishes there
     limit = unbounded & (factor == 0)
+    if not host_checks:
+        # The same rules with no value read: where no limit exists the weight stays NaN.
+        exists = (schedule.snr == 0) if space == "epsilon" else torch.zeros_like(limit)
+        value = _zero_snr_limit(name, params, strict=False)
+        out = torch.where(limit & exists, value, torch.where(limit, math.nan, out))
+        return torch.where(w == 0, 0.0, out)
     if limit.any():
         if space != "epsilon" or not bool((schedule.snr[limit] == 0).all()):
             _refuse_unbounded(name, space, schedule, limit)
@@ -242,13 +273,111 @@ def loss_weight(
     ``(mse_per_sample * debias.loss_weight(t, scheduler)).mean()``.
 
     Arguments as in ``weight_table``; ``t`` holds timesteps ``[B]`` (integers for a DDPM
-    schedule, the schedule's float timesteps for flow matching and EDM).
+    schedule, the schedule's float timesteps for flow matching and EDM). ``schedule`` may
+    also be "flow" or "edm", continuous time, with ``t`` each sample's sigma
+    (``continuous_weight``; option ``sigma_data`` for edm).
     """
+    family = continuous_family(schedule)
+    if family is not None:
+        prediction = resolve_continuous_prediction(family, prediction)
+        sigma = check_sigma(t, family)
+        return continuous_weight(family, sigma, weighting, prediction, options).float()
     schedule = as_schedule(schedule)
     prediction = resolve_prediction(schedule, prediction)
     index = schedule.index(t)
     table = cached_weight_table(schedule, weighting, prediction, torch.float32, t.device, options)
     return table[index]
+
+
+# ---- continuous time: the same functions on each sample's sigma ------------------------------
+
+
+def resolve_continuous_prediction(family: str, prediction: str | None) -> str:
+    """``resolve_prediction`` for a continuous family (None: flow "flow", edm "raw")."""
+    prediction = CONTINUOUS_PREDICTIONS[family] if prediction is None else prediction
+    return check_prediction(prediction, "prediction", family)
+
+
+def continuous_weight(
+    family: str,
+    sigma: torch.Tensor,
+    weighting: Weighting,
+    prediction: str,
+    options: dict[str, Any],
+) -> torch.Tensor:
+    """The weight ``[B]`` float64 on ``sigma``'s device of a continuous family, in the
+    prediction's own space: the table path's functions (``_weight_table``) on per-sample
+    ``Levels`` of the float64 sigmas, with its rules for unbounded weights (``max_weight``);
+    ``prediction`` resolved, ``sigma`` checked (``check_sigma``). ``options`` as for
+    ``weight_table`` but ``normalize`` (a mean over a table of timesteps), plus ``sigma_data``
+    (edm, default 0.5). Weightings: the names valid for the family and callables of snr.
+
+    Value checks run on the host for CPU tensors in eager mode (the table path's ValueError);
+    elsewhere one ``torch._assert_async`` that every weight is finite and >= 0 (no
+    synchronisation)."""
+    lv, parsed = _continuous_levels(family, sigma, weighting, options)
+    return _continuous_weight(lv, weighting, prediction, parsed)
+
+
+def continuous_loss_coefficients(
+    family: str,
+    sigma: torch.Tensor,
+    weighting: Weighting,
+    prediction: str,
+    dtype: torch.dtype,
+    options: dict[str, Any],
+) -> torch.Tensor:
+    """``[3, B]`` rows (w, p, q) of a continuous family, computed in float64 on ``sigma``'s
+    device and cast to ``dtype`` (the compute type), as ``loss_table``'s rows are: the weight of
+    ``continuous_weight`` and ``_target_table``'s (p, q) on the same per-sample levels."""
+    lv, parsed = _continuous_levels(family, sigma, weighting, options)
+    w = _continuous_weight(lv, weighting, prediction, parsed)
+    return torch.cat((w[None], _target_table(lv, prediction, torch.float64))).to(dtype)
+
+
+def _continuous_levels(
+    family: str, sigma: torch.Tensor, weighting: Weighting, options: dict[str, Any]
+) -> tuple[Levels, tuple]:
+    """The float64 ``Levels`` of ``sigma`` and the parsed options (``sigma_data`` taken out)."""
+    options = dict(options)
+    sigma_data = options.pop("sigma_data", None)
+    if sigma_data is not None and family != "edm":
+        raise ValueError(f"option 'sigma_data' applies to the edm family, not {family}")
+    sigma_data = check_float("sigma_data", 0.5 if sigma_data is None else sigma_data, low=0.0)
+    if isinstance(weighting, torch.Tensor):
+        raise TypeError(
+            "weighting: a [T] tensor is a table indexed by timestep, and a continuous family "
+            "has none: pass a name or a callable of snr"
+        )
+    parsed = _parse(weighting, options)
+    if parsed[3]:
+        raise ValueError(
+            "normalize=True divides by the mean over a schedule's table of timesteps; the "
+            f"continuous {family} family has none"
+        )
+    lv = levels(family, sigma.double(), sigma_data if family == "edm" else None)
+    return lv, parsed
+
+
+def _continuous_weight(lv: Levels, weighting: Weighting, prediction: str, parsed: tuple):
+    """``_weight_table`` on per-sample levels, computed without reading a value; on the host
+    one check of the result, and only when it fails the table path's checks, which raise its
+    messages."""
+    w = _weight_table(lv, weighting, prediction, parsed, host_checks=False)
+    if torch.compiler.is_compiling() or not w.numel():
+        return w
+    ok = (torch.isfinite(w) & (w >= 0)).all()
+    if lv.sigma.device.type == "cpu":
+        if not bool(ok):
+            _weight_table(lv, weighting, prediction, parsed)
+            bad = ~(torch.isfinite(w) & (w >= 0))
+            raise ValueError(
+                f"weighting {parsed[0]!r} has no finite value at {_where(lv, bad)}; pass "
+                "max_weight=<cap> or use another weighting"
+            )
+    else:
+        torch._assert_async(ok, "weighting: a weight with no finite value at some sigma")
+    return w
 
 
 # Tables are constants of a compiled graph: torch.compile evaluates these once while tracing
@@ -367,13 +496,17 @@ def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: No
         # min(snr, gamma)/snr written so that snr == 0 gives 1, not 0/0.
         return (params["gamma"] / snr).clamp(max=1.0)
     w = weighting(snr.clone()) if name == "callable" else weighting
-    w = torch.as_tensor(w).detach().to("cpu", torch.float64).flatten()
+    w = torch.as_tensor(w).detach().to(snr.device, torch.float64).flatten()
     if w.numel() != snr.numel():
+        what = "timestep" if isinstance(schedule, NoiseSchedule) else "sample"
         raise ValueError(
-            f"weighting table must have one entry per timestep ({snr.numel()}), got {w.numel()}"
+            f"weighting table must have one entry per {what} ({snr.numel()}), got {w.numel()}"
         )
-    if torch.isnan(w).any() or (w < 0).any():
-        raise ValueError("weighting values must be >= 0 and not NaN")
+    if snr.device.type == "cpu" and not torch.compiler.is_compiling():
+        if torch.isnan(w).any() or (w < 0).any():
+            raise ValueError("weighting values must be >= 0 and not NaN")
+    else:
+        w = torch.where(w < 0, math.nan, w)  # refused on the device by the caller's assert
     return w
 
 
@@ -384,7 +517,8 @@ def _inverse_k2(schedule: NoiseSchedule, target: str) -> torch.Tensor:
     if target == "epsilon":
         return torch.ones_like(snr)
     if target == "v_prediction":
-        return snr / (snr + 1)
+        # its limit 1 at snr = inf (a continuous flow sigma of 0), not inf / inf
+        return torch.where(torch.isinf(snr), 1.0, snr / (snr + 1))
     if target == "sample":
         return snr
     if target == "flow":
@@ -408,11 +542,14 @@ def _m(schedule: NoiseSchedule, target: str) -> torch.Tensor:
     return (s**2 + sd**2).sqrt() / sd
 
 
-def _where(schedule: NoiseSchedule, mask: torch.Tensor) -> str:
-    """Where ``mask`` holds, in the schedule's own timesteps, for a message."""
+def _where(schedule: NoiseSchedule | Levels, mask: torch.Tensor) -> str:
+    """Where ``mask`` holds, in the schedule's own timesteps (per-sample levels: their
+    sigmas), for a message."""
     index = mask.nonzero().flatten()
     i = int(index[0])
     at = f"snr={schedule.snr[i]:.3g}, sigma={schedule.sigma[i]:.3g}"
+    if isinstance(schedule, Levels):
+        return f"sigma={schedule.sigma[index[:4]].tolist()} (sample {i}: {at})"
     if schedule.family == "ddpm":
         return f"t={index[:4].tolist()} ({at})"
     return f"timesteps {schedule.timesteps[index[:4]].tolist()} (table index {i}: {at})"
@@ -438,9 +575,10 @@ def _refuse_conversion(
     )
 
 
-def _zero_snr_limit(name: str, params: dict) -> float:
+def _zero_snr_limit(name: str, params: dict, strict: bool = True) -> float:
     """lim_{snr->0+} w(snr) * factor(snr) for weightings unbounded at snr == 0; every
-    target's conversion factor behaves like snr there."""
+    target's conversion factor behaves like snr there. Where there is none: a ValueError, or
+    NaN when not ``strict``."""
     if name == "debias":  # snr^-1/2 * snr
         return 0.0
     if name == "p2":  # k == 0: snr^-gamma * snr
@@ -449,6 +587,8 @@ def _zero_snr_limit(name: str, params: dict) -> float:
             return 0.0
         if gamma == 1:
             return 1.0
+    if not strict:
+        return math.nan
     raise ValueError(
         f"weighting {name!r} grows too fast at zero SNR to convert to this target; "
         "pass max_weight=<cap> to bound it"
