@@ -735,7 +735,7 @@ def test_zero_terminal_snr_debias_is_refused_without_cap():
         (dict(generator=torch.Generator(), noise=torch.zeros(2, 3)), ValueError, "generator"),
         (dict(generator=3), TypeError, "generator must be a torch.Generator"),
         (dict(t=torch.tensor([0, 5000])), ValueError, "t must lie in"),
-        (dict(schedule="linear"), TypeError, "schedule must be"),
+        (dict(schedule="linear"), ValueError, "schedule must be"),
     ],
 )
 def test_add_noise_rejects_bad_input(kwargs, err, match):

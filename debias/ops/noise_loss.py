@@ -9,7 +9,10 @@ Every family is one affine op on per-sample coefficients (csrc/noise_loss.h):
 
 The schedule turns timesteps into coefficients: one gather of its float64-derived tables
 (``NoiseSchedule.noise_table``, ``weighting.loss_table``) gives the ``[2, B]`` (a, s) and
-``[3, B]`` (w, p, q) tensors that every backend takes; no kernel sees a timestep.
+``[3, B]`` (w, p, q) tensors that every backend takes; no kernel sees a timestep. A continuous
+family ("flow", "edm") evaluates the same functions on each sample's sigma instead. The op
+itself is public too (``affine_noise``, ``affine_loss``: per-sample coefficient tensors), and
+every public function reaches the kernels through it (``_affine_noise``, ``_affine_loss``).
 
 With ``noise=None`` the noise is a Philox stream (``PhiloxNoise``): drawn inside the kernel from
 a key taken from torch's generator and drawn again by the loss, so it need never be written to
@@ -31,8 +34,23 @@ import torch
 from debias import reference
 from debias.checks import check_float_dtype, check_generator
 from debias.ops import _backend
-from debias.schedules import PREDICTIONS, TERM_EPS, TERM_X0, NoiseSchedule, as_schedule
-from debias.weighting import Weighting, cached_loss_table, resolve_prediction
+from debias.schedules import (
+    PREDICTIONS,
+    TERM_EPS,
+    TERM_X0,
+    NoiseSchedule,
+    as_schedule,
+    check_sigma,
+    continuous_family,
+    noise_coefficients,
+)
+from debias.weighting import (
+    Weighting,
+    cached_loss_table,
+    continuous_loss_coefficients,
+    resolve_continuous_prediction,
+    resolve_prediction,
+)
 
 # Backends that keep the noise they generate (PhiloxNoise.values): compute-bound ones.
 _KEEPS_NOISE = ("torch", "cpu")
@@ -134,9 +152,12 @@ def add_noise(
     Args:
         x0: clean data ``[B, ...]`` (images, latents, video), float32/float64/bfloat16/float16.
         t: timesteps ``[B]``: integers in [0, T) for a DDPM schedule; for flow matching and
-            EDM the float timesteps of the schedule (``scheduler.timesteps[indices]``).
+            EDM the float timesteps of the schedule (``scheduler.timesteps[indices]``); for
+            the continuous families each sample's sigma (float, flow: in [0, 1], edm: > 0).
         schedule: a ``NoiseSchedule`` or a diffusers scheduler (DDPM-style, flow matching,
-            EDM).
+            EDM); or "flow" / "edm", continuous time: a = 1 - sigma, s = sigma (flow, as
+            ``(1.0 - sigmas) * x0 + sigmas * noise`` rounds it) or a = 1, s = sigma (edm),
+            computed per sample on x0's device (``schedules.noise_coefficients``).
         noise: a tensor like ``x0``; with it the result equals the trainer's noising line
             (diffusers' ``scheduler.add_noise``, or ``(1 - sigmas) * x0 + sigmas * noise`` of
             the flow-matching scripts) bit for bit. None (default) draws the noise from a
@@ -149,9 +170,53 @@ def add_noise(
         ``(x_t, noise)``: x_t like ``x0``; ``noise`` is the given tensor or a
         ``PhiloxNoise`` to hand to ``fused_loss`` (``.materialize()`` gives the tensor).
     """
-    schedule = as_schedule(schedule)
+    family = continuous_family(schedule)
+    schedule = as_schedule(schedule) if family is None else schedule
     _check_data("x0", x0)
-    index = _index(schedule, t, x0)
+    if family is None:
+        coef = _noise_table(schedule, x0.dtype, x0.device)[:, _index(schedule, t, x0)]
+    else:
+        coef = noise_coefficients(family, _sigma(family, t, x0), x0.dtype)
+    return _affine_noise(x0, coef, noise, generator, backend)
+
+
+def affine_noise(
+    x0: torch.Tensor,
+    a: torch.Tensor,
+    s: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | PhiloxNoise]:
+    """The noising op itself: ``x_t = a_b x0 + s_b noise`` with per-sample coefficients, for
+    trainers whose line fits no family name (``add_noise`` is this with a schedule's
+    coefficients). E.g. the reversed flow convention ``x_t = (1 - sigma) noise + sigma x0``:
+    ``affine_noise(x0, a=sigma, s=1 - sigma)``.
+
+    Args:
+        x0: ``[B, ...]`` float32/float64/bfloat16/float16.
+        a, s: ``[B]`` float tensors on x0's device, finite; used in the compute type (float64
+            for float64 data, else float32): each product rounds to x0's dtype, then the sum.
+        noise, generator, backend: as for ``add_noise``.
+
+    Returns:
+        ``(x_t, noise)`` as ``add_noise``.
+
+    Raises:
+        TypeError / ValueError naming the argument: a coefficient that is not a float ``[B]``
+        tensor on x0's device, requires grad, or holds a non-finite value (checked on the host
+        for CPU tensors in eager mode, asynchronously on other devices).
+    """
+    _check_data("x0", x0)
+    compute = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    a = _coefficient("a", a, x0)
+    s = _coefficient("s", s, x0)
+    return _affine_noise(x0, torch.stack((a, s)).to(compute), noise, generator, backend)
+
+
+def _affine_noise(x0, coef, noise, generator, backend):
+    """The one way to the noising op: ``coef [2, B]`` (a, s) in the compute type; x0 checked."""
     generator = check_generator(generator, _GENERATOR_WHY)
     if noise is not None:
         _check_like("noise", noise, "x0", x0)
@@ -160,7 +225,6 @@ def add_noise(
         if generator is not None:
             raise ValueError("generator is only used when noise=None; pass one or the other")
     backend = _backend.resolve(backend, x0.device)
-    coef = _noise_table(schedule, x0.dtype, x0.device)[:, index]
     key = _draw_key(generator) if noise is None else None
     noise_arg = None if noise is None else noise.contiguous()
     keep = noise is None and backend in _KEEPS_NOISE
@@ -184,6 +248,7 @@ def fused_loss(
     x0: torch.Tensor | None = None,
     reduction: str = "mean",
     *,
+    sample_weight: torch.Tensor | None = None,
     backend: str | None = None,
     **options: Any,
 ) -> torch.Tensor:
@@ -196,8 +261,11 @@ def fused_loss(
         pred: the network's output ``[B, ...]``, float32/float64/bfloat16/float16.
         noise: the noise used to make x_t: a tensor like ``pred`` or the ``PhiloxNoise``
             that ``add_noise`` returned.
-        t: timesteps ``[B]``, as for ``add_noise``.
-        schedule: a ``NoiseSchedule`` or a diffusers scheduler.
+        t: timesteps ``[B]``, as for ``add_noise`` (continuous families: the sigmas).
+        schedule: a ``NoiseSchedule`` or a diffusers scheduler; or "flow" / "edm",
+            continuous time: the coefficients are the table path's functions evaluated on
+            each sample's sigma in float64 on pred's device, then cast to the compute type
+            (``weighting.continuous_loss_coefficients``); no table, no host sync on a GPU.
         weighting: a name of ``debias.WEIGHTINGS`` (each defined once in its own space and
             converted exactly to the prediction's: see ``debias.weighting``), a ``[T]``
             tensor or a callable of snr (epsilon space). Default "debias".
@@ -206,53 +274,118 @@ def fused_loss(
             None (default) takes the schedule's (a diffusers scheduler's config).
         x0: the clean data ``[B, ...]``; required by every target but "epsilon".
         reduction: "mean" (default) or "sum" over the batch, or "none" for ``[B]``.
+        sample_weight: ``[B]`` float factors on each sample's loss (sd-scripts'
+            ``loss_weights``), finite and >= 0, without grad; folded into the weight.
         backend: force "torch", "cpu", "triton" or "cuda".
-        **options: ``gamma``, ``k``, ``max_weight``, ``normalize`` (see ``debias.weighting``).
+        **options: ``gamma``, ``k``, ``max_weight``, ``normalize`` (see ``debias.weighting``);
+            ``sigma_data`` (default 0.5) for schedule="edm".
 
     Returns:
         The loss in float32 (float64 for float64 ``pred``): a scalar, or ``[B]``.
         Gradients flow to ``pred`` only.
     """
-    schedule = as_schedule(schedule)
-    prediction = resolve_prediction(schedule, prediction)
-    _check_data("pred", pred)
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(noise, PhiloxNoise):
-        if tuple(noise.shape) != tuple(pred.shape):
-            raise ValueError(f"noise has shape {list(noise.shape)} but pred has {list(pred.shape)}")
-        _check_same_device(pred=pred, noise=noise)
+    family = continuous_family(schedule)
+    if family is None:
+        schedule = as_schedule(schedule)
+        prediction = resolve_prediction(schedule, prediction)
     else:
-        _check_like("noise", noise, "pred", pred)
+        prediction = resolve_continuous_prediction(family, prediction)
+    if noise is None:
+        _check_data("noise", noise)  # the TypeError naming noise
     terms = PREDICTIONS[prediction].terms
-    if terms & TERM_X0:
-        if x0 is None:
-            raise ValueError(f"x0 is required for prediction={prediction!r}")
-        _check_like("x0", x0, "pred", pred)
-        if x0.dtype != noise.dtype:
-            raise TypeError(f"x0 must have noise's dtype {noise.dtype}, got {x0.dtype}")
-    index = _index(schedule, t, pred)
-    for name, tensor in (("noise", noise), ("x0", x0)):
-        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-            raise ValueError(
-                f"{name} requires grad, but fused_loss differentiates with respect to pred "
-                f"only; pass {name}.detach()"
-            )
-    backend = _backend.resolve(backend, pred.device)
-
+    _check_loss_inputs(pred, noise, x0, terms, reduction, f"prediction={prediction!r}")
     compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    table = cached_loss_table(
-        schedule, weighting, prediction, noise.dtype, compute, pred.device, options
-    )
+    if family is None:
+        index = _index(schedule, t, pred)
+        table = cached_loss_table(
+            schedule, weighting, prediction, noise.dtype, compute, pred.device, options
+        )
+        coef = table[:, index]
+    else:
+        sigma = _sigma(family, t, pred)
+        coef = continuous_loss_coefficients(family, sigma, weighting, prediction, compute, options)
+    if sample_weight is not None:
+        sample_weight = _coefficient("sample_weight", sample_weight, pred, nonnegative=True)
+        coef = torch.cat((coef[:1] * sample_weight.to(compute), coef[1:]))
+    return _affine_loss(pred, noise, x0, coef, terms, reduction, backend)
+
+
+def affine_loss(
+    pred: torch.Tensor,
+    noise: torch.Tensor | PhiloxNoise | None,
+    w: torch.Tensor,
+    p: torch.Tensor | None,
+    q: torch.Tensor | None = None,
+    x0: torch.Tensor | None = None,
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The loss op itself: ``loss_b = w_b / D * sum_i (pred_bi - y_bi)^2`` with the target
+    ``y = p_b noise + q_b x0``, per-sample coefficients, and its gradient in one pass
+    (``fused_loss`` is this with a schedule's and a weighting's coefficients). For trainers
+    whose lines fit no family name, e.g. sd-scripts' default ``--model_prediction_type
+    sigma_scaled`` (``-sigma F + x_t`` against ``noise - x0``: on F, w = sigma^2 weighting,
+    p = (sigma - 1) / sigma, q = (2 - sigma) / sigma), or the reversed flow convention
+    (target ``x0 - noise``: p = -1, q = 1).
+
+    Args:
+        pred: ``[B, ...]`` float32/float64/bfloat16/float16.
+        noise: a tensor like pred or a ``PhiloxNoise``; may be None when ``p`` is None.
+        w: ``[B]`` weights, finite and >= 0.
+        p: ``[B]``, or None for a target without a noise term.
+        q: ``[B]``, or None (default) for a target without an x0 term.
+        x0: ``[B, ...]`` like pred, required with ``q`` (and only then).
+        reduction: "mean" (default) or "sum" over the batch, or "none" for ``[B]``.
+        backend: force "torch", "cpu", "triton" or "cuda".
+
+    Coefficients are float ``[B]`` tensors on pred's device, finite, without grad, used in
+    the compute type (float64 for float64 pred, else float32).
+
+    Returns:
+        The loss in float32 (float64 for float64 ``pred``); gradients flow to ``pred`` only.
+
+    Raises:
+        TypeError / ValueError naming the argument (value checks on the host for CPU tensors
+        in eager mode, asynchronously on other devices).
+    """
+    if p is None and q is None:
+        raise ValueError("p and q are both None: the target y = p noise + q x0 needs a term")
+    if (q is None) != (x0 is None):
+        raise ValueError(
+            "x0 is required with q (the target's x0 term) and only then"
+            if q is not None
+            else "x0 was given without q: pass q, the coefficient of x0 in the target"
+        )
+    terms = (TERM_EPS if p is not None else 0) | (TERM_X0 if q is not None else 0)
+    if noise is None and p is not None:
+        raise ValueError("noise is required with p (the target's noise term)")
+    _check_loss_inputs(pred, noise, x0, terms, reduction, "q")
+    compute = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    zero = None
+    rows = []
+    for name, value, nonnegative in (("w", w, True), ("p", p, False), ("q", q, False)):
+        if value is None:
+            zero = pred.new_zeros(pred.shape[0], dtype=compute) if zero is None else zero
+            rows.append(zero)
+        else:
+            rows.append(_coefficient(name, value, pred, nonnegative).to(compute))
+    return _affine_loss(pred, noise, x0, torch.stack(rows), terms, reduction, backend)
+
+
+def _affine_loss(pred, noise, x0, coef, terms, reduction, backend) -> torch.Tensor:
+    """The one way to the loss op: ``coef [3, B]`` (w, p, q) in the compute type; the tensors
+    checked by ``_check_loss_inputs``."""
+    backend = _backend.resolve(backend, pred.device)
     philox = isinstance(noise, PhiloxNoise) and noise.values is None
     noise_tensor = noise.values if isinstance(noise, PhiloxNoise) else noise
     args = LossArgs(
-        coef=table[:, index],
+        coef=coef,
         noise=noise_tensor.contiguous() if terms & TERM_EPS and not philox else None,
         x0=x0.contiguous() if terms & TERM_X0 else None,
         key=noise.key if philox and terms & TERM_EPS else None,
         terms=terms,
-        eps_dtype=noise.dtype,
+        eps_dtype=(noise if noise is not None else x0).dtype,
         reduction=_REDUCTIONS.index(reduction),
     )
     if not (backend == "cpu" and pred[0].is_contiguous()):
@@ -270,6 +403,69 @@ def fused_loss(
 def _eager() -> bool:
     # Value checks read data on the host; under torch.compile they would break the graph.
     return not torch.compiler.is_compiling()
+
+
+def _check_loss_inputs(pred, noise, x0, terms: int, reduction: str, x0_for: str) -> None:
+    """The loss op's door for its tensors: pred, the noise (when the target reads it) and x0
+    (when it reads it, required: ``x0_for`` says by what), the reduction."""
+    _check_data("pred", pred)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if isinstance(noise, PhiloxNoise):
+        if tuple(noise.shape) != tuple(pred.shape):
+            raise ValueError(f"noise has shape {list(noise.shape)} but pred has {list(pred.shape)}")
+        _check_same_device(pred=pred, noise=noise)
+    elif noise is not None or terms & TERM_EPS:
+        _check_like("noise", noise, "pred", pred)
+    if terms & TERM_X0:
+        if x0 is None:
+            raise ValueError(f"x0 is required for {x0_for}")
+        _check_like("x0", x0, "pred", pred)
+        if noise is not None and x0.dtype != noise.dtype:
+            raise TypeError(f"x0 must have noise's dtype {noise.dtype}, got {x0.dtype}")
+    for name, tensor in (("noise", noise), ("x0", x0)):
+        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but the loss differentiates with respect to pred "
+                f"only; pass {name}.detach()"
+            )
+
+
+def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = False):
+    """A per-sample coefficient ``[B]`` of ``data [B, ...]``: a float tensor on data's device
+    without grad, finite (and >= 0 when ``nonnegative``): values checked on the host for CPU
+    tensors in eager mode, asynchronously elsewhere (no synchronisation)."""
+    batch = data.shape[0]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a float torch.Tensor [{batch}], got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+    if x.shape != (batch,):
+        raise ValueError(
+            f"{name} must have shape [{batch}] (one value per sample), got {list(x.shape)}"
+        )
+    _check_same_device(data=data, **{name: x})
+    if x.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but the loss differentiates with respect to pred only; "
+            f"pass {name}.detach()"
+        )
+    if _eager():
+        ok = torch.isfinite(x) & (x >= 0) if nonnegative else torch.isfinite(x)
+        what = "finite and >= 0" if nonnegative else "finite"
+        if x.device.type == "cpu":
+            if not bool(ok.all()):
+                raise ValueError(f"{name} must be {what}, got {x[~ok][:4].tolist()}")
+        else:
+            torch._assert_async(ok.all(), f"{name} must be {what}")
+    return x
+
+
+def _sigma(family: str, t: Any, data: torch.Tensor) -> torch.Tensor:
+    """t of a continuous family checked against data: the sigmas ``[B]``, detached."""
+    if isinstance(t, torch.Tensor):
+        _check_same_device(data=data, t=t)
+    return check_sigma(t, family, data.shape[0])
 
 
 def _check_data(name: str, x: Any) -> None:
