@@ -217,10 +217,11 @@ def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 def sd3_loss_weighting(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor:
     """diffusers' ``compute_loss_weighting_for_sd3``: ``sigma_sqrt`` sigma^-2, ``cosmap``
-    2 / (pi (1 - 2 sigma + 2 sigma^2)), any other scheme 1; on sigmas of any shape (its
-    ``.float()`` keeps float64 as float64)."""
+    2 / (pi (1 - 2 sigma + 2 sigma^2)), any other scheme 1; on sigmas of any shape. Its
+    ``.float()`` is float32 for every input; here float64 sigmas stay float64, the precision
+    the package computes float64 data in (for float32 and lower the two are the same)."""
     if weighting_scheme == "sigma_sqrt":
-        return (sigmas**-2.0).to(torch.promote_types(sigmas.dtype, torch.float32))  # `.float()`
+        return (sigmas**-2.0).to(torch.promote_types(sigmas.dtype, torch.float32))
     if weighting_scheme == "cosmap":
         bot = 1 - 2 * sigmas + 2 * sigmas**2
         return 2 / (math.pi * bot)
@@ -237,8 +238,10 @@ def flow_loss(
         )
         loss = loss.mean()
 
-    (``.float()`` keeps float64 as float64.) Traffic: read 2N, write N three times (the
-    difference, its square, the weighted square) plus the float copies in low precision."""
+    ``.float()`` is float32 for every input; here float64 data stays float64, as the
+    package's float64 path computes (for float32 and lower the two are the same).
+    Traffic: read 2N, write N three times (the difference, its square, the weighted square)
+    plus the float copies in low precision."""
     acc = torch.promote_types(pred.dtype, torch.float32)
     w = _per_sample(weighting.to(acc), pred)
     loss = torch.mean((w * (pred.to(acc) - target.to(acc)) ** 2).reshape(target.shape[0], -1), 1)
