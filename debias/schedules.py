@@ -678,6 +678,8 @@ def sample_timesteps(
     ``torch.manual_seed`` a CUDA device gives sd-scripts' CUDA numbers, not the CPU's); with a
     (CPU) ``generator`` every scheme draws on the CPU and the result moves to ``device``.
 
+    A table schedule (a ``NoiseSchedule`` or a diffusers scheduler) returns its timesteps:
+
     - ddpm, "uniform": ``torch.randint(0, T, (B,))`` (int64), as diffusers' scripts.
     - flow: ``u = compute_density_for_timestep_sampling(scheme, B, logit_mean, logit_std,
       mode_scale)`` of diffusers' training_utils, then ``scheduler.timesteps[(u * T).long()]``
@@ -689,11 +691,10 @@ def sample_timesteps(
       script's EDM branch) or "lognormal", the EDM paper's training density
       ln sigma ~ N(p_mean, p_std) (P_mean = -1.2, P_std = 1.2), each draw mapped to the
       table entry nearest in ln sigma (draws beyond the table's range take its end).
-    Flow and EDM return the float32 timesteps of ``schedule.timesteps``.
-
-    Draws on the CPU from ``generator`` (a CPU ``torch.Generator``; None: torch's default)
-    in the same order as those lines, so one generator state gives the same timesteps, then
-    moves the result to ``device``.
+    Flow and EDM tables return the float32 timesteps of ``schedule.timesteps``. Table draws are
+    made on the CPU from ``generator`` (a CPU ``torch.Generator``; None: torch's default) in
+    the same order as those lines, so one generator state gives the same timesteps, and the
+    result moves to ``device``.
 
     Raises:
         ValueError / TypeError naming the argument: a scheme the family does not draw with,
