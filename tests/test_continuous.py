@@ -560,3 +560,22 @@ def test_compile_fullgraph_continuous_step():
     torch._dynamo.reset()
     got = torch.compile(step, fullgraph=True, backend="eager")(pred, x0, noise, sigma)
     _close("compiled", got, step(pred, x0, noise, sigma))
+
+
+def test_sigmas_checked_once_per_step_and_again_when_changed(backend):
+    """fused_loss reuses add_noise's check of the same sigmas (the op's one-entry lookup), and
+    only while they are unchanged: an in-place change, another batch or another family checks
+    them again."""
+    x0, noise, pred, sigma = _data((3, 2, 5), low=0.1, high=0.9)
+    debias.add_noise(x0, sigma, "flow", noise=noise, backend=backend)
+    first = debias.fused_loss(pred, noise, sigma, "flow", "cosmap", x0=x0, backend=backend)
+    sigma[:] = sigma.flip(0)  # in place: a new version of the same tensor
+    changed = debias.fused_loss(pred, noise, sigma, "flow", "cosmap", x0=x0, backend=backend)
+    fresh = debias.fused_loss(pred, noise, sigma.clone(), "flow", "cosmap", x0=x0, backend=backend)
+    assert torch.equal(changed, fresh) and not torch.equal(first, changed)
+    with pytest.raises(ValueError, match=r"sigma must have shape \[2\]|t \(the per-sample sigma"):
+        debias.fused_loss(pred[:2], noise[:2], sigma, "flow", x0=x0[:2], backend=backend)
+    sigma[0] = 1.5  # outside flow's [0, 1]: refused although these sigmas were seen before
+    with pytest.raises(ValueError, match="sigma"):
+        debias.fused_loss(pred, noise, sigma, "flow", "cosmap", x0=x0, backend=backend)
+    assert debias.fused_loss(pred, noise, sigma, "edm", "edm", x0=x0, backend=backend).isfinite()

@@ -463,9 +463,10 @@ def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = Fals
 
 def _sigma(family: str, t: Any, data: torch.Tensor) -> torch.Tensor:
     """t of a continuous family checked against data: the sigmas ``[B]``, detached."""
-    if isinstance(t, torch.Tensor):
-        _check_same_device(data=data, t=t)
-    return check_sigma(t, family, data.shape[0])
+    if not isinstance(t, torch.Tensor):
+        return check_sigma(t, family, data.shape[0])  # a TypeError naming t
+    _check_same_device(data=data, t=t)
+    return _lookup(family, t, data.shape[0], lambda: check_sigma(t, family, data.shape[0]))
 
 
 def _check_data(name: str, x: Any) -> None:
@@ -494,40 +495,42 @@ def _check_same_device(**tensors: Any) -> None:
             )
 
 
-# The last timestep lookup of this process, one entry, used by _index alone. A training step
-# hands fused_loss the t it gave add_noise, so the lookup is done once per step: for flow and
-# EDM it is a search of the table plus a host check of the values, ~18 us of a ~160 us
-# fused_loss on a 128 x 3 x 32 x 32 float32 CPU batch (~4 us for DDPM). The key is the
-# schedule and t themselves, held by weak references (the entry keeps neither alive), t's
-# version counter and the batch size t was checked against, so another schedule, another t,
-# an in-place change of t or another batch is a miss. Eager mode only: under torch.compile
-# the lookup is part of the graph.
-_last_lookup: tuple[weakref.ref, weakref.ref, int, int, torch.Tensor] | None = None
+# The last lookup of t of this process, one entry: a training step hands fused_loss the t it
+# gave add_noise, so t is looked up and checked once per step. Table schedules: a search of
+# the table plus a host check of the values, ~18 us of a ~160 us fused_loss on a
+# 128 x 3 x 32 x 32 float32 CPU batch for flow and EDM (~4 us for DDPM); continuous sigmas:
+# the range check, ~25 us. The key is what t is read against (the schedule, held by a weak
+# reference, or the continuous family's name), t itself (a weak reference: the entry keeps
+# nothing alive), t's version counter and the batch size t was checked against, so another
+# schedule, another t, an in-place change of t or another batch is a miss. Eager mode only:
+# under torch.compile the lookup is part of the graph.
+_last_lookup: tuple[Any, weakref.ref, int, int, torch.Tensor] | None = None
+
+
+def _lookup(owner: NoiseSchedule | str, t: torch.Tensor, batch: int, look) -> torch.Tensor:
+    """``look()``, or what it returned for the same (owner, t, t's version, batch) last time."""
+    global _last_lookup
+    eager = _eager() and not torch.is_inference(t)  # inference tensors have no version
+    key = owner if isinstance(owner, str) else weakref.ref(owner)
+    if eager:
+        hit = _last_lookup
+        if hit is not None and hit[0] == key and hit[1]() is t and hit[2:4] == (t._version, batch):
+            return hit[4]
+    found = look()
+    if eager:
+        _last_lookup = (key, weakref.ref(t), t._version, batch, found)
+    return found
 
 
 def _index(schedule: NoiseSchedule, t: Any, data: torch.Tensor) -> torch.Tensor:
     """The table index of each sample's timestep, ``[B]`` int64 on t's device. The schedule
     checks t: its shape against ``data``'s batch, and its values (on the host only in eager
     mode on the CPU: elsewhere asynchronously, so nothing synchronises)."""
-    global _last_lookup
     batch = data.shape[0]
     if not isinstance(t, torch.Tensor):
         return schedule.index(t, batch)  # a TypeError naming t
     _check_same_device(data=data, t=t)
-    eager = _eager() and not torch.is_inference(t)  # inference tensors have no version
-    if eager:
-        hit = _last_lookup
-        if (
-            hit is not None
-            and hit[0]() is schedule
-            and hit[1]() is t
-            and hit[2:4] == (t._version, batch)
-        ):
-            return hit[4]
-    index = schedule.index(t, batch)
-    if eager:
-        _last_lookup = (weakref.ref(schedule), weakref.ref(t), t._version, batch, index)
-    return index
+    return _lookup(schedule, t, batch, lambda: schedule.index(t, batch))
 
 
 # ---- tables and keys ----------------------------------------------------------------------
