@@ -674,6 +674,42 @@ def test_sd3_precondition_outputs_matches_diffusers(shift, output, backend):
     assert_grads_close(take_grads(transformer), want_grads, rtol=rtol, atol_of_max=of_max)
 
 
+@pytest.mark.parametrize("weighting_scheme", ["logit_normal", "cosmap"])
+@pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift{s:g}")
+def test_sd3_default_precondition_through_the_low_level_call(shift, weighting_scheme, backend):
+    """train_dreambooth_lora_sd3.py at its default --precondition_outputs 1 with a weighting
+    other than sigma_sqrt: weighting ||D - x0||^2 with D = x_t - sigma F, which is
+    sigma^2 weighting ||F - (noise - x0)||^2 on the transformer's output: one affine_loss call
+    with w = sigma^2 weighting, p = 1, q = -1 (README, "Drop-in for Flux / SD3")."""
+    noise_scheduler_copy = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
+    transformer = make_transformer("sd3")
+    model_input, noise, timesteps, cond = make_flow_batch(noise_scheduler_copy, weighting_scheme)
+    _, want_loss = flow_script_step(
+        "sd3",
+        transformer,
+        noise_scheduler_copy,
+        model_input,
+        noise,
+        timesteps,
+        cond,
+        weighting_scheme,
+        precondition_outputs=True,
+    )
+    want_grads = take_grads(transformer)
+
+    noisy, _ = debias.add_noise(
+        model_input, timesteps, noise_scheduler_copy, noise=noise, backend=backend
+    )
+    model_pred = flow_model_pred("sd3", transformer, noisy, timesteps, cond)
+    sigmas = get_sigmas(noise_scheduler_copy, timesteps, 1, torch.float32)
+    w = sigmas**2 * compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
+    one = torch.ones_like(sigmas)
+    loss = debias.affine_loss(model_pred, noise, w, one, -one, model_input, backend=backend)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=RTOL, atol=ATOL)
+    assert_grads_close(take_grads(transformer), want_grads, atol_of_max=ATOL_OF_MAX)
+
+
 # ---- EDM-style training: train_dreambooth_lora_sdxl.py --do_edm_style_training ------------
 #
 # Two schedulers take this path. An EDMEulerScheduler (an EDM checkpoint): x_t = x0 + sigma
