@@ -5,6 +5,7 @@ the pipeline (and a trainer) check their own arguments the same way."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -102,6 +103,20 @@ def check_generator(generator: Any, why: str, seed: bool = False) -> torch.Gener
             f"generator must be a CPU torch.Generator ({why}), got one on {generator.device}"
         )
     return generator
+
+
+def check_all(ok: torch.Tensor, message: Callable[[], str], device_message: str) -> None:
+    """ValueError(``message()``) unless every element of the bool tensor ``ok`` is true: the
+    value checks of the ops' tensors. Read on the host for CPU tensors; on other devices
+    ``torch._assert_async(ok.all(), device_message)`` instead, which fails later and never
+    synchronises; nothing while torch.compile traces (a host read would break the graph)."""
+    if torch.compiler.is_compiling():
+        return
+    if ok.device.type == "cpu":
+        if not bool(ok.all()):
+            raise ValueError(message())
+    else:
+        torch._assert_async(ok.all(), device_message)
 
 
 def check_finite_rows(name: str, x: torch.Tensor, start: int = 0) -> None:

@@ -29,7 +29,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from debias.checks import check_float, check_float_dtype, check_generator, check_int
+from debias.checks import (
+    check_all,
+    check_float,
+    check_float_dtype,
+    check_generator,
+    check_int,
+)
 
 FAMILIES = ("ddpm", "flow", "edm")
 # Which of eps and x0 a target y = p eps + q x0 reads: the `Terms` of csrc/noise_loss.h.
@@ -374,17 +380,14 @@ class NoiseSchedule:
         t32 = t.to(torch.float32).contiguous()  # searchsorted copies (and warns) otherwise
         pos = torch.searchsorted(ascending, t32).clamp(max=self.num_timesteps - 1)
         found = ascending[pos] == t32  # False for NaN and for values between entries
-        if t.numel() and not torch.compiler.is_compiling():
-            if t.device.type == "cpu":
-                if not bool(found.all()):
-                    bad = t[~found][:4].tolist()
-                    raise ValueError(
-                        f"t must hold timesteps of this {self.family} schedule "
-                        f"(schedule.timesteps[indices]); got values not in it: {bad}"
-                    )
-            else:
-                # Checking on the host would synchronise the device; this fires asynchronously.
-                torch._assert_async(found.all(), "t holds values that are not timesteps")
+        check_all(
+            found,
+            lambda: (
+                f"t must hold timesteps of this {self.family} schedule "
+                f"(schedule.timesteps[indices]); got values not in it: {t[~found][:4].tolist()}"
+            ),
+            "t holds values that are not timesteps",
+        )
         return order[pos]
 
     def noise_table(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -528,17 +531,14 @@ def check_timesteps(t: Any, num_timesteps: int, batch: int | None = None) -> Non
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"t must be an integer tensor (int64 or int32), got dtype {t.dtype}")
     _check_shape(t, batch)
-    if t.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if t.device.type == "cpu":
-        lo, hi = int(t.min()), int(t.max())
-        if lo < 0 or hi >= num_timesteps:
-            raise ValueError(
-                f"t must lie in [0, {num_timesteps}) for this schedule, got values in [{lo}, {hi}]"
-            )
-    else:
-        # Checking on the host would synchronise the device; the assert fires asynchronously.
-        torch._assert_async(((t >= 0) & (t < num_timesteps)).all(), "t out of range")
+    check_all(
+        (t >= 0) & (t < num_timesteps),
+        lambda: (
+            f"t must lie in [0, {num_timesteps}) for this schedule, got values in "
+            f"[{int(t.min())}, {int(t.max())}]"
+        ),
+        "t out of range",
+    )
 
 
 # ---- per-sample coefficients: one definition for tables and continuous sigmas ----------------
@@ -618,19 +618,15 @@ def check_sigma(t: Any, family: str, batch: int | None = None) -> torch.Tensor:
         want = "[B]" if batch is None else f"[{batch}] (one sigma per sample)"
         raise ValueError(f"t (the per-sample sigma) must have shape {want}, got {list(t.shape)}")
     t = t.detach()
-    if t.numel() == 0 or torch.compiler.is_compiling():
-        return t
     ok = (t >= 0) & (t <= 1) if family == "flow" else (t > 0) & (t < math.inf)
-    if t.device.type == "cpu":
-        if not bool(ok.all()):
-            bad = t[~ok][:4].tolist()
-            raise ValueError(
-                f"t holds the sigma of each sample, which must lie in {bound} on the "
-                f"continuous {family} family; got {bad}"
-            )
-    else:
-        # Checking on the host would synchronise the device; the assert fires asynchronously.
-        torch._assert_async(ok.all(), f"t: a sigma outside {bound} (or not finite)")
+    check_all(
+        ok,
+        lambda: (
+            f"t holds the sigma of each sample, which must lie in {bound} on the "
+            f"continuous {family} family; got {t[~ok][:4].tolist()}"
+        ),
+        f"t: a sigma outside {bound} (or not finite)",
+    )
     return t
 
 

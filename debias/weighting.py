@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from debias.checks import check_float, check_float_dtype
+from debias.checks import check_all, check_float, check_float_dtype
 from debias.schedules import (
     CONTINUOUS_PREDICTIONS,
     FAMILIES,
@@ -364,19 +364,16 @@ def _continuous_weight(lv: Levels, weighting: Weighting, prediction: str, parsed
     one check of the result, and only when it fails the table path's checks, which raise its
     messages."""
     w = _weight_table(lv, weighting, prediction, parsed, host_checks=False)
-    if torch.compiler.is_compiling() or not w.numel():
-        return w
-    ok = (torch.isfinite(w) & (w >= 0)).all()
-    if lv.sigma.device.type == "cpu":
-        if not bool(ok):
-            _weight_table(lv, weighting, prediction, parsed)
-            bad = ~(torch.isfinite(w) & (w >= 0))
-            raise ValueError(
-                f"weighting {parsed[0]!r} has no finite value at {_where(lv, bad)}; pass "
-                "max_weight=<cap> or use another weighting"
-            )
-    else:
-        torch._assert_async(ok, "weighting: a weight with no finite value at some sigma")
+    ok = torch.isfinite(w) & (w >= 0)
+
+    def explain() -> str:
+        _weight_table(lv, weighting, prediction, parsed)  # raises the table path's message
+        return (
+            f"weighting {parsed[0]!r} has no finite value at {_where(lv, ~ok)}; pass "
+            "max_weight=<cap> or use another weighting"
+        )
+
+    check_all(ok, explain, "weighting: a weight with no finite value at some sigma")
     return w
 
 

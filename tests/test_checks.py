@@ -78,3 +78,19 @@ def test_noise_ops_trace_meta_tensors():
     assert x_t.is_meta and x_t.shape == x0.shape
     loss = debias.fused_loss(torch.empty(2, 3, 4, device="meta"), torch.empty_like(x0), t, schedule)
     assert loss.is_meta and loss.shape == ()
+
+
+def test_check_all_reads_the_message_only_when_it_fails():
+    """check_all: nothing when every element holds (the message is not even built), else a
+    ValueError with the message; on a CPU tensor the test is read on the host."""
+    built = []
+
+    def message():
+        built.append(True)
+        return "x must be positive"
+
+    checks.check_all(torch.tensor([True, True]), message, "x")
+    checks.check_all(torch.tensor([], dtype=torch.bool), message, "x")
+    assert built == []
+    with pytest.raises(ValueError, match="x must be positive"):
+        checks.check_all(torch.tensor([True, False]), message, "x")

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 import torch
 
 from debias import reference
-from debias.checks import check_float_dtype, check_generator
+from debias.checks import check_all, check_float_dtype, check_generator
 from debias.ops import _backend
 from debias.schedules import (
     PREDICTIONS,
@@ -450,14 +450,11 @@ def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = Fals
             f"{name} requires grad, but the loss differentiates with respect to pred only; "
             f"pass {name}.detach()"
         )
-    if _eager():
-        ok = torch.isfinite(x) & (x >= 0) if nonnegative else torch.isfinite(x)
-        what = "finite and >= 0" if nonnegative else "finite"
-        if x.device.type == "cpu":
-            if not bool(ok.all()):
-                raise ValueError(f"{name} must be {what}, got {x[~ok][:4].tolist()}")
-        else:
-            torch._assert_async(ok.all(), f"{name} must be {what}")
+    ok = torch.isfinite(x) & (x >= 0) if nonnegative else torch.isfinite(x)
+    what = "finite and >= 0" if nonnegative else "finite"
+    check_all(
+        ok, lambda: f"{name} must be {what}, got {x[~ok][:4].tolist()}", f"{name} must be {what}"
+    )
     return x
 
 
