@@ -621,18 +621,14 @@ def test_flow_prior_preservation_matches_diffusers(script, weighting_scheme, bac
     assert_grads_close(take_grads(transformer), want_grads, atol_of_max=ATOL_OF_MAX)
 
 
-@pytest.mark.parametrize("output", ["denoised", "raw"])
-@pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift{s:g}")
-def test_sd3_precondition_outputs_matches_diffusers(shift, output, backend):
-    """train_dreambooth_lora_sd3.py --precondition_outputs --weighting_scheme sigma_sqrt: the
-    script's D = x_t - sigma F against x0, weighted sigma^-2. As x0 - D = sigma (F - (noise -
-    x0)), that is the unweighted flow loss: fused_loss(weighting="none") on D with
-    prediction="sample" ("none" is weight 1 in flow space, sigma^-2 in x0 space), or on the
-    transformer's output F with the flow prediction."""
+def sd3_precondition_case(shift, weighting_scheme, backend):
+    """train_dreambooth_lora_sd3.py --precondition_outputs 1 on a small SD3 transformer: the
+    script's loss and parameter gradients, then debias's x_t (same noise) and the
+    transformer's output F on it, for the test to take the loss of. Returns (scheduler,
+    transformer, model_input, noise, timesteps, x_t, F, the script's loss, its gradients)."""
     noise_scheduler_copy = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
     transformer = make_transformer("sd3")
-    model_input, noise, timesteps, cond = make_flow_batch(noise_scheduler_copy, "sigma_sqrt")
-
+    model_input, noise, timesteps, cond = make_flow_batch(noise_scheduler_copy, weighting_scheme)
     _, want_loss = flow_script_step(
         "sd3",
         transformer,
@@ -641,15 +637,31 @@ def test_sd3_precondition_outputs_matches_diffusers(shift, output, backend):
         noise,
         timesteps,
         cond,
-        "sigma_sqrt",
+        weighting_scheme,
         precondition_outputs=True,
     )
     want_grads = take_grads(transformer)
-
     noisy, _ = debias.add_noise(
         model_input, timesteps, noise_scheduler_copy, noise=noise, backend=backend
     )
     model_pred = flow_model_pred("sd3", transformer, noisy, timesteps, cond)
+    return (
+        noise_scheduler_copy, transformer, model_input, noise, timesteps, noisy, model_pred,
+        want_loss, want_grads,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("output", ["denoised", "raw"])
+@pytest.mark.parametrize("shift", SHIFTS, ids=lambda s: f"shift{s:g}")
+def test_sd3_precondition_outputs_matches_diffusers(shift, output, backend):
+    """train_dreambooth_lora_sd3.py --precondition_outputs --weighting_scheme sigma_sqrt: the
+    script's D = x_t - sigma F against x0, weighted sigma^-2. As x0 - D = sigma (F - (noise -
+    x0)), that is the unweighted flow loss: fused_loss(weighting="none") on D with
+    prediction="sample" ("none" is weight 1 in flow space, sigma^-2 in x0 space), or on the
+    transformer's output F with the flow prediction."""
+    case = sd3_precondition_case(shift, "sigma_sqrt", backend)
+    noise_scheduler_copy, transformer, model_input, noise, timesteps, noisy = case[:6]
+    model_pred, want_loss, want_grads = case[6:]
     prediction = "flow"
     if output == "denoised":
         sigmas = get_sigmas(noise_scheduler_copy, timesteps, model_input.ndim, model_input.dtype)
@@ -681,26 +693,9 @@ def test_sd3_default_precondition_through_the_low_level_call(shift, weighting_sc
     other than sigma_sqrt: weighting ||D - x0||^2 with D = x_t - sigma F, which is
     sigma^2 weighting ||F - (noise - x0)||^2 on the transformer's output: one affine_loss call
     with w = sigma^2 weighting, p = 1, q = -1 (README, "Drop-in for Flux / SD3")."""
-    noise_scheduler_copy = FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
-    transformer = make_transformer("sd3")
-    model_input, noise, timesteps, cond = make_flow_batch(noise_scheduler_copy, weighting_scheme)
-    _, want_loss = flow_script_step(
-        "sd3",
-        transformer,
-        noise_scheduler_copy,
-        model_input,
-        noise,
-        timesteps,
-        cond,
-        weighting_scheme,
-        precondition_outputs=True,
-    )
-    want_grads = take_grads(transformer)
-
-    noisy, _ = debias.add_noise(
-        model_input, timesteps, noise_scheduler_copy, noise=noise, backend=backend
-    )
-    model_pred = flow_model_pred("sd3", transformer, noisy, timesteps, cond)
+    case = sd3_precondition_case(shift, weighting_scheme, backend)
+    noise_scheduler_copy, transformer, model_input, noise, timesteps, _ = case[:6]
+    model_pred, want_loss, want_grads = case[6:]
     sigmas = get_sigmas(noise_scheduler_copy, timesteps, 1, torch.float32)
     w = sigmas**2 * compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
     one = torch.ones_like(sigmas)

@@ -424,11 +424,16 @@ def _check_loss_inputs(pred, noise, x0, terms: int, reduction: str, x0_for: str)
         if noise is not None and x0.dtype != noise.dtype:
             raise TypeError(f"x0 must have noise's dtype {noise.dtype}, got {x0.dtype}")
     for name, tensor in (("noise", noise), ("x0", x0)):
-        if isinstance(tensor, torch.Tensor) and tensor.requires_grad:
-            raise ValueError(
-                f"{name} requires grad, but the loss differentiates with respect to pred "
-                f"only; pass {name}.detach()"
-            )
+        if isinstance(tensor, torch.Tensor):
+            _refuse_grad(name, tensor)
+
+
+def _refuse_grad(name: str, x: torch.Tensor) -> None:
+    if x.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but the loss differentiates with respect to pred only; "
+            f"pass {name}.detach()"
+        )
 
 
 def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = False):
@@ -445,11 +450,7 @@ def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = Fals
             f"{name} must have shape [{batch}] (one value per sample), got {list(x.shape)}"
         )
     _check_same_device(data=data, **{name: x})
-    if x.requires_grad:
-        raise ValueError(
-            f"{name} requires grad, but the loss differentiates with respect to pred only; "
-            f"pass {name}.detach()"
-        )
+    _refuse_grad(name, x)
     ok = torch.isfinite(x) & (x >= 0) if nonnegative else torch.isfinite(x)
     what = "finite and >= 0" if nonnegative else "finite"
     check_all(
