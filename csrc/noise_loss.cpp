@@ -2,9 +2,10 @@
 // family (DDPM, flow matching, EDM) through per-sample coefficients. The contract (formulas,
 // coefficient rows, `terms`, the scale convention, the schemas) is csrc/noise_loss.h.
 //
-//   add_noise       x_t = a_b * x0 + s_b * eps
-//   noise_loss_fwd  loss_b = w_b / D * sum_i (pred_i - y_i)^2,  y = p_b eps + q_b x0,
-//                   grad_i = 2 w_b / D * (pred_i - y_i)
+//   add_noise       x_t = a_b * x0 + s_b * eps     (eps + g_b xi with input perturbation)
+//   noise_loss_fwd  loss_b = w_b / D * sum_i m_i l(pred_i - y_i),  y = p_b eps + q_b x0,
+//                   grad_i = k w_b / D * m_i h(pred_i - y_i)   (l2: l = d^2, h = d, k = 2;
+//                   l1; pseudo-Huber; m the mask, read at its own size)
 //   noise_loss_bwd  grad_i again, times the upstream gradient (GPU's recompute design)
 //   philox_normal_  eps itself, materialised
 //
@@ -29,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -253,16 +255,20 @@ DEBIAS_INLINE void for_each_sample_run(int64_t begin, int64_t end, int64_t D, co
 }
 
 // add_noise forward. For element i of sample b, a = a[b], s = s[b]:
-//     x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * eps_i))
-// which is `a * x0 + s * noise` evaluated by torch in dtype T, bit for bit. eps comes in
-// tiles of kTile elements, whatever the sample size.
-// Memory: read x0 (and noise when given), write x_t (and eps when kept): 2N (3N) elements.
-template <typename T>
+//     x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * e_i)),  e_i = eps_i
+// which is `a * x0 + s * noise` evaluated by torch in dtype T, bit for bit; kPerturbed
+// (g = g[b]): e_i = rnd_T(eps_i + rnd_T(g * xi_i)), `noise + g * xi` first, as the trainers
+// write input perturbation. eps and xi come in tiles of kTile elements, whatever the sample
+// size. Memory: read x0 (and noise, xi when given), write x_t (and eps when kept).
+template <typename T, bool kPerturbed>
 void _add_noise_fwd_kernel(const T* x0,              // [B * D]
                            const compute_t<T>* a,    // [B] signal coefficient, rounded to T
                            const compute_t<T>* s,    // [B] noise coefficient, rounded to T
+                           const compute_t<T>* g,    // [B] perturbation strength (kPerturbed)
                            const T* noise,           // [B * D] or nullptr: the stream
                            Stream st,
+                           const T* xi,              // [B * D] or nullptr: the stream xi_st
+                           Stream xi_st,
                            T* x_t,                     // [B * D] output
                            T* eps_out,                 // [B * D] output or nullptr: eps kept
                            int64_t B, int64_t D) {
@@ -270,9 +276,13 @@ void _add_noise_fwd_kernel(const T* x0,              // [B * D]
   at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
     alignas(64) float nbuf[kNormalBuf];
     alignas(64) C cbuf[kTile];
+    alignas(64) float xi_nbuf[kPerturbed ? kNormalBuf : 1];
+    alignas(64) C xi_cbuf[kPerturbed ? kTile : 1];
     for (int64_t i0 = begin; i0 < end; i0 += kTile) {
       const int64_t i1 = std::min(i0 + kTile, end);
       const C* eps = load_eps<T, C>(noise, st, i0, i1 - i0, nbuf, cbuf);
+      const C* xis = nullptr;
+      if constexpr (kPerturbed) xis = load_eps<T, C>(xi, xi_st, i0, i1 - i0, xi_nbuf, xi_cbuf);
       if (eps_out != nullptr) {
         // eps holds values of T already (rnd_T of the stream): the cast is exact
         for (int64_t k = 0; k < i1 - i0; ++k) eps_out[i0 + k] = to_storage<T>(eps[k]);
@@ -283,10 +293,21 @@ void _add_noise_fwd_kernel(const T* x0,              // [B * D]
         const C* e = eps + (r0 - i0);
         const T* x = x0 + r0;
         T* out = x_t + r0;
-        for (int64_t k = 0; k < r1 - r0; ++k) {
-          const C signal = rnd<T>(ab * static_cast<C>(x[k]));
-          const C scaled_eps = rnd<T>(sb * e[k]);
-          out[k] = to_storage<T>(signal + scaled_eps);
+        if constexpr (kPerturbed) {
+          const C gb = g[b];
+          const C* z = xis + (r0 - i0);
+          for (int64_t k = 0; k < r1 - r0; ++k) {
+            const C perturbed = rnd<T>(e[k] + rnd<T>(gb * z[k]));
+            const C signal = rnd<T>(ab * static_cast<C>(x[k]));
+            const C scaled_eps = rnd<T>(sb * perturbed);
+            out[k] = to_storage<T>(signal + scaled_eps);
+          }
+        } else {
+          for (int64_t k = 0; k < r1 - r0; ++k) {
+            const C signal = rnd<T>(ab * static_cast<C>(x[k]));
+            const C scaled_eps = rnd<T>(sb * e[k]);
+            out[k] = to_storage<T>(signal + scaled_eps);
+          }
         }
       });
     }
@@ -306,29 +327,95 @@ DEBIAS_INLINE C target(const C* eps, const C* x0, int64_t i, C p, C q) {
   }
 }
 
-// Sum of (pred - y)^2 over n elements of one sample, and grad = rnd_P(gscale * (pred - y))
-// when kGrad. kSumLanes running sums in C (vector lanes), added in double at the end:
-// n <= kTile keeps the float error of a lane near 64 roundings.
-template <typename P, typename C, bool kGrad, int64_t kTerms>
-DEBIAS_INLINE double _sq_diff_tile(const P* pred, const C* eps, const C* x0, C p, C q,
-                                    int64_t n, P* grad, C gscale) {
-  C acc[kSumLanes] = {};
-  int64_t k = 0;
-  for (; k + kSumLanes <= n; k += kSumLanes) {
-    for (int j = 0; j < kSumLanes; ++j) {
-      const C d = static_cast<C>(pred[k + j]) - target<kTerms>(eps, x0, k + j, p, q);
-      acc[j] += d * d;
-      if constexpr (kGrad) grad[k + j] = to_storage<P>(gscale * d);
+// The mask's values m_i of elements [j0, j0 + n) of one sample (noise_loss.h): the sample's
+// row of the mask is read at (j / inner) % size. Points into the row when the run is one
+// stretch of it, else into buf (kTile values), filled a constant or contiguous run at a time.
+template <typename C>
+const C* mask_values(const C* row, int64_t inner, int64_t size, int64_t j0, int64_t n, C* buf) {
+  int64_t m = (j0 / inner) % size;
+  int64_t r = j0 % inner;
+  if (inner == 1 && m + n <= size) return row + m;
+  for (int64_t k = 0; k < n;) {
+    if (inner == 1) {
+      const int64_t len = std::min(n - k, size - m);
+      std::memcpy(buf + k, row + m, static_cast<size_t>(len) * sizeof(C));
+      k += len;
+      m = 0;
+    } else {
+      const int64_t len = std::min(n - k, inner - r);
+      std::fill(buf + k, buf + k + len, row[m]);
+      k += len;
+      r = 0;
+      m = m + 1 == size ? 0 : m + 1;
     }
   }
-  for (int j = 0; k + j < n; ++j) {
-    const C d = static_cast<C>(pred[k + j]) - target<kTerms>(eps, x0, k + j, p, q);
-    acc[j] += d * d;
-    if constexpr (kGrad) grad[k + j] = to_storage<P>(gscale * d);
+  return buf;
+}
+
+// The elementwise loss l(d) and its derivative factor h(d) of kind kKind (noise_loss.h);
+// c and cc = rnd(c * c) are the sample's pseudo-Huber constants. Each operation rounds on its
+// own; std::sqrt and '/' are IEEE (correctly rounded), as on the GPU.
+template <int64_t kKind, typename C>
+DEBIAS_INLINE void loss_and_factor(C d, C c, C cc, C& l, C& h) {
+  using namespace noise_loss;
+  if constexpr (kKind == kL2) {
+    l = d * d;
+    h = d;
+  } else if constexpr (kKind == kL1) {
+    l = std::abs(d);
+    h = d > C(0) ? C(1) : (d < C(0) ? C(-1) : d);  // sign(d); 0 stays 0, NaN stays NaN
+  } else {
+    const C dd = d * d;
+    const C r = std::sqrt(dd + cc);
+    l = dd / (r + c);
+    h = d / r;
   }
+}
+
+// Sum of m_i l(pred_i - y_i) over n elements of one sample, and
+// grad = rnd_P(gscale * (m_i h_i)) when kGrad. kSumLanes running sums in C (vector lanes),
+// added in double at the end: n <= kTile keeps the float error of a lane near 64 roundings.
+template <typename P, typename C, bool kGrad, int64_t kTerms, int64_t kKind, bool kMask>
+double _loss_tile(const P* pred, const C* eps, const C* x0, const C* mask, C p, C q, C c,
+                  int64_t n, P* grad, C gscale) {
+  const C cc = c * c;
+  C acc[kSumLanes] = {};
+  auto step = [&](int64_t i, int j) {
+    const C d = static_cast<C>(pred[i]) - target<kTerms>(eps, x0, i, p, q);
+    C l, h;
+    loss_and_factor<kKind>(d, c, cc, l, h);
+    if constexpr (kMask) {
+      l = mask[i] * l;
+      h = mask[i] * h;
+    }
+    acc[j] += l;
+    if constexpr (kGrad) grad[i] = to_storage<P>(gscale * h);
+  };
+  int64_t k = 0;
+  for (; k + kSumLanes <= n; k += kSumLanes) {
+    for (int j = 0; j < kSumLanes; ++j) step(k + j, j);
+  }
+  for (int j = 0; k + j < n; ++j) step(k + j, j);
   double sum = 0.0;  // lanes past n hold 0 and would add nothing
   for (int j = 0; j < std::min<int64_t>(n, kSumLanes); ++j) sum += static_cast<double>(acc[j]);
   return sum;
+}
+
+// _loss_tile of the call's kind and mask, chosen once per call.
+template <typename P, typename C, bool kGrad, int64_t kTerms>
+using LossTileFn = double (*)(const P*, const C*, const C*, const C*, C, C, C, int64_t, P*, C);
+
+template <typename P, typename C, bool kGrad, int64_t kTerms>
+LossTileFn<P, C, kGrad, kTerms> pick_loss_tile(int64_t kind, bool has_mask) {
+  using namespace noise_loss;
+  auto pick = [&](auto kind_c) -> LossTileFn<P, C, kGrad, kTerms> {
+    constexpr int64_t K = decltype(kind_c)::value;
+    if (has_mask) return _loss_tile<P, C, kGrad, kTerms, K, true>;
+    return _loss_tile<P, C, kGrad, kTerms, K, false>;
+  };
+  if (kind == kL1) return pick(std::integral_constant<int64_t, kL1>{});
+  if (kind == kPseudoHuber) return pick(std::integral_constant<int64_t, kPseudoHuber>{});
+  return pick(std::integral_constant<int64_t, kL2>{});
 }
 
 // Loss chunks in flat order: sample s is cut into per_sample chunks of kChunk elements (the
@@ -358,26 +445,31 @@ struct ChunkCursor {
 };
 
 // noise_loss forward (+ gradient). For element i of sample b, with C the compute type
-// (noise_loss.h has the contract):
+// (noise_loss.h has the contract, the kinds of loss l and their factors h and k):
 //     y_i    = p_b eps_i + q_b x0_i           (the terms of kTerms only)
-//     loss_b = (sum_i (pred_i - y_i)^2 / D) * w_b
-//     grad_i = rnd_P((2 * w_b / D / grad_div * go_b) * (pred_i - y_i))
+//     loss_b = (sum_i m_i l(pred_i - y_i) / D) * w_b
+//     grad_i = rnd_P((k * w_b / D / grad_div * go_b) * (m_i h(pred_i - y_i)))
 // (the factor once per sample in C; go_b is the upstream gradient of the backward op, 1 in
-// the forward pass).
+// the forward pass; m_i = 1 and no product without a mask).
 // Determinism: samples are cut into fixed chunks of at most kChunk elements and chunks into
-// pieces of at most kTile from the chunk start; a piece is summed by one _sq_diff_tile
-// call, a chunk adds its pieces in order into its own slot, a sample adds its chunks in
-// order. The cuts depend on D alone, so the loss has the same bits for any number of
-// threads. Threads take whole chunks; a step of a thread covers as many whole pieces as fit
-// in kTile elements (several samples when D is small), so eps is generated in long runs.
-// eps comes from the stream when noise is nullptr and only when the eps term is used.
-// Memory: read pred (+ noise, + x0), write grad: 2N (3N, 4N) elements, and B outputs.
+// pieces of at most kTile from the chunk start; a piece is summed by one _loss_tile call, a
+// chunk adds its pieces in order into its own slot, a sample adds its chunks in order. The
+// cuts depend on D alone, so the loss has the same bits for any number of threads. Threads
+// take whole chunks; a step of a thread covers as many whole pieces as fit in kTile elements
+// (several samples when D is small), so eps is generated in long runs. eps comes from the
+// stream when noise is nullptr and only when the eps term is used.
+// Memory: read pred (+ noise, + x0), write grad: 2N (3N, 4N) elements, B outputs, and the
+// mask's own values (never expanded).
 template <typename P, typename E, bool kGrad, int64_t kTerms>
 void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, rows pred_stride apart
                             int64_t pred_stride,        // D when contiguous
                             const compute_t<P>* w,      // [B] loss weight
                             const compute_t<P>* p,      // [B] eps coefficient of the target
                             const compute_t<P>* q,      // [B] x0 coefficient of the target
+                            const compute_t<P>* c,      // [B] pseudo-Huber c, or nullptr
+                            int64_t kind,               // noise_loss::Kind
+                            const compute_t<P>* mask,   // Mb x mask_size, or nullptr
+                            int64_t mask_inner, int64_t mask_size, int64_t mask_batch_stride,
                             const E* noise,             // [B * D] or nullptr: the stream
                             const E* x0,                // [B * D] or nullptr (no x0 term)
                             Stream st,
@@ -390,6 +482,8 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
   using C = compute_t<P>;
   constexpr bool kEps = (kTerms & noise_loss::kEpsTerm) != 0;
   constexpr bool kX0 = (kTerms & noise_loss::kX0Term) != 0;
+  const auto loss_tile = pick_loss_tile<P, C, kGrad, kTerms>(kind, mask != nullptr);
+  const C k = kind == noise_loss::kL2 ? C(2) : C(1);
   const int64_t chunks_per_sample = (D + kChunk - 1) / kChunk;
   const int64_t nchunks = B * chunks_per_sample;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, std::min(D, kChunk)));
@@ -398,6 +492,7 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
     alignas(64) float nbuf[kNormalBuf];
     alignas(64) C ebuf[kTile];
     alignas(64) C xbuf[kTile];
+    alignas(64) C mbuf[kTile];
     ChunkCursor cur(D, chunks_per_sample, lo);  // chunk of the next piece
     int64_t pos = cur.begin;                    // start of the next piece
     double chunk_sum = 0.0;
@@ -426,12 +521,18 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
       for (int64_t i = c0; i < c1;) {
         const int64_t piece_end = std::min(i + kTile, cur.end);
         const int64_t b = cur.sample;
-        C gscale = C(2) * w[b] / static_cast<C>(D) / static_cast<C>(grad_div);
+        C gscale = k * w[b] / static_cast<C>(D) / static_cast<C>(grad_div);
         if (grad_output != nullptr) gscale *= grad_output[b * go_stride];
-        chunk_sum += _sq_diff_tile<P, C, kGrad, kTerms>(
-            pred + i + b * (pred_stride - D), eps == nullptr ? nullptr : eps + (i - c0),
-            xs == nullptr ? nullptr : xs + (i - c0), p[b], q[b], piece_end - i,
-            kGrad ? grad + i : nullptr, gscale);
+        const C* ms = nullptr;
+        if (mask != nullptr) {
+          ms = mask_values(mask + b * mask_batch_stride, mask_inner, mask_size, i - b * D,
+                           piece_end - i, mbuf);
+        }
+        chunk_sum += loss_tile(pred + i + b * (pred_stride - D),
+                               eps == nullptr ? nullptr : eps + (i - c0),
+                               xs == nullptr ? nullptr : xs + (i - c0), ms, p[b], q[b],
+                               c == nullptr ? C(0) : c[b], piece_end - i,
+                               kGrad ? grad + i : nullptr, gscale);
         if (piece_end == cur.end) {
           partial[static_cast<size_t>(cur.index)] = chunk_sum;
           chunk_sum = 0.0;
@@ -469,9 +570,11 @@ void _philox_normal_kernel(Stream st, T* out, int64_t N) {
 std::tuple<at::Tensor, at::Tensor> add_noise_cpu(const at::Tensor& x0, const at::Tensor& coef,
                                                  const std::optional<at::Tensor>& noise,
                                                  int64_t seed, int64_t offset,
-                                                 bool keep_noise) {
+                                                 bool keep_noise,
+                                                 const std::optional<at::Tensor>& xi,
+                                                 int64_t xi_seed, int64_t xi_offset) {
   using namespace noise_loss;
-  const AddNoiseArgs args = add_noise_args(kCPU, x0, coef, noise);
+  const AddNoiseArgs args = add_noise_args(kCPU, x0, coef, noise, xi);
   at::Tensor out = at::empty_like(x0);
   const bool keep = keep_noise && !noise.has_value();
   at::Tensor kept = keep ? at::empty_like(x0) : at::empty({0}, x0.options());
@@ -480,10 +583,19 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(const at::Tensor& x0, const at:
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, args.dtype, "add_noise", [&] {
     using C = compute_t<scalar_t>;
     const C* c = coef.data_ptr<C>();
-    _add_noise_fwd_kernel<scalar_t>(
-        x0.data_ptr<scalar_t>(), c + kRowA * B, c + kRowS * B,
-        noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, make_stream(seed, offset),
-        out.data_ptr<scalar_t>(), keep ? kept.data_ptr<scalar_t>() : nullptr, B, args.D);
+    auto run = [&](auto perturbed) {
+      _add_noise_fwd_kernel<scalar_t, decltype(perturbed)::value>(
+          x0.data_ptr<scalar_t>(), c + kRowA * B, c + kRowS * B,
+          args.perturbed ? c + kRowG * B : nullptr,
+          noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, make_stream(seed, offset),
+          xi.has_value() ? xi->data_ptr<scalar_t>() : nullptr, make_stream(xi_seed, xi_offset),
+          out.data_ptr<scalar_t>(), keep ? kept.data_ptr<scalar_t>() : nullptr, B, args.D);
+    };
+    if (args.perturbed) {
+      run(std::true_type{});
+    } else {
+      run(std::false_type{});
+    }
   });
   return {out, kept};
 }
@@ -509,7 +621,9 @@ void run_noise_loss(const noise_loss::LossArgs& a, const at::Tensor* grad_output
       auto run = [&](auto grad_flag, auto terms_c) {
         _noise_loss_fwd_kernel<P, E, decltype(grad_flag)::value, decltype(terms_c)::value>(
             a.pred->data_ptr<P>(), a.pred_stride, c + kRowW * B, c + kRowP * B, c + kRowQ * B,
-            noise_p, x0_p, st, a.grad_div, go_p, go_stride, loss.data_ptr<C>(),
+            a.kind == kPseudoHuber ? c + kRowC * B : nullptr, a.kind,
+            a.mask != nullptr ? a.mask->data_ptr<C>() : nullptr, a.mask_inner, a.mask_size,
+            a.mask_batch_stride, noise_p, x0_p, st, a.grad_div, go_p, go_stride, loss.data_ptr<C>(),
             grad != nullptr ? grad->data_ptr<P>() : nullptr, B, D);
       };
       auto with_terms = [&](auto grad_flag) {
@@ -539,8 +653,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cpu(DEBIAS_NOISE_L
                                                                   int64_t loss_div,
                                                                   bool need_grad) {
   using namespace noise_loss;
-  const LossArgs args = loss_args(kNoiseLossFwdOp, kCPU, pred, coef, noise, x0, terms, eps_dtype,
-                                  seed, offset, grad_div);
+  const LossArgs args = loss_args(kNoiseLossFwdOp, kCPU, DEBIAS_NOISE_LOSS_PARAM_NAMES);
   check_loss_div(loss_div);
   at::Tensor loss = at::empty({args.B}, pred.options().dtype(args.compute_dtype));
   at::Tensor grad = at::empty(need_grad ? pred.sizes() : at::IntArrayRef{0}, pred.options());
@@ -559,8 +672,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cpu(DEBIAS_NOISE_L
 // recomputed, each sample's factor times grad_output (C, 1 or B values).
 at::Tensor noise_loss_bwd_cpu(DEBIAS_NOISE_LOSS_PARAMS, const at::Tensor& grad_output) {
   using namespace noise_loss;
-  const LossArgs args = loss_args(kNoiseLossBwdOp, kCPU, pred, coef, noise, x0, terms, eps_dtype,
-                                  seed, offset, grad_div);
+  const LossArgs args = loss_args(kNoiseLossBwdOp, kCPU, DEBIAS_NOISE_LOSS_PARAM_NAMES);
   const at::Tensor go = grad_output_values(kCPU, args, grad_output);
   at::Tensor loss = at::empty({args.B}, pred.options().dtype(args.compute_dtype));
   at::Tensor grad = at::empty(pred.sizes(), pred.options());

@@ -28,7 +28,13 @@ constexpr const char* kPhiloxNormalOp = "debias_C::philox_normal_";
 #define DEBIAS_NOISE_LOSS_PARAMS                                                              \
   const at::Tensor &pred, const at::Tensor &coef, const std::optional<at::Tensor> &noise,     \
       const std::optional<at::Tensor> &x0, int64_t terms, at::ScalarType eps_dtype,           \
-      int64_t seed, int64_t offset, int64_t grad_div
+      int64_t seed, int64_t offset, int64_t kind, const std::optional<at::Tensor> &mask,      \
+      int64_t mask_inner, int64_t mask_size, int64_t mask_batch_stride, int64_t grad_div
+
+// The same parameters' names, to hand them on.
+#define DEBIAS_NOISE_LOSS_PARAM_NAMES                                                   \
+  pred, coef, noise, x0, terms, eps_dtype, seed, offset, kind, mask, mask_inner, mask_size, \
+      mask_batch_stride, grad_div
 
 // The storage dtypes the kernels take: T, P and E of noise_loss.h.
 inline bool is_float(at::ScalarType dt) {
@@ -70,6 +76,22 @@ inline void check_coef(const char* op, const at::Tensor& coef, int64_t rows, Bac
               ": coef must have shape [", rows, ", ", B, "], got ", coef.sizes());
 }
 
+// The mask of noise_loss.h: Mb x mask_size values of the compute dtype, contiguous, on pred's
+// device, Mb = B when mask_batch_stride is mask_size, 1 when it is 0.
+inline void check_mask(const char* op, const at::Tensor& mask, int64_t inner, int64_t size,
+                       int64_t batch_stride, Backend backend, const at::Tensor& pred) {
+  check_device(op, "mask", mask, backend, pred, "pred");
+  check_contiguous(op, "mask", mask);
+  check_dtype(op, "mask", mask, compute_dtype(pred.scalar_type()));
+  TORCH_CHECK(inner >= 1 && size >= 1, op, ": mask_inner and mask_size must be >= 1, got ",
+              inner, " and ", size);
+  TORCH_CHECK(batch_stride == 0 || batch_stride == size, op,
+              ": mask_batch_stride must be 0 or mask_size (", size, "), got ", batch_stride);
+  const int64_t rows = batch_stride == 0 ? 1 : pred.size(0);
+  TORCH_CHECK(mask.numel() == rows * size, op, ": mask must hold ", rows, " x ", size,
+              " values, got ", mask.numel());
+}
+
 // A tensor read alongside the data (noise, x0): on its device, contiguous, of its shape.
 inline void check_like(const char* op, const char* name, const at::Tensor& x, Backend backend,
                        const at::Tensor& data, const char* data_name) {
@@ -80,23 +102,31 @@ inline void check_like(const char* op, const char* name, const at::Tensor& x, Ba
 }
 
 // add_noise (DEBIAS_ADD_NOISE_SCHEMA): x0 [B, ...] of storage type T, coef [kNoiseRows, B]
-// (rows a, s), noise like x0 when given. D = numel / B elements a sample.
+// (rows a, s) or [kPerturbedRows, B] (a, s, g: the input is perturbed by g xi), noise and xi
+// like x0 when given. D = numel / B elements a sample.
 struct AddNoiseArgs {
   at::ScalarType dtype;  // T
+  bool perturbed;        // coef has the g row: xi is read (the tensor, or its stream)
   int64_t B, D;
 };
 
 inline AddNoiseArgs add_noise_args(Backend backend, const at::Tensor& x0, const at::Tensor& coef,
-                                   const std::optional<at::Tensor>& noise) {
+                                   const std::optional<at::Tensor>& noise,
+                                   const std::optional<at::Tensor>& xi) {
   constexpr const char* op = kAddNoiseOp;
   check_data(op, "x0", x0, backend, /*is_pred=*/false);
-  check_coef(op, coef, kNoiseRows, backend, x0, "x0");
-  if (noise.has_value()) {
-    check_like(op, "noise", *noise, backend, x0, "x0");
-    check_dtype(op, "noise", *noise, x0.scalar_type());
+  const bool perturbed = coef.dim() == 2 && coef.size(0) == kPerturbedRows;
+  check_coef(op, coef, perturbed ? kPerturbedRows : kNoiseRows, backend, x0, "x0");
+  for (const auto& [name, x] : {std::pair{"noise", &noise}, std::pair{"xi", &xi}}) {
+    if (x->has_value()) {
+      check_like(op, name, **x, backend, x0, "x0");
+      check_dtype(op, name, **x, x0.scalar_type());
+    }
   }
+  TORCH_CHECK(perturbed || !xi.has_value(), op,
+              ": xi was given but coef has no g row (shape [", kPerturbedRows, ", B])");
   const int64_t B = x0.size(0);
-  return {x0.scalar_type(), B, B > 0 ? x0.numel() / B : 0};
+  return {x0.scalar_type(), perturbed, B, B > 0 ? x0.numel() / B : 0};
 }
 
 // noise_loss_fwd and noise_loss_bwd, the arguments they share (DEBIAS_NOISE_LOSS_ARGS). The
@@ -106,7 +136,10 @@ struct LossArgs {
   const at::Tensor* coef;   // [kLossRows, B] C: rows w, p, q
   const at::Tensor* noise;  // like pred, E; nullptr: the stream (or no eps term)
   const at::Tensor* x0;     // like pred, E; nullptr without the x0 term
+  const at::Tensor* mask;   // Mb x mask_size in C, or nullptr: no mask
   int64_t terms;            // kEpsTerm, kX0Term or both
+  int64_t kind;             // kL2, kL1 or kPseudoHuber (coef has row c)
+  int64_t mask_inner, mask_size, mask_batch_stride;
   at::ScalarType pred_dtype, eps_dtype, compute_dtype;  // P; E (noise's when given); C
   int64_t seed, offset, grad_div;
   int64_t B, D;
@@ -115,7 +148,12 @@ struct LossArgs {
 
 inline LossArgs loss_args(const char* op, Backend backend, DEBIAS_NOISE_LOSS_PARAMS) {
   check_data(op, "pred", pred, backend, /*is_pred=*/true);
-  check_coef(op, coef, kLossRows, backend, pred, "pred");
+  TORCH_CHECK(kind == kL2 || kind == kL1 || kind == kPseudoHuber, op,
+              ": kind must be 0 (l2), 1 (l1) or 2 (pseudo-Huber), got ", kind);
+  check_coef(op, coef, kind == kPseudoHuber ? kHuberRows : kLossRows, backend, pred, "pred");
+  if (mask.has_value()) {
+    check_mask(op, *mask, mask_inner, mask_size, mask_batch_stride, backend, pred);
+  }
   TORCH_CHECK(terms == kEpsTerm || terms == kX0Term || terms == (kEpsTerm | kX0Term), op,
               ": terms must be 1 (eps), 2 (x0) or 3 (both), got ", terms);
   TORCH_CHECK(grad_div >= 1, op, ": grad_div must be >= 1, got ", grad_div);
@@ -138,7 +176,12 @@ inline LossArgs loss_args(const char* op, Backend backend, DEBIAS_NOISE_LOSS_PAR
           &coef,
           noise.has_value() ? &*noise : nullptr,
           x0.has_value() ? &*x0 : nullptr,
+          mask.has_value() ? &*mask : nullptr,
           terms,
+          kind,
+          mask_inner,
+          mask_size,
+          mask_batch_stride,
           pred.scalar_type(),
           edtype,
           compute_dtype(pred.scalar_type()),

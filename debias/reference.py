@@ -125,6 +125,14 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, s: torch.Tens
     return a.to(x0.dtype).view(shape) * x0 + s.to(x0.dtype).view(shape) * noise
 
 
+def perturbed(noise: torch.Tensor, xi: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``noise + g_b xi`` in noise's dtype: input perturbation as the trainers write it
+    (diffusers' ``noise + args.input_perturbation * torch.randn_like(noise)``, sd-scripts'
+    ``noise + ip_noise_gamma * xi``): the product rounds to noise's dtype, then the sum."""
+    shape = (-1,) + (1,) * (noise.dim() - 1)
+    return noise + (g.view(shape) * xi.to(g.dtype)).to(noise.dtype)
+
+
 def affine_target(
     noise: torch.Tensor | None, x0: torch.Tensor | None, p: torch.Tensor, q: torch.Tensor
 ) -> torch.Tensor:
@@ -161,6 +169,70 @@ def weighted_mse_grad(
     shape = (-1,) + (1,) * (pred.dim() - 1)
     diff = pred.to(w.dtype) - target.to(w.dtype)
     return ((2.0 * w / diff[0].numel() / div).view(shape) * diff).to(pred.dtype)
+
+
+# The elementwise losses of the kernels (csrc/noise_loss.h): l and its derivative factor h, and
+# the constant k of the gradient 2 w / D h (l2) or w / D h. "pseudo_huber" is
+# sqrt(d^2 + c^2) - c written without its cancellation; the trainers' "huber" (sd-scripts:
+# 2 c (sqrt(d^2 + c^2) - c)) and "smooth_l1" (2 (sqrt(d^2 + c^2) - c)) are it times 2c or 2.
+LOSS_KINDS = ("l2", "l1", "pseudo_huber")
+
+
+def loss_and_factor(
+    d: torch.Tensor, kind: str, c: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(l(d), h(d), k) elementwise in d's dtype; c ``[B]`` for "pseudo_huber"."""
+    if kind == "l2":
+        return d * d, d, 2.0
+    if kind == "l1":
+        return d.abs(), torch.sign(d), 1.0
+    if kind != "pseudo_huber":
+        raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
+    c = c.to(d.dtype).view((-1,) + (1,) * (d.dim() - 1))
+    dd = d * d
+    r = torch.sqrt(dd + c * c)
+    return dd / (r + c), d / r, 1.0
+
+
+def weighted_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    w: torch.Tensor,
+    reduction: str = "mean",
+    kind: str = "l2",
+    c: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``w_b mean_i m_i l(pred_i - y_i)`` reduced over the batch: the kernels' loss, in the
+    compute type (``.float()``; float64 stays float64). ``mask`` broadcasts to pred."""
+    acc = torch.promote_types(pred.dtype, torch.float32)
+    d = pred.to(acc) - target.to(acc)
+    loss = loss_and_factor(d, kind, c)[0]
+    if mask is not None:
+        loss = mask.to(acc) * loss
+    loss = loss.mean(dim=list(range(1, loss.dim()))) * w.to(acc)
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def weighted_loss_grad(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    w: torch.Tensor,
+    div: int = 1,
+    kind: str = "l2",
+    c: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """d weighted_loss / d pred in closed form, ``(k w_b / D / div) * (m h)``, in w's dtype,
+    rounded once to pred's: the kernels' gradient, bit for bit."""
+    shape = (-1,) + (1,) * (pred.dim() - 1)
+    d = pred.to(w.dtype) - target.to(w.dtype)
+    _, h, k = loss_and_factor(d, kind, c)
+    if mask is not None:
+        h = mask.to(w.dtype) * h
+    return ((k * w / d[0].numel() / div).view(shape) * h).to(pred.dtype)
 
 
 def noise_loss(

@@ -26,6 +26,7 @@ Each public function checks its input once; the custom ops below it trust their 
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, NamedTuple
 
@@ -73,6 +74,11 @@ class LossArgs(NamedTuple):
     key: torch.Tensor | None  # int64 [2] (seed, offset) on the CPU when eps is the stream
     terms: int  # TERM_EPS | TERM_X0
     eps_dtype: torch.dtype  # the noise's dtype: the stream is rounded to it
+    kind: int  # index into reference.LOSS_KINDS; "pseudo_huber" adds coef's row c
+    mask: torch.Tensor | None  # [Mb * mask_size] in the compute type, or None
+    mask_inner: int  # element j of a sample reads mask[(j // mask_inner) % mask_size]
+    mask_size: int
+    mask_batch_stride: int  # mask_size (one row per sample) or 0 (one row for all)
     reduction: int  # index into _REDUCTIONS
 
     def divisor(self, batch: int) -> int:
@@ -83,7 +89,18 @@ class LossArgs(NamedTuple):
         """The leading arguments of every loss kernel, C++, CUDA and Triton alike
         (DEBIAS_NOISE_LOSS_ARGS of csrc/noise_loss.h, up to the divisors)."""
         seed, offset = self.key.tolist() if self.key is not None else (0, 0)
-        return (pred, self.coef, self.noise, self.x0, self.terms, self.eps_dtype, seed, offset)
+        mask = (self.mask, self.mask_inner, self.mask_size, self.mask_batch_stride)
+        return (pred, self.coef, self.noise, self.x0, self.terms, self.eps_dtype, seed, offset,
+                self.kind, *mask)  # fmt: skip
+
+    def torch_mask(self, pred: torch.Tensor) -> torch.Tensor | None:
+        """The mask expanded to pred's shape (the torch backend's; the kernels never do)."""
+        if self.mask is None:
+            return None
+        rows = self.mask.view(-1, 1, self.mask_size, 1)
+        outer = pred[0].numel() // (self.mask_size * self.mask_inner)
+        full = rows.expand(pred.shape[0], outer, self.mask_size, self.mask_inner)
+        return full.reshape(pred.shape)
 
 
 # LossArgs' fields with their annotations as written (strings under postponed evaluation).
@@ -143,6 +160,8 @@ def add_noise(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    input_perturbation: float | torch.Tensor | None = None,
+    perturbation_noise: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | PhiloxNoise]:
     """Noise ``x0`` to timesteps ``t``: ``x_t = a_t x0 + s_t noise`` with the schedule's
@@ -162,8 +181,16 @@ def add_noise(
             (diffusers' ``scheduler.add_noise``, or ``(1 - sigmas) * x0 + sigmas * noise`` of
             the flow-matching scripts) bit for bit. None (default) draws the noise from a
             Philox stream inside the kernel.
-        generator: a CPU ``torch.Generator`` for the Philox key; None uses torch's default,
+        generator: a CPU ``torch.Generator`` for the Philox keys; None uses torch's default,
             so ``torch.manual_seed`` makes runs repeatable.
+        input_perturbation: gamma of input perturbation (diffusers' ``--input_perturbation``,
+            sd-scripts' ``--ip_noise_gamma``): x_t is made from ``noise + gamma * xi`` while
+            the returned noise, the loss's target, stays ``noise``. A float or a ``[B]``
+            tensor (sd-scripts' ``--ip_noise_gamma_random_strength``: ``torch.rand(1) *
+            gamma`` expanded to ``[B]``), finite and >= 0. None or 0: no perturbation.
+        perturbation_noise: xi, a tensor like ``x0``: pass the trainer's ``randn_like`` to
+            reproduce its x_t bit for bit. None (default) draws xi from a second Philox key
+            of ``generator``, never written to memory.
         backend: force "torch", "cpu", "triton" or "cuda" (default: fastest available).
 
     Returns:
@@ -177,7 +204,9 @@ def add_noise(
         coef = _noise_table(schedule, x0.dtype, x0.device)[:, _index(schedule, t, x0)]
     else:
         coef = noise_coefficients(family, _sigma(family, t, x0), x0.dtype)
-    return _affine_noise(x0, coef, noise, generator, backend)
+    return _affine_noise(
+        x0, coef, noise, generator, backend, input_perturbation, perturbation_noise
+    )
 
 
 def affine_noise(
@@ -187,6 +216,8 @@ def affine_noise(
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     *,
+    input_perturbation: float | torch.Tensor | None = None,
+    perturbation_noise: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | PhiloxNoise]:
     """The noising op itself: ``x_t = a_b x0 + s_b noise`` with per-sample coefficients, for
@@ -198,7 +229,8 @@ def affine_noise(
         x0: ``[B, ...]`` float32/float64/bfloat16/float16.
         a, s: ``[B]`` float tensors on x0's device, finite; used in the compute type (float64
             for float64 data, else float32): each product rounds to x0's dtype, then the sum.
-        noise, generator, backend: as for ``add_noise``.
+        noise, generator, input_perturbation, perturbation_noise, backend: as for
+            ``add_noise`` (x_t = a x0 + s (noise + gamma xi) when perturbed).
 
     Returns:
         ``(x_t, noise)`` as ``add_noise``.
@@ -212,23 +244,37 @@ def affine_noise(
     compute = torch.float64 if x0.dtype == torch.float64 else torch.float32
     a = _coefficient("a", a, x0)
     s = _coefficient("s", s, x0)
-    return _affine_noise(x0, torch.stack((a, s)).to(compute), noise, generator, backend)
+    coef = torch.stack((a, s)).to(compute)
+    return _affine_noise(
+        x0, coef, noise, generator, backend, input_perturbation, perturbation_noise
+    )
 
 
-def _affine_noise(x0, coef, noise, generator, backend):
-    """The one way to the noising op: ``coef [2, B]`` (a, s) in the compute type; x0 checked."""
+def _affine_noise(x0, coef, noise, generator, backend, perturbation=None, xi=None):
+    """The one way to the noising op: ``coef [2, B]`` (a, s) in the compute type; x0 checked.
+    A perturbation adds the row g (``coef [3, B]``) and xi: the tensor, or a Philox key."""
     generator = check_generator(generator, _GENERATOR_WHY)
-    if noise is not None:
-        _check_like("noise", noise, "x0", x0)
-        if noise.dtype != x0.dtype:
-            raise TypeError(f"noise must have x0's dtype {x0.dtype}, got {noise.dtype}")
-        if generator is not None:
-            raise ValueError("generator is only used when noise=None; pass one or the other")
+    for name, tensor in (("noise", noise), ("perturbation_noise", xi)):
+        if tensor is not None:
+            _check_like(name, tensor, "x0", x0)
+            if tensor.dtype != x0.dtype:
+                raise TypeError(f"{name} must have x0's dtype {x0.dtype}, got {tensor.dtype}")
+    if xi is not None:
+        _refuse_grad("perturbation_noise", xi)
+    perturbed = not (perturbation is None or _is_zero(perturbation))
+    if xi is not None and not perturbed:
+        raise ValueError("perturbation_noise was given without input_perturbation")
+    if generator is not None and noise is not None and (xi is not None or not perturbed):
+        raise ValueError("generator is only used when noise (or xi) is drawn; nothing is drawn")
+    if perturbed:
+        coef = torch.cat((coef, _strength(perturbation, x0).to(coef.dtype)[None]))
     backend = _backend.resolve(backend, x0.device)
     key = _draw_key(generator) if noise is None else None
+    xi_key = _draw_key(generator) if perturbed and xi is None else None
     noise_arg = None if noise is None else noise.contiguous()
+    xi_arg = None if xi is None else xi.contiguous()
     keep = noise is None and backend in _KEEPS_NOISE
-    args = (x0.contiguous(), coef, noise_arg, key, keep, backend)
+    args = (x0.contiguous(), coef, noise_arg, key, keep, xi_arg, xi_key, backend)
     if torch.is_grad_enabled() and (x0.requires_grad or (key is None and noise.requires_grad)):
         x_t, kept = _AddNoise.apply(*args)
     else:
@@ -248,14 +294,19 @@ def fused_loss(
     x0: torch.Tensor | None = None,
     reduction: str = "mean",
     *,
+    loss: str = "l2",
+    huber_c: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    mask_normalize: bool = False,
     sample_weight: torch.Tensor | None = None,
     backend: str | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """The weighted diffusion loss and its gradient in one pass.
 
-    Equal to the trainers' ``mse_loss(pred.float(), target.float(), "none")`` averaged over
-    the non-batch dims, times the per-sample weight, then reduced over the batch.
+    Equal to the trainers' ``mse_loss(pred.float(), target.float(), "none")`` (or the
+    ``loss`` named) times the mask, averaged over the non-batch dims, times the per-sample
+    weight, then reduced over the batch.
 
     Args:
         pred: the network's output ``[B, ...]``, float32/float64/bfloat16/float16.
@@ -274,6 +325,22 @@ def fused_loss(
             None (default) takes the schedule's (a diffusers scheduler's config).
         x0: the clean data ``[B, ...]``; required by every target but "epsilon".
         reduction: "mean" (default) or "sum" over the batch, or "none" for ``[B]``.
+        loss: the elementwise loss of ``d = pred - target``, sd-scripts' ``--loss_type``:
+            "l2" (default) ``d^2``; "l1" ``|d|``; "huber" ``2 c (sqrt(d^2 + c^2) - c)``;
+            "smooth_l1" ``2 (sqrt(d^2 + c^2) - c)``. The weighting stays a per-sample factor
+            on the loss of the prediction (the weight of an l2 loss in pred's space, applied
+            as is): no conversion to epsilon space is meaningful for a non-quadratic loss.
+        huber_c: c of "huber" and "smooth_l1" (required by them, refused by the others): a
+            float or a ``[B]`` tensor (sd-scripts' ``--huber_schedule``), finite and > 0.
+        mask: a float tensor that broadcasts to pred (``[B, 1, H, W]`` alpha masks,
+            ``[B, 1, F, 1, 1]`` frame masks, ``[B, N, 1]`` token masks, or one mask for the
+            batch), finite and >= 0, without grad. It multiplies the elementwise loss before
+            the mean over the non-batch dims (sd-scripts' ``apply_masked_loss``). The kernels
+            read it at its own size, never expanded; a mask whose full dims are not adjacent
+            (``[B, C, 1, W]``) is expanded over the dims between them only.
+        mask_normalize: divide each sample's masked sum by the sum of the (broadcast) mask
+            instead of by the element count: the mean over the masked area, as trainers that
+            normalise by the mask do. A sample whose mask is all zero contributes 0.
         sample_weight: ``[B]`` float factors on each sample's loss (sd-scripts'
             ``loss_weights``), finite and >= 0, without grad; folded into the weight.
         backend: force "torch", "cpu", "triton" or "cuda".
@@ -307,7 +374,8 @@ def fused_loss(
     if sample_weight is not None:
         sample_weight = _coefficient("sample_weight", sample_weight, pred, nonnegative=True)
         coef = torch.cat((coef[:1] * sample_weight.to(compute), coef[1:]))
-    return _affine_loss(pred, noise, x0, coef, terms, reduction, backend)
+    shape = _LossShape(loss, huber_c, mask, mask_normalize)
+    return _affine_loss(pred, noise, x0, coef, terms, reduction, backend, shape)
 
 
 def affine_loss(
@@ -319,6 +387,10 @@ def affine_loss(
     x0: torch.Tensor | None = None,
     reduction: str = "mean",
     *,
+    loss: str = "l2",
+    huber_c: float | torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    mask_normalize: bool = False,
     backend: str | None = None,
 ) -> torch.Tensor:
     """The loss op itself: ``loss_b = w_b / D * sum_i (pred_bi - y_bi)^2`` with the target
@@ -337,6 +409,8 @@ def affine_loss(
         q: ``[B]``, or None (default) for a target without an x0 term.
         x0: ``[B, ...]`` like pred, required with ``q`` (and only then).
         reduction: "mean" (default) or "sum" over the batch, or "none" for ``[B]``.
+        loss, huber_c, mask, mask_normalize: as for ``fused_loss`` (the squared error above
+            is then that loss, times the mask).
         backend: force "torch", "cpu", "triton" or "cuda".
 
     Coefficients are float ``[B]`` tensors on pred's device, finite, without grad, used in
@@ -370,12 +444,109 @@ def affine_loss(
             rows.append(zero)
         else:
             rows.append(_coefficient(name, value, pred, nonnegative).to(compute))
-    return _affine_loss(pred, noise, x0, torch.stack(rows), terms, reduction, backend)
+    shape = _LossShape(loss, huber_c, mask, mask_normalize)
+    return _affine_loss(pred, noise, x0, torch.stack(rows), terms, reduction, backend, shape)
 
 
-def _affine_loss(pred, noise, x0, coef, terms, reduction, backend) -> torch.Tensor:
-    """The one way to the loss op: ``coef [3, B]`` (w, p, q) in the compute type; the tensors
-    checked by ``_check_loss_inputs``."""
+class _LossShape(NamedTuple):
+    """The loss's own options, as the user gave them (checked by ``loss_coefficients``)."""
+
+    loss: str
+    huber_c: Any
+    mask: Any
+    mask_normalize: bool
+
+    def kernel_form(self, pred: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """(coef with the loss's factors folded into w and the row c when the kernel reads
+        it, LossArgs' kind and mask fields): the trainers' "huber" is the kernels'
+        pseudo-Huber with w times 2c, "smooth_l1" with w times 2 (csrc/noise_loss.h);
+        mask_normalize is w times D / the broadcast mask's sum."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        huber = self.loss in ("huber", "smooth_l1")
+        if huber and self.huber_c is None:
+            raise ValueError(f"loss={self.loss!r} needs huber_c (sd-scripts' default is 0.1)")
+        if not huber and self.huber_c is not None:
+            raise ValueError(
+                f"huber_c is used by loss='huber' or 'smooth_l1' only, not {self.loss!r}"
+            )
+        if not isinstance(self.mask_normalize, bool):
+            raise TypeError(
+                f"mask_normalize must be a bool, got {type(self.mask_normalize).__name__}"
+            )
+        if self.mask_normalize and self.mask is None:
+            raise ValueError("mask_normalize=True needs a mask")
+        compute = coef.dtype
+        w = coef[0]
+        rows = [coef[1], coef[2]]
+        if huber:
+            c = _huber_c(self.huber_c, pred).to(compute)
+            w = w * (2.0 * c if self.loss == "huber" else 2.0)
+            rows.append(c)
+        fields = {"mask": None, "mask_inner": 1, "mask_size": 1, "mask_batch_stride": 0}
+        if self.mask is not None:
+            fields = _mask_fields(self.mask, pred, compute)
+            if self.mask_normalize:
+                values = fields["mask"].view(-1, fields["mask_size"]).double()
+                total = values.sum(1)
+                scale = torch.where(total > 0, fields["mask_size"] / total, 0.0)
+                w = w * scale.to(compute)
+        kind = reference.LOSS_KINDS.index("pseudo_huber" if huber else self.loss)
+        return torch.stack((w, *rows)), {"kind": kind, **fields}
+
+
+# The losses of fused_loss, sd-scripts' --loss_type.
+LOSSES = ("l2", "l1", "huber", "smooth_l1")
+
+
+def _huber_c(c: Any, pred: torch.Tensor) -> torch.Tensor:
+    """huber_c as ``[B]`` values: a float, or a tensor checked as a coefficient (> 0)."""
+    if isinstance(c, torch.Tensor):
+        c = _coefficient("huber_c", c, pred)
+        check_all(c > 0, lambda: f"huber_c must be > 0, got {c[c <= 0][:4].tolist()}",
+                  "huber_c must be > 0")  # fmt: skip
+        return c
+    if isinstance(c, bool) or not isinstance(c, (int, float)):
+        raise TypeError(f"huber_c must be a float or a [B] tensor, got {type(c).__name__}")
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"huber_c must be finite and > 0, got {c}")
+    return torch.full((pred.shape[0],), float(c), dtype=torch.float64, device=pred.device)
+
+
+def _mask_fields(mask: Any, pred: torch.Tensor, compute: torch.dtype) -> dict[str, Any]:
+    """LossArgs' mask fields for a mask that broadcasts to pred: its values over the span of
+    its full dims (those of pred's size; the others broadcast), one row per sample or one for
+    the batch, in the compute type; element j of a sample reads row[(j // inner) % size]."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if not (mask.dtype.is_floating_point or mask.dtype == torch.bool):
+        raise TypeError(f"mask must be a float (or bool) tensor, got dtype {mask.dtype}")
+    n = pred.dim()
+    shape = (1,) * (n - mask.dim()) + tuple(mask.shape)
+    if mask.dim() > n or any(m not in (1, p) for m, p in zip(shape, pred.shape, strict=True)):
+        raise ValueError(
+            f"mask of shape {list(mask.shape)} does not broadcast to pred's {list(pred.shape)}"
+        )
+    _check_same_device(pred=pred, mask=mask)
+    _refuse_grad("mask", mask)
+    full = [d for d in range(1, n) if shape[d] != 1]
+    first, last = (full[0], full[-1]) if full else (n, n - 1)
+    size = math.prod(pred.shape[first : last + 1])
+    inner = math.prod(pred.shape[last + 1 :]) if full else 1
+    span = [pred.shape[d] if first <= d <= last else 1 for d in range(1, n)]
+    rows = mask.reshape(shape).expand(shape[0], *span).reshape(shape[0], size)
+    values = rows.to(compute).contiguous().view(-1)
+    ok = torch.isfinite(values) & (values >= 0)
+    check_all(ok, lambda: f"mask must be finite and >= 0, got {values[~ok][:4].tolist()}",
+              "mask must be finite and >= 0")  # fmt: skip
+    stride = size if shape[0] == pred.shape[0] and shape[0] > 1 else 0
+    return {"mask": values, "mask_inner": inner, "mask_size": size, "mask_batch_stride": stride}
+
+
+def _affine_loss(pred, noise, x0, coef, terms, reduction, backend, shape) -> torch.Tensor:
+    """The one way to the loss op: ``coef [3, B]`` (w, p, q) in the compute type and the
+    loss's options; the tensors checked by ``_check_loss_inputs``."""
+    coef, loss_fields = shape.kernel_form(pred, coef)
     backend = _backend.resolve(backend, pred.device)
     philox = isinstance(noise, PhiloxNoise) and noise.values is None
     noise_tensor = noise.values if isinstance(noise, PhiloxNoise) else noise
@@ -386,6 +557,7 @@ def _affine_loss(pred, noise, x0, coef, terms, reduction, backend) -> torch.Tens
         key=noise.key if philox and terms & TERM_EPS else None,
         terms=terms,
         eps_dtype=(noise if noise is not None else x0).dtype,
+        **loss_fields,
         reduction=_REDUCTIONS.index(reduction),
     )
     if not (backend == "cpu" and pred[0].is_contiguous()):
@@ -457,6 +629,23 @@ def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = Fals
         ok, lambda: f"{name} must be {what}, got {x[~ok][:4].tolist()}", f"{name} must be {what}"
     )
     return x
+
+
+def _is_zero(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
+
+
+def _strength(gamma: Any, x0: torch.Tensor) -> torch.Tensor:
+    """input_perturbation as ``[B]`` values: a float, or a tensor checked as a coefficient."""
+    if isinstance(gamma, torch.Tensor):
+        return _coefficient("input_perturbation", gamma, x0, nonnegative=True)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(
+            f"input_perturbation must be a float or a [B] tensor, got {type(gamma).__name__}"
+        )
+    if not math.isfinite(gamma) or gamma < 0:
+        raise ValueError(f"input_perturbation must be finite and >= 0, got {gamma}")
+    return torch.full((x0.shape[0],), float(gamma), dtype=torch.float64, device=x0.device)
 
 
 def _sigma(family: str, t: Any, data: torch.Tensor) -> torch.Tensor:
@@ -596,19 +785,29 @@ def _add_noise_impl(
     noise: torch.Tensor | None,
     key: torch.Tensor | None,
     keep_noise: bool,
+    xi: torch.Tensor | None,
+    xi_key: torch.Tensor | None,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_t, the generated noise if ``keep_noise`` else an empty tensor); coef [2, B]: a, s."""
+    """(x_t, the generated noise if ``keep_noise`` else an empty tensor); coef [2, B]: a, s,
+    or [3, B]: a, s, g with xi (the tensor, or the stream of ``xi_key``) perturbing x_t."""
     seed, offset = key.tolist() if key is not None else (0, 0)
+    xi_seed, xi_offset = xi_key.tolist() if xi_key is not None else (0, 0)
+    streams = (seed, offset, xi, xi_seed, xi_offset)
     if backend in ("cpu", "cuda"):
-        return torch.ops.debias_C.add_noise(x0, coef, noise, seed, offset, keep_noise)
+        return torch.ops.debias_C.add_noise(x0, coef, noise, seed, offset, keep_noise, *streams[2:])
     kept = x0.new_empty(0)
     if backend == "triton":
-        return _triton_kernels().add_noise(x0, coef, noise, seed, offset), kept
+        return _triton_kernels().add_noise(x0, coef, noise, *streams), kept
     if noise is None:
         noise = _philox_normal_impl(key, list(x0.shape), x0.dtype, x0.device, backend)
         kept = noise if keep_noise else kept
-    return reference.noised(x0, noise, coef[0], coef[1]), kept
+    eps = noise
+    if coef.shape[0] == 3:
+        if xi is None:
+            xi = _philox_normal_impl(xi_key, list(x0.shape), x0.dtype, x0.device, backend)
+        eps = reference.perturbed(noise, xi, coef[2])
+    return reference.noised(x0, eps, coef[0], coef[1]), kept
 
 
 def _noise_loss_impl(pred: torch.Tensor, *fields: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -628,11 +827,12 @@ def _noise_loss_impl(pred: torch.Tensor, *fields: Any) -> tuple[torch.Tensor, to
         )
     else:
         target = _target_torch(pred, args)
-        per_sample = reference.weighted_mse(pred, target, args.coef[0], "none")
+        loss = _torch_loss_args(pred, args)
+        per_sample = reference.weighted_loss(pred, target, args.coef[0], "none", **loss)
         total = per_sample.sum() / div
         grad = pred.new_empty(0)
         if need_grad:
-            grad = reference.weighted_mse_grad(pred, target, args.coef[0], div)
+            grad = reference.weighted_loss_grad(pred, target, args.coef[0], div, **loss)
     return (per_sample if _REDUCTIONS[args.reduction] == "none" else total), grad
 
 
@@ -650,8 +850,17 @@ def _noise_loss_bwd_impl(pred: torch.Tensor, *fields: Any) -> torch.Tensor:
         )[2]
     if backend in ("cpu", "cuda"):
         return torch.ops.debias_C.noise_loss_bwd(*args.kernel_args(pred), div, grad_output)
-    grad = reference.weighted_mse_grad(pred, _target_torch(pred, args), args.coef[0], div)
+    target = _target_torch(pred, args)
+    loss = _torch_loss_args(pred, args)
+    grad = reference.weighted_loss_grad(pred, target, args.coef[0], div, **loss)
     return grad * grad_output.view((-1,) + (1,) * (pred.dim() - 1)).to(grad.dtype)
+
+
+def _torch_loss_args(pred: torch.Tensor, args: LossArgs) -> dict[str, Any]:
+    """The kind, c and the expanded mask of reference.weighted_loss for the torch backend."""
+    kind = reference.LOSS_KINDS[args.kind]
+    c = args.coef[3] if kind == "pseudo_huber" else None
+    return {"kind": kind, "c": c, "mask": args.torch_mask(pred)}
 
 
 def _target_torch(pred: torch.Tensor, args: LossArgs) -> torch.Tensor:
@@ -683,7 +892,7 @@ def _(key, shape, dtype, device, backend):
 
 
 @_add_noise_op.register_fake
-def _(x0, coef, noise, key, keep_noise, backend):
+def _(x0, coef, noise, key, keep_noise, xi, xi_key, backend):
     kept = torch.empty_like(x0) if keep_noise and noise is None else x0.new_empty(0)
     return torch.empty_like(x0), kept
 
@@ -703,13 +912,13 @@ def _(pred, *fields):
 
 
 class _AddNoise(torch.autograd.Function):
-    """x_t = a x0 + s noise: the gradients are the per-sample coefficients."""
+    """x_t = a x0 + s noise (+ s g xi): the gradients are the per-sample coefficients."""
 
     @staticmethod
-    def forward(ctx, x0, coef, noise, key, keep_noise, backend):
+    def forward(ctx, x0, coef, noise, key, keep_noise, xi, xi_key, backend):
         ctx.save_for_backward(coef)
         ctx.dim = x0.dim()
-        x_t, kept = _add_noise(x0, coef, noise, key, keep_noise, backend)
+        x_t, kept = _add_noise(x0, coef, noise, key, keep_noise, xi, xi_key, backend)
         ctx.mark_non_differentiable(kept)
         ctx.set_materialize_grads(False)
         return x_t, kept
@@ -717,12 +926,12 @@ class _AddNoise(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, _grad_kept):
         if grad is None:
-            return (None,) * 6
+            return (None,) * 8
         (coef,) = ctx.saved_tensors
         shape = (-1,) + (1,) * (ctx.dim - 1)
         grad_x0 = grad * coef[0].to(grad.dtype).view(shape)
         grad_noise = grad * coef[1].to(grad.dtype).view(shape) if ctx.needs_input_grad[2] else None
-        return grad_x0, None, grad_noise, None, None, None
+        return grad_x0, None, grad_noise, None, None, None, None, None
 
 
 def _is_host_one(x: torch.Tensor) -> bool:
