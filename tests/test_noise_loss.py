@@ -372,7 +372,9 @@ def test_stream_does_not_depend_on_threads():
         for n in (1, 2):
             torch.set_num_threads(n)
             coef = SCHEDULE.noise_table(x0.dtype, x0.device)[:, t]
-            x_t = debias.ops.noise_loss._add_noise_op(x0, coef, None, key, False, None, None, "cpu")[0]
+            x_t = debias.ops.noise_loss._add_noise_op(
+                x0, coef, None, key, False, None, None, "cpu"
+            )[0]
             p = pred.clone().requires_grad_(True)
             loss = debias.fused_loss(p, noise, t, SCHEDULE, backend="cpu")
             loss.backward()
