@@ -15,8 +15,9 @@
 #   info        python -m debias.info: the kernels and backends found (env.txt)
 #   tests       the GPU tests: those marked gpu and the Triton knn kernel tests (not so marked;
 #               they run on a GPU when one is there); not the slow ones
-#   loss, loss-flow   bench_noise_loss.py: the DDPM cases; then the flow-matching cases and the
-#               training step. eager, compile, triton, cuda (each GPU backend in both gradient
+#   loss, loss-flow   bench_noise_loss.py: the DDPM cases; then the flow-matching cases (the
+#               diffusers scripts' cosmap, and sd-scripts' huber + alpha mask + loss_weights
+#               on continuous sigmas: the flow_huber family) and the training step. eager, compile, triton, cuda (each GPU backend in both gradient
 #               designs). Each result is appended to a JSONL file as its test ends, so a part
 #               stopped at its limit keeps what it finished
 #   loss-report noise_loss_<gpu>.csv and .md
