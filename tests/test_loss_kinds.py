@@ -19,8 +19,8 @@ from debias import reference
 from debias.ops.noise_loss import LOSSES
 
 RTOL = 1e-5
-# Odd shapes: [B, C, H, W] images and [B, C, F, H, W] video.
-SHAPES = [(3, 2, 5, 7), (2, 3, 4, 3, 5)]
+# Odd shapes: [B, C, H, W] images, [B, C, F, H, W] video and [B, N, C] packed tokens.
+SHAPES = [(3, 2, 5, 7), (2, 3, 4, 3, 5), (3, 11, 6)]
 SHAPE_IDS = ["x".join(map(str, s)) for s in SHAPES]
 
 
@@ -58,7 +58,11 @@ def masks(shape, gen):
     B = shape[0]
     rand = lambda *s: torch.rand(*s, generator=gen)  # noqa: E731
     out = {"none": None, "full": rand(*shape), "sample": rand(B, *[1] * (len(shape) - 1))}
-    if len(shape) == 4:
+    if len(shape) == 3:
+        _, N, C = shape
+        out["token"] = (rand(B, N, 1) > 0.5).float()
+        out["channel"] = rand(C)
+    elif len(shape) == 4:
         _, C, H, W = shape
         out["alpha"] = rand(B, 1, H, W)
         out["shared"] = rand(H, W)
