@@ -6,12 +6,14 @@
 //
 //   _philox_normal_kernel  out_i = rnd_T(normal_i)
 //       writes N * sizeof(T)                                                   bytes 1T
-//   _add_noise_kernel      x_t_i = rnd_T(rnd_T(a_b * x0_i) + rnd_T(s_b * eps_i))
-//       reads x0 (+ noise), writes x_t                                    bytes 2T (3T)
+//   _add_noise_kernel      x_t_i = rnd_T(rnd_T(a_b * x0_i) + rnd_T(s_b * e_i)),
+//                          e_i = eps_i, or rnd_T(eps_i + rnd_T(g_b * xi_i)) perturbed
+//       reads x0 (+ noise) (+ xi), writes x_t                        bytes 2T (3T) (4T)
 //   _noise_loss_kernel     y_i = p_b eps_i + q_b x0_i (the named terms),  d_i = pred_i - y_i
-//       forward:  loss_b, total; grad_i = rnd_P(g_b * d_i) (need_grad)
-//       backward: grad_i = rnd_P((g_b * go_b) * d_i), go_b from the grad_output tensor
+//       forward:  loss_b, total; grad_i = rnd_P(g_b * (m_i * h(d_i))) (need_grad)
+//       backward: grad_i = rnd_P((g_b * go_b) * (m_i * h(d_i))), go_b from grad_output
 //       reads pred (+ noise) (+ x0), writes grad               bytes P + P (+ E) (+ E)
+//       (+ the mask's own Mb x mask_size values, read through the cache, never expanded)
 // eps_i is noise_i or rnd_E(normal_i), where normal_i is the Philox stream of philox.h,
 // regenerated in registers instead of stored: with the stream and the eps term alone a
 // training step moves 2 elements per element for the loss side, eager torch about ten. A term
@@ -41,9 +43,19 @@
 //
 // Arithmetic on data uses CUDA's round-to-nearest intrinsics (ieee.cuh: never contracted into
 // an fma), and nothing flushes subnormals (no fast math, no -ftz: debias/_build.py), so
-// add_noise equals torch's `a * x0 + s * noise` bit for bit, y and grad have the CPU kernel's
-// bits for the same eps (each product and sum of y and g_b rounded on its own), and the stream
-// is the CPU's AVX2+FMA path's (philox.h: its fused operations are its own, written as fmaf).
+// add_noise equals torch's `a * x0 + s * noise` (perturbed: `noise + g * xi` first) bit for
+// bit, y and grad have the CPU kernel's bits for the same eps (each product and sum of y, h and
+// g_b rounded on its own, the pseudo-Huber sqrt and divisions correctly rounded), and the
+// stream is the CPU's AVX2+FMA path's (philox.h: its fused operations are its own, written as
+// fmaf). Only the loss sums are this kernel's own: m_i l(d_i) is added with one fma, of
+// (m_i h_i) and d_i for l2 and l1, of m_i and l_i for pseudo-Huber.
+//
+// Kinds and masks are template parameters, like the stream and the mode: each kernel carries
+// the arithmetic of its own kind only, and the l2 kernel without a mask is the code the op had
+// before either existed. A mask is read where an element needs it, never expanded: its index
+// (j / mask_inner) % mask_size takes two 32-bit divisions by multiply-high (MagicDiv), from a
+// base the block computes once per chunk, so it costs a few integer operations and a cached
+// load an element whatever D is.
 //
 // Launch configuration: grid = B * ceil(D / kChunk) blocks (1-D, chunks strided past
 // 2^31 - 1), 256 threads (fewer, in whole warps, when a sample is smaller than a chunk), at
@@ -82,13 +94,19 @@ namespace {
 constexpr int kMaxThreads = 256;
 // Resident blocks per SM the register allocation must allow. Without a minimum ptxas trades
 // spills for occupancy on its own. 2 blocks (at most 128 registers) is the most that every
-// loss instantiation fits without spilling; 16 warps per SM still keep more than twice the
-// bytes in flight that HBM latency needs. The elementwise kernels fit 64 registers.
+// loss instantiation fits without spilling, but float64 pseudo-Huber (kLossMinBlocksOf); 16
+// warps per SM still keep more than twice the bytes in flight that HBM latency needs. The
+// elementwise kernels fit 64 registers, but perturbed add_noise (kAddNoiseMinBlocksOf).
 constexpr int kLossMinBlocks = 2;
 constexpr int kElementwiseMinBlocks = 4;
 
 using noise_loss::kEpsTerm;
+using noise_loss::kL1;
+using noise_loss::kL2;
+using noise_loss::kPseudoHuber;
 using noise_loss::kRowA;
+using noise_loss::kRowC;
+using noise_loss::kRowG;
 using noise_loss::kRowP;
 using noise_loss::kRowQ;
 using noise_loss::kRowS;
@@ -358,6 +376,105 @@ __device__ __forceinline__ double block_sum(double v, double* s_warp) {
   return v;
 }
 
+// ---- the mask's index ------------------------------------------------------------------------
+
+// n / d for n < 2^31 and 1 <= d < 2^31 with one multiply-high, torch's IntDivider method:
+// shift = ceil(log2 d), mul = floor(2^32 (2^shift - d) / d) + 1 (it fits 32 bits), and
+// n / d = (umulhi(n, mul) + n) >> shift, the sum in 32 bits because n < 2^31.
+struct MagicDiv {
+  uint32_t mul, shift;
+};
+
+MagicDiv magic_div(uint32_t d) {
+  uint32_t shift = 0;
+  while ((uint64_t{1} << shift) < d) ++shift;
+  const uint64_t mul = ((uint64_t{1} << 32) * ((uint64_t{1} << shift) - d)) / d + 1;
+  return {static_cast<uint32_t>(mul), shift};
+}
+
+__device__ __forceinline__ uint32_t divide(uint32_t n, MagicDiv m) {
+  return (__umulhi(n, m.mul) + n) >> m.shift;
+}
+
+// Divisors of the mask's index are capped at kMaskCap (below), so that every dividend stays
+// under 2^31.
+constexpr int64_t kMaskCap = int64_t{1} << 30;
+
+// The mask of noise_loss.h (element j of sample b reads row_b[(j / inner) % size]) within one
+// chunk, whose element t (0 <= t < len <= kChunk) is the sample's element j0 + t. With
+// Q0 = j0 / inner, r0 = j0 % inner and M0 = Q0 % size, that element reads
+//     row_b[M0 + s - q * size],  s = (r0 + t) / inner,  q = (M0 + s) / size,
+// where s and q are computed as (r0' + t) / inner' and (M0' + s) / size' with the divisors
+// capped, inner' = min(inner, kMaskCap), r0' = max(r0 - (inner - inner'), 0), and the same for
+// size: a divisor over kMaskCap changes its quotient at most once in a chunk, where the capped
+// one does (t < 2^13 and s <= 1 + t stay far below kMaskCap). The dividends are then below
+// 2^31 and the divisions are MagicDiv's; the divisions by the full sizes are the block's, once
+// per chunk.
+struct MaskGeometry {
+  int64_t inner, size, batch_stride;  // mask_inner, mask_size, mask_batch_stride
+  MagicDiv inner_div, size_div;       // of inner' and size'
+};
+
+template <typename C>
+struct MaskChunk {
+  const C* row;  // row_b + M0
+  uint32_t r0, m0;  // r0', M0'
+
+  // The chunk whose element 0 is the sample's element j0, of sample b.
+  __device__ __forceinline__ static MaskChunk of(const C* mask, const MaskGeometry& g, int64_t b,
+                                                 int64_t j0) {
+    const int64_t q0 = j0 / g.inner;
+    const int64_t m0_full = q0 % g.size;
+    const int64_t r0_full = j0 - q0 * g.inner;
+    const int64_t inner_cut = g.inner > kMaskCap ? g.inner - kMaskCap : 0;
+    const int64_t size_cut = g.size > kMaskCap ? g.size - kMaskCap : 0;
+    return {mask + b * g.batch_stride + m0_full,
+            static_cast<uint32_t>(r0_full > inner_cut ? r0_full - inner_cut : 0),
+            static_cast<uint32_t>(m0_full > size_cut ? m0_full - size_cut : 0)};
+  }
+
+  // m of the chunk's element t.
+  __device__ __forceinline__ C at(int32_t t, const MaskGeometry& g) const {
+    const uint32_t s = divide(r0 + static_cast<uint32_t>(t), g.inner_div);
+    const uint32_t q = divide(m0 + s, g.size_div);
+    return __ldg(row + (static_cast<int64_t>(s) - static_cast<int64_t>(q) * g.size));
+  }
+};
+
+// ---- the loss kinds --------------------------------------------------------------------------
+
+// k of noise_loss.h: g_b = (k * w_b / D / grad_div) * go_b.
+template <int64_t kKind>
+constexpr int kFactorOf = kKind == kL2 ? 2 : 1;
+
+// m h(d) of one element, kind kKind (noise_loss.h; h without a product when there is no mask),
+// and, when kSum, m l(d) added to acc. c and cc = rnd(c * c) are the sample's pseudo-Huber
+// constants. For l2 and l1, m l(d) is (m h(d)) d (for l2 up to the rounding of m h), so one
+// fma adds it.
+template <int64_t kKind, bool kMask, bool kSum, typename C>
+__device__ __forceinline__ C loss_factor(C d, C m, C c, C cc, C& acc) {
+  C h;
+  if constexpr (kKind == kPseudoHuber) {
+    const C dd = mul_rn(d, d);
+    const C r = sqrt_rn(add_rn(dd, cc));
+    h = div_rn(d, r);
+    if constexpr (kSum) {
+      const C l = div_rn(dd, add_rn(r, c));
+      acc = kMask ? fma_rn(m, l, acc) : add_rn(acc, l);
+    }
+    if constexpr (kMask) h = mul_rn(m, h);
+  } else {
+    if constexpr (kKind == kL2) {
+      h = d;
+    } else {
+      h = d > C(0) ? C(1) : (d < C(0) ? C(-1) : d);  // sign(d): 0 keeps its sign, NaN stays
+    }
+    if constexpr (kMask) h = mul_rn(m, h);
+    if constexpr (kSum) acc = fma_rn(h, d, acc);
+  }
+  return h;
+}
+
 // ---- kernels ---------------------------------------------------------------------------------
 
 template <typename T>
@@ -396,34 +513,53 @@ template <typename T>
 struct AddNoiseParams {
   using C = compute_t<T>;
   const T* __restrict__ x0;     // [B * D]
-  const C* __restrict__ coef;   // [kNoiseRows, B]: rows a, s
+  const C* __restrict__ coef;   // [kNoiseRows, B]: rows a, s; [kPerturbedRows, B]: a, s, g
   const T* __restrict__ noise;  // [B * D], unused with the stream
+  const T* __restrict__ xi;     // [B * D], read with kXiTensor only
   T* __restrict__ x_t;          // [B * D] output
-  uint64_t seed, offset;
+  uint64_t seed, offset;        // eps's stream
+  uint64_t xi_seed, xi_offset;  // xi's stream (kXiStream)
   int64_t B, D, per_sample;
-  bool vec;  // x0, noise and x_t are 16-byte aligned
+  bool vec;  // x0, x_t and the tensors read (noise, xi) are 16-byte aligned
 };
 
-template <typename T, bool kStream>
-__global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
+// add_noise's perturbation: none (the code of the op before it had one), xi from a tensor, or
+// from its stream.
+enum Xi : int { kNoXi, kXiTensor, kXiStream };
+
+// A perturbation reads a third array or draws a second stream, which does not fit the 64
+// registers of 4 blocks: 3 blocks (80 registers), 2 for float64 data, whose three arrays in
+// flight alone hold 48.
+template <typename T, int kXi>
+constexpr int kAddNoiseMinBlocksOf =
+    kXi == kNoXi ? kElementwiseMinBlocks : (sizeof(T) == 8 ? 2 : 3);
+
+template <typename T, bool kStream, int kXi>
+__global__ void __launch_bounds__(kMaxThreads, (kAddNoiseMinBlocksOf<T, kXi>))
     _add_noise_kernel(const AddNoiseParams<T> prm) {
   using C = compute_t<T>;
   constexpr int kItem = kItemOf<T>;
   constexpr int kUnroll = kRoundOf<T> / kItem;
+  constexpr bool kPerturbed = kXi != kNoXi;
   const int64_t nchunks = prm.B * prm.per_sample;
   for (int64_t chunk = blockIdx.x; chunk < nchunks; chunk += gridDim.x) {
     const Chunk<kItem> ck(chunk, prm.per_sample, prm.D);
     const C a = __ldg(prm.coef + kRowA * prm.B + ck.b);
     const C s = __ldg(prm.coef + kRowS * prm.B + ck.b);
+    const C g = kPerturbed ? __ldg(prm.coef + kRowG * prm.B + ck.b) : C(0);
     const T* x0_t = prm.x0 + ck.item0 * kItem;
     const T* noise_t = prm.noise + ck.item0 * kItem;
+    const T* xi_t = prm.xi + ck.item0 * kItem;
     T* x_t_t = prm.x_t + ck.item0 * kItem;
-    // x_t of one element: rnd_T(rnd_T(a * x) + rnd_T(s * eps)), the last rounding by the store.
-    auto noised = [&](C x, C eps) {
-      return add_rn(round_to<T>(mul_rn(a, x)), round_to<T>(mul_rn(s, eps)));
+    // x_t of one element: rnd_T(rnd_T(a * x) + rnd_T(s * e)), the last rounding by the store;
+    // e = eps, or perturbed rnd_T(eps + rnd_T(g * xi)); xi is read only when perturbed.
+    auto noised = [&](C x, C eps, const C& xi) {
+      C e = eps;
+      if constexpr (kPerturbed) e = round_to<T>(add_rn(eps, round_to<T>(mul_rn(g, xi))));
+      return add_rn(round_to<T>(mul_rn(a, x)), round_to<T>(mul_rn(s, e)));
     };
     for_each_round<kUnroll>(ck, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
-      C x[kUnroll][kItem], eps[kUnroll][kItem];
+      C x[kUnroll][kItem], eps[kUnroll][kItem], xi[kUnroll][kItem];
       // Every vector load of the round first; the normals are generated while they are in
       // flight.
 #pragma unroll
@@ -432,6 +568,7 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
           const int32_t le0 = (lk0 + u * static_cast<int32_t>(blockDim.x)) * kItem;
           load_vec(x0_t + le0, x[u]);
           if constexpr (!kStream) load_vec(noise_t + le0, eps[u]);
+          if constexpr (kXi == kXiTensor) load_vec(xi_t + le0, xi[u]);
         }
       }
 #pragma unroll
@@ -439,10 +576,13 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
         const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
         if (lk >= ck.items) continue;
         if constexpr (kStream) stream_item<T>(prm.seed, prm.offset, ck.group(lk), eps[u]);
+        if constexpr (kXi == kXiStream) {
+          stream_item<T>(prm.xi_seed, prm.xi_offset, ck.group(lk), xi[u]);
+        }
         if (vec_items >> u & 1) {
           C out[kItem];
 #pragma unroll
-          for (int e = 0; e < kItem; ++e) out[e] = noised(x[u][e], eps[u][e]);
+          for (int e = 0; e < kItem; ++e) out[e] = noised(x[u][e], eps[u][e], xi[u][e]);
           store_vec(x_t_t + lk * kItem, out);
         } else {
 #pragma unroll
@@ -450,7 +590,8 @@ __global__ void __launch_bounds__(kMaxThreads, kElementwiseMinBlocks)
             const int32_t le = lk * kItem + e;
             if (!ck.holds(le)) continue;
             if constexpr (!kStream) eps[u][e] = load1<T, C>(noise_t + le);
-            store1(x_t_t + le, noised(load1<T, C>(x0_t + le), eps[u][e]));
+            if constexpr (kXi == kXiTensor) xi[u][e] = load1<T, C>(xi_t + le);
+            store1(x_t_t + le, noised(load1<T, C>(x0_t + le), eps[u][e], xi[u][e]));
           }
         }
       }
@@ -462,9 +603,11 @@ template <typename P, typename E>
 struct LossParams {
   using C = compute_t<P>;
   const P* __restrict__ pred;         // [B * D]
-  const C* __restrict__ coef;         // [kLossRows, B]: rows w, p, q
+  const C* __restrict__ coef;         // [kLossRows, B]: rows w, p, q (, c: kHuberRows)
   const E* __restrict__ noise;        // [B * D], unused with the stream or without kEpsTerm
   const E* __restrict__ x0;           // [B * D], unused without kX0Term
+  const C* __restrict__ mask;         // [Mb * mask_size], read with kMask only
+  MaskGeometry mask_geometry;         // of the mask, with kMask
   const C* __restrict__ grad_output;  // kGradOnly: [go_numel]
   int64_t go_numel;                   // 1 or B
   C* loss;                            // [B], forward
@@ -485,14 +628,23 @@ __device__ __forceinline__ C sample_loss(double sum, int64_t D, C w) {
   return to_c<C>(__dmul_rn(__ddiv_rn(sum, __ll2double_rn(D)), widen(w)));
 }
 
-template <typename P, typename E, bool kStream, int kMode>
-__global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
+// Pseudo-Huber in float64 takes a sqrt and two divisions an element, each an inlined
+// iteration with a called path for its special cases: up to about 150 registers (with a mask),
+// which 2 blocks would spill. Its register count is left to ptxas (2 blocks still fit where it
+// needs at most 128).
+template <typename C, int64_t kKind>
+constexpr int kLossMinBlocksOf =
+    kKind == kPseudoHuber && std::is_same_v<C, double> ? 1 : kLossMinBlocks;
+
+template <typename P, typename E, bool kStream, int kMode, int64_t kKind, bool kMask>
+__global__ void __launch_bounds__(kMaxThreads, (kLossMinBlocksOf<compute_t<P>, kKind>))
     _noise_loss_kernel(const LossParams<P, E> prm) {
   using C = compute_t<P>;
   constexpr int kItem = kItemOf<P, E>;
   constexpr int kUnroll = kRoundOf<P, E> / kItem;
   constexpr bool kLossOut = kMode != kGradOnly;
   constexpr bool kGradOut = kMode != kLoss;
+  constexpr bool kHuber = kKind == kPseudoHuber;
   __shared__ double s_warp[kMaxThreads / 32];
   __shared__ int s_sample_done, s_all_done;
 
@@ -505,8 +657,11 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
     const C w = __ldg(prm.coef + kRowW * prm.B + ck.b);
     const C p_b = __ldg(prm.coef + kRowP * prm.B + ck.b);
     const C q_b = __ldg(prm.coef + kRowQ * prm.B + ck.b);
-    // g_b = C(2) * w / C(D) / C(grad_div), left to right.
-    C scale = div_rn(div_rn(mul_rn(C(2), w), int_to_c<C>(prm.D)), int_to_c<C>(prm.grad_div));
+    const C c = kHuber ? __ldg(prm.coef + kRowC * prm.B + ck.b) : C(0);
+    const C cc = mul_rn(c, c);
+    // g_b = C(k) * w / C(D) / C(grad_div), left to right.
+    C scale = div_rn(div_rn(mul_rn(C(kFactorOf<kKind>), w), int_to_c<C>(prm.D)),
+                     int_to_c<C>(prm.grad_div));
     if constexpr (kMode == kGradOnly) {
       scale = mul_rn(scale, __ldg(prm.grad_output + (prm.go_numel == 1 ? 0 : ck.b)));
     }
@@ -516,6 +671,12 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
     const E* x0_t = prm.x0 + first;
     P* grad_t = prm.grad + first;
     C acc = C(0);
+    // The mask within the chunk, whose element t is local element head + t, the sample's
+    // element (first + head - b D) + t. Unread (not even computed) without kMask.
+    MaskChunk<C> mk{};
+    if constexpr (kMask) {
+      mk = MaskChunk<C>::of(prm.mask, prm.mask_geometry, ck.b, first + ck.head - ck.b * prm.D);
+    }
 
     // pred - y of one element; eps and x are read only when their term is named.
     auto diff = [&](C p, const C& eps, const C& x) {
@@ -529,23 +690,40 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
       }
       return sub_rn(p, y);
     };
+    // m h(d) of one element, m l(d) added to acc when the loss is out; m is read only with
+    // kMask.
+    auto factor = [&](C d, const C& m) {
+      return loss_factor<kKind, kMask, kLossOut>(d, kMask ? m : C(1), c, cc, acc);
+    };
     for_each_round<kUnroll>(ck, prm.vec, [&](int32_t lk0, uint32_t vec_items) {
-      C p[kUnroll][kItem], eps[kUnroll][kItem], x[kUnroll][kItem];
+      C p[kUnroll][kItem], eps[kUnroll][kItem], x[kUnroll][kItem], m[kUnroll][kItem];
+      // The mask's values of item u (local item lk), each element's own load.
+      auto load_mask = [&](int u, int32_t lk) {
+#pragma unroll
+        for (int e = 0; e < kItem; ++e) {
+          const int32_t le = lk * kItem + e;
+          if (ck.holds(le)) m[u][e] = mk.at(le - ck.head, prm.mask_geometry);
+        }
+      };
       // Every vector load of the round first; the normals are generated while they are in
-      // flight.
+      // flight. With the stream, an item's mask values are loaded just before its normals are
+      // generated instead, which keeps the registers of the other items' values free.
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
+        const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
         if (vec_items >> u & 1) {
-          const int32_t le0 = (lk0 + u * static_cast<int32_t>(blockDim.x)) * kItem;
+          const int32_t le0 = lk * kItem;
           load_vec(pred_t + le0, p[u]);
           if (load_noise) load_vec(noise_t + le0, eps[u]);
           if (x0_term) load_vec(x0_t + le0, x[u]);
         }
+        if constexpr (kMask && !kStream) load_mask(u, lk);
       }
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int32_t lk = lk0 + u * static_cast<int32_t>(blockDim.x);
         if (lk >= ck.items) continue;
+        if constexpr (kMask && kStream) load_mask(u, lk);
         if constexpr (kStream) {
           if (eps_term) stream_item<E>(prm.seed, prm.offset, ck.group(lk), eps[u]);
         }
@@ -553,9 +731,7 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
           C g[kItem];
 #pragma unroll
           for (int e = 0; e < kItem; ++e) {
-            const C d = diff(p[u][e], eps[u][e], x[u][e]);
-            if constexpr (kLossOut) acc = fma_rn(d, d, acc);
-            g[e] = mul_rn(scale, d);
+            g[e] = mul_rn(scale, factor(diff(p[u][e], eps[u][e], x[u][e]), m[u][e]));
           }
           if constexpr (kGradOut) store_vec(grad_t + lk * kItem, g);
         } else {
@@ -565,9 +741,8 @@ __global__ void __launch_bounds__(kMaxThreads, kLossMinBlocks)
             if (!ck.holds(le)) continue;
             if (load_noise) eps[u][e] = load1<E, C>(noise_t + le);
             if (x0_term) x[u][e] = load1<E, C>(x0_t + le);
-            const C d = diff(load1<P, C>(pred_t + le), eps[u][e], x[u][e]);
-            if constexpr (kLossOut) acc = fma_rn(d, d, acc);
-            if constexpr (kGradOut) store1(grad_t + le, mul_rn(scale, d));
+            const C h = factor(diff(load1<P, C>(pred_t + le), eps[u][e], x[u][e]), m[u][e]);
+            if constexpr (kGradOut) store1(grad_t + le, mul_rn(scale, h));
           }
         }
       }
@@ -631,7 +806,29 @@ cudaError_t with_type(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
+// Calls f(kind, has_mask) with both as compile-time constants (std::integral_constant).
+template <typename F>
+cudaError_t with_kind(int64_t kind, bool has_mask, F&& f) {
+  auto with_mask = [&](auto kind_c) {
+    return has_mask ? f(kind_c, std::true_type{}) : f(kind_c, std::false_type{});
+  };
+  switch (kind) {
+    case kL2:
+      return with_mask(std::integral_constant<int64_t, kL2>{});
+    case kL1:
+      return with_mask(std::integral_constant<int64_t, kL1>{});
+    case kPseudoHuber:
+      return with_mask(std::integral_constant<int64_t, kPseudoHuber>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+MaskGeometry mask_geometry(int64_t inner, int64_t size, int64_t batch_stride) {
+  auto capped = [](int64_t v) { return static_cast<uint32_t>(v < kMaskCap ? v : kMaskCap); };
+  return {inner, size, batch_stride, magic_div(capped(inner)), magic_div(capped(size))};
+}
 
 // Threads per block: enough for a chunk's items in rounds of `round` elements per thread, in
 // whole warps, at most kMaxThreads; fewer only when a sample is smaller than a chunk.
@@ -656,11 +853,16 @@ cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
       using P = typename decltype(ptag)::type;
       using E = typename decltype(etag)::type;
       using C = compute_t<P>;
-      LossParams<P, E> prm;
+      LossParams<P, E> prm{};
       prm.pred = static_cast<const P*>(a.pred);
       prm.coef = static_cast<const C*>(a.coef);
       prm.noise = static_cast<const E*>(a.noise);
       prm.x0 = static_cast<const E*>(a.x0);
+      prm.mask = static_cast<const C*>(a.mask);
+      if (a.mask != nullptr) {
+        if (a.mask_inner < 1 || a.mask_size < 1) return cudaErrorInvalidValue;
+        prm.mask_geometry = mask_geometry(a.mask_inner, a.mask_size, a.mask_batch_stride);
+      }
       prm.grad_output = static_cast<const C*>(a.grad_output);
       prm.go_numel = a.grad_output_numel;
       prm.loss = static_cast<C*>(a.loss);
@@ -682,12 +884,16 @@ cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
                 (!prm.x0_term || aligned16(a.x0)) && (a.grad == nullptr || aligned16(a.grad));
       const unsigned grid = grid_for(a.B * prm.per_sample);
       const int threads = threads_for(a.D, kItemOf<P, E>, kRoundOf<P, E>);
-      if (a.noise == nullptr) {
-        _noise_loss_kernel<P, E, true, kMode><<<grid, threads, 0, stream>>>(prm);
-      } else {
-        _noise_loss_kernel<P, E, false, kMode><<<grid, threads, 0, stream>>>(prm);
-      }
-      return cudaGetLastError();
+      return with_kind(a.kind, a.mask != nullptr, [&](auto kind_c, auto mask_c) {
+        constexpr int64_t kKind = decltype(kind_c)::value;
+        constexpr bool kMask = decltype(mask_c)::value;
+        if (a.noise == nullptr) {
+          _noise_loss_kernel<P, E, true, kMode, kKind, kMask><<<grid, threads, 0, stream>>>(prm);
+        } else {
+          _noise_loss_kernel<P, E, false, kMode, kKind, kMask><<<grid, threads, 0, stream>>>(prm);
+        }
+        return cudaGetLastError();
+      });
     });
   });
 }
@@ -695,7 +901,8 @@ cudaError_t launch_noise_loss(const NoiseLossArgs& a, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t add_noise(DType dtype, const void* x0, const void* coef, const void* noise,
-                      uint64_t seed, uint64_t offset, void* x_t, int64_t B, int64_t D,
+                      uint64_t seed, uint64_t offset, bool perturbed, const void* xi,
+                      uint64_t xi_seed, uint64_t xi_offset, void* x_t, int64_t B, int64_t D,
                       cudaStream_t stream) {
   if (B <= 0 || D <= 0) return cudaSuccess;
   return with_type(dtype, [&](auto tag) {
@@ -705,19 +912,35 @@ cudaError_t add_noise(DType dtype, const void* x0, const void* coef, const void*
     prm.x0 = static_cast<const T*>(x0);
     prm.coef = static_cast<const C*>(coef);
     prm.noise = static_cast<const T*>(noise);
+    prm.xi = perturbed ? static_cast<const T*>(xi) : nullptr;
     prm.x_t = static_cast<T*>(x_t);
     prm.seed = seed;
     prm.offset = offset;
+    prm.xi_seed = xi_seed;
+    prm.xi_offset = xi_offset;
     prm.B = B;
     prm.D = D;
     prm.per_sample = chunks_per_sample(D);
-    prm.vec = aligned16(x0) && aligned16(x_t) && (noise == nullptr || aligned16(noise));
+    prm.vec = aligned16(x0) && aligned16(x_t) && (noise == nullptr || aligned16(noise)) &&
+              (prm.xi == nullptr || aligned16(prm.xi));
     const unsigned grid = grid_for(B * prm.per_sample);
     const int threads = threads_for(D, kItemOf<T>, kRoundOf<T>);
+    // The stream flags and the perturbation as template parameters: the unperturbed kernels
+    // are the code of the op before it had a perturbation.
+    auto launch = [&](auto stream_c) {
+      constexpr bool kStream = decltype(stream_c)::value;
+      if (!perturbed) {
+        _add_noise_kernel<T, kStream, kNoXi><<<grid, threads, 0, stream>>>(prm);
+      } else if (prm.xi != nullptr) {
+        _add_noise_kernel<T, kStream, kXiTensor><<<grid, threads, 0, stream>>>(prm);
+      } else {
+        _add_noise_kernel<T, kStream, kXiStream><<<grid, threads, 0, stream>>>(prm);
+      }
+    };
     if (noise == nullptr) {
-      _add_noise_kernel<T, true><<<grid, threads, 0, stream>>>(prm);
+      launch(std::true_type{});
     } else {
-      _add_noise_kernel<T, false><<<grid, threads, 0, stream>>>(prm);
+      launch(std::false_type{});
     }
     return cudaGetLastError();
   });

@@ -36,14 +36,20 @@ inline int64_t noise_loss_partials(int64_t B, int64_t D) {
 }
 inline int64_t noise_loss_counters(int64_t B) { return B + 1; }
 
-// x_t[i] = rnd_T(rnd_T(a_b * x0[i]) + rnd_T(s_b * eps_i)), a_b and s_b rows kRowA and kRowS
+// x_t[i] = rnd_T(rnd_T(a_b * x0[i]) + rnd_T(s_b * e_i)), a_b and s_b rows kRowA and kRowS
 // of coef (csrc/noise_loss.h); eps_i = noise[i], or rnd_T(normal_i) of the stream
-// (seed, offset) when noise is nullptr.
-cudaError_t add_noise(DType dtype,            // T of x0, noise and x_t
+// (seed, offset) when noise is nullptr; e_i = eps_i, or when perturbed
+// rnd_T(eps_i + rnd_T(g_b * xi_i)), g_b row kRowG and xi_i = xi[i], or rnd_T(normal_i) of the
+// stream (xi_seed, xi_offset) when xi is nullptr.
+cudaError_t add_noise(DType dtype,            // T of x0, noise, xi and x_t
                       const void* x0,         // [B * D] T
-                      const void* coef,       // [kNoiseRows, B] C: rows a, s
+                      const void* coef,       // [kNoiseRows or kPerturbedRows, B] C: a, s (, g)
                       const void* noise,      // [B * D] T, or nullptr: the stream
                       uint64_t seed, uint64_t offset,
+                      bool perturbed,         // coef has the row g: e = eps + g xi
+                      const void* xi,         // [B * D] T, or nullptr: the stream; unread
+                                              // unless perturbed
+                      uint64_t xi_seed, uint64_t xi_offset,
                       void* x_t,              // [B * D] T, output
                       int64_t B, int64_t D, cudaStream_t stream);
 
@@ -52,13 +58,19 @@ struct NoiseLossArgs {
   DType pred_dtype;           // P
   DType eps_dtype;            // E: of noise and x0, and the rounding of the stream
   const void* pred;           // [B * D] P
-  const void* coef;           // [kLossRows, B] C: rows w, p, q
+  const void* coef;           // [kLossRows, B] C: rows w, p, q; [kHuberRows, B] (row c too)
+                              // for kPseudoHuber
   const void* noise;          // [B * D] E, or nullptr: the stream (seed, offset); unread
                               // without kEpsTerm
   const void* x0;             // [B * D] E; unread (may be nullptr) without kX0Term
   int64_t terms;              // kEpsTerm, kX0Term or both: the terms of y = p eps + q x0
   uint64_t seed, offset;
-  int64_t grad_div;           // g_b = 2 w_b / D / grad_div (times go_b in backward)
+  int64_t kind;               // kL2, kL1 or kPseudoHuber: the loss l, its factor h and k
+  const void* mask;           // [Mb * mask_size] C, or nullptr: no mask (m_i = 1)
+  int64_t mask_inner;         // element j of a sample reads its mask row at
+  int64_t mask_size;          //   (j / mask_inner) % mask_size, all >= 1
+  int64_t mask_batch_stride;  // mask_size (a row per sample) or 0 (one row for all)
+  int64_t grad_div;           // g_b = k w_b / D / grad_div (times go_b in backward)
   int64_t loss_div;           // forward: total = sum_b loss_b / loss_div
   const void* grad_output;    // backward: C, 1 or B values
   int64_t grad_output_numel;  // 1 (one value for every sample) or B

@@ -56,6 +56,11 @@ cuda::NoiseLossArgs kernel_args(const LossArgs& a) {
   args.terms = a.terms;
   args.seed = static_cast<uint64_t>(a.seed);
   args.offset = static_cast<uint64_t>(a.offset);
+  args.kind = a.kind;
+  args.mask = a.mask != nullptr ? a.mask->const_data_ptr() : nullptr;
+  args.mask_inner = a.mask_inner;
+  args.mask_size = a.mask_size;
+  args.mask_batch_stride = a.mask_batch_stride;
   args.grad_div = a.grad_div;
   args.B = a.B;
   args.D = a.D;
@@ -64,19 +69,24 @@ cuda::NoiseLossArgs kernel_args(const LossArgs& a) {
 
 // Schema: DEBIAS_ADD_NOISE_SCHEMA (noise_loss.h). As on the CPU (csrc/noise_loss.cpp), except
 // that keep_noise is ignored: a GPU regenerates the stream in the loss instead of storing it,
-// so `kept` is always an empty [0] tensor.
+// so `kept` is always an empty [0] tensor. With coef's row g, xi (or the stream of xi_seed,
+// xi_offset) perturbs x_t.
 std::tuple<at::Tensor, at::Tensor> add_noise_cuda(const at::Tensor& x0, const at::Tensor& coef,
                                                   const std::optional<at::Tensor>& noise,
                                                   int64_t seed, int64_t offset,
-                                                  bool /*keep_noise*/) {
-  const AddNoiseArgs a = noise_loss::add_noise_args(kCUDA, x0, coef, noise);
+                                                  bool /*keep_noise*/,
+                                                  const std::optional<at::Tensor>& xi,
+                                                  int64_t xi_seed, int64_t xi_offset) {
+  const AddNoiseArgs a = noise_loss::add_noise_args(kCUDA, x0, coef, noise, xi);
   const c10::cuda::CUDAGuard guard(x0.device());
   at::Tensor x_t = at::empty(x0.sizes(), x0.options());
   at::Tensor kept = at::empty({0}, x0.options());
   C10_CUDA_CHECK(cuda::add_noise(
       kernel_dtype(a.dtype), x0.const_data_ptr(), coef.const_data_ptr(),
       noise.has_value() ? noise->const_data_ptr() : nullptr, static_cast<uint64_t>(seed),
-      static_cast<uint64_t>(offset), x_t.mutable_data_ptr(), a.B, a.D, current_stream(x0)));
+      static_cast<uint64_t>(offset), a.perturbed,
+      xi.has_value() ? xi->const_data_ptr() : nullptr, static_cast<uint64_t>(xi_seed),
+      static_cast<uint64_t>(xi_offset), x_t.mutable_data_ptr(), a.B, a.D, current_stream(x0)));
   return {x_t, kept};
 }
 
@@ -86,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cuda(const at::Tensor& x0, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cuda(DEBIAS_NOISE_LOSS_PARAMS,
                                                                    int64_t loss_div,
                                                                    bool need_grad) {
-  const LossArgs a = noise_loss::loss_args(noise_loss::kNoiseLossFwdOp, kCUDA, pred, coef, noise,
-                                           x0, terms, eps_dtype, seed, offset, grad_div);
+  const LossArgs a =
+      noise_loss::loss_args(noise_loss::kNoiseLossFwdOp, kCUDA, DEBIAS_NOISE_LOSS_PARAM_NAMES);
   noise_loss::check_loss_div(loss_div);
   const c10::cuda::CUDAGuard guard(pred.device());
   const at::TensorOptions copts = pred.options().dtype(a.compute_dtype);
@@ -117,8 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noise_loss_fwd_cuda(DEBIAS_NOISE_
 // recomputed from the inputs, each sample's g_b times go_b: grad_output (C, on pred's device)
 // holds one value for every sample or one per sample, and is read by the kernel.
 at::Tensor noise_loss_bwd_cuda(DEBIAS_NOISE_LOSS_PARAMS, const at::Tensor& grad_output) {
-  const LossArgs a = noise_loss::loss_args(noise_loss::kNoiseLossBwdOp, kCUDA, pred, coef, noise,
-                                           x0, terms, eps_dtype, seed, offset, grad_div);
+  const LossArgs a =
+      noise_loss::loss_args(noise_loss::kNoiseLossBwdOp, kCUDA, DEBIAS_NOISE_LOSS_PARAM_NAMES);
   const c10::cuda::CUDAGuard guard(pred.device());
   const at::Tensor go = noise_loss::grad_output_values(kCUDA, a, grad_output);
   at::Tensor grad = at::empty(pred.sizes(), pred.options());
