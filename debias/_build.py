@@ -26,7 +26,9 @@ LINK_FLAGS = ("-fopenmp",)
 CUDA_DEFINE = "-DDEBIAS_WITH_CUDA"
 # No --use_fast_math: nvcc's defaults are IEEE division and sqrt and keep subnormals (no -ftz),
 # which the kernels' bits rely on; csrc/cuda/ieee.cuh keeps products and sums unfused.
-NVCC_FLAGS = ("-O3", "-std=c++17", CUDA_DEFINE)
+# --threads=0: one nvcc thread per target architecture (noise_loss.cu instantiates its kernels
+# for every dtype, loss kind and mask: minutes per architecture).
+NVCC_FLAGS = ("-O3", "-std=c++17", "--threads=0", CUDA_DEFINE)
 # DEBIAS_NO_JIT=1: never compile on first use (the torch backend, with a warning, instead).
 NO_JIT_ENV = "DEBIAS_NO_JIT"
 
