@@ -476,6 +476,9 @@ class _LossShape(NamedTuple):
             )
         if self.mask_normalize and self.mask is None:
             raise ValueError("mask_normalize=True needs a mask")
+        no_mask = {"mask": None, "mask_inner": 1, "mask_size": 1, "mask_batch_stride": 0}
+        if not huber and self.mask is None:
+            return coef, {"kind": reference.LOSS_KINDS.index(self.loss), **no_mask}
         compute = coef.dtype
         w = coef[0]
         rows = [coef[1], coef[2]]
@@ -483,7 +486,7 @@ class _LossShape(NamedTuple):
             c = _huber_c(self.huber_c, pred).to(compute)
             w = w * (2.0 * c if self.loss == "huber" else 2.0)
             rows.append(c)
-        fields = {"mask": None, "mask_inner": 1, "mask_size": 1, "mask_batch_stride": 0}
+        fields = no_mask
         if self.mask is not None:
             fields = _mask_fields(self.mask, pred, compute)
             if self.mask_normalize:
