@@ -21,9 +21,13 @@ autotuned: each launch has one configuration, fixed by the shapes and flags.
 The space is cut, not sampled. noise_loss: every flag, dtype and mode at the split of large
 samples (TILE 1024, CHUNK 16384, several chunks a sample; D a multiple of 16), every other
 split with the heaviest flags (Philox stream, both terms, loss and gradient), and D off the
-16-element grid; noise dtypes other than the prediction's with both terms. Registers grow
-with TILE, the elements a thread holds, and with the code paths the flags switch on, so each
-axis is compiled at its worst. knn: COUNT is a constexpr with 128 values; `_tiles` maps them
+16-element grid; noise dtypes other than the prediction's with both terms. The loss kinds and
+masks (KIND x HAS_MASK, INNER1): each pair at the large split with the heaviest flags; the
+heaviest pair (pseudo-Huber, a mask with inner > 1) loss-only, gradient-only, with each
+term, and at every other split. add_noise's perturbation (PERTURBED, HAS_XI): each source of
+eps and xi at the large split, both streams at every split. Registers grow with TILE, the
+elements a thread holds, and with the code paths the flags switch on, so each axis is
+compiled at its worst. knn: COUNT is a constexpr with 128 values; `_tiles` maps them
 onto a few tile configurations, compiled at the largest COUNT of each and at COUNT 1.
 
 The kernels compile in separate processes, one per core, fed every selected case up front:
@@ -207,6 +211,13 @@ LOSS_MODES = {  # id: (need_loss, need_grad, grad_output shape)
     "grad-go1": (False, True, ()),
     "grad-goB": (False, True, (BATCH,)),
 }
+KINDS = {"l2": 0, "l1": 1, "huber": 2}  # the kernels' KIND (Kind of csrc/noise_loss.h)
+# Masks by their inner stride, of size D / 3: [B, 1, H, W] of [B, 3, H, W] (inner 1) and
+# [B, N, 1] of [B, N, 3] (inner 3). Only HAS_MASK and INNER1 (inner == 1) change the code:
+# the mask's integers are not specialised on, so a mask shared by the batch (stride 0)
+# compiles as a per-sample one.
+MASKS = {"nomask": None, "mask_pixel": 1, "mask_inner": 3}
+XI = {"noxi": None, "xi_stream": False, "xi_given": True}  # add_noise's perturbation
 
 
 class Case(NamedTuple):
@@ -235,16 +246,33 @@ def _compute(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _add_noise_case(dt: str, given: bool, D: int) -> Case:
+def _add_noise_case(dt: str, given: bool, D: int, xi: str = "noxi") -> Case:
+    xi_given = XI[xi]
+
     def call(k):
         x0 = torch.zeros(BATCH, D, dtype=DTYPES[dt])
-        k.add_noise(x0, _coef(2, _compute(x0.dtype)), x0.clone() if given else None, SEED, OFFSET)
+        rows = 2 if xi_given is None else 3  # row g: the input is perturbed
+        k.add_noise(
+            x0,
+            _coef(rows, _compute(x0.dtype)),
+            x0.clone() if given else None,
+            SEED,
+            OFFSET,
+            x0.clone() if xi_given else None,
+            SEED + 1,
+            OFFSET + 1,
+        )
 
     noise = "given" if given else "stream"
-    return Case(f"add_noise-{dt}-{noise}-D{D}", "noise_loss", call)
+    perturbed = "" if xi_given is None else f"-{xi}"
+    return Case(f"add_noise-{dt}-{noise}{perturbed}-D{D}", "noise_loss", call)
 
 
-def _loss_case(pt: str, nt: str, terms_id: str, mode: str, D: int) -> Case:
+def _loss_case(
+    pt: str, nt: str, terms_id: str, mode: str, D: int, kind: str = "l2", mask: str = "nomask"
+) -> Case:
+    """A noise_loss launch; the id names kind and mask only when they are not l2 unmasked
+    (the cases and ids from before the kinds stay as they were)."""
     terms, given = NOISE_TERMS[terms_id]
     need_loss, need_grad, go_shape = LOSS_MODES[mode]
 
@@ -252,15 +280,24 @@ def _loss_case(pt: str, nt: str, terms_id: str, mode: str, D: int) -> Case:
         pred = torch.zeros(BATCH, D, dtype=DTYPES[pt])
         data = torch.zeros(BATCH, D, dtype=DTYPES[nt])
         compute = _compute(pred.dtype)
+        inner, size, values = 1, 1, None
+        if MASKS[mask] is not None:
+            inner, size = MASKS[mask], max(1, D // 3)
+            values = torch.ones(BATCH * size, dtype=compute)
         k.noise_loss(
             pred,
-            _coef(3, compute),
+            _coef(4 if KINDS[kind] == 2 else 3, compute),
             data if terms & 1 and given else None,
             data.clone() if terms & 2 else None,
             terms,
             data.dtype,
             SEED,
             OFFSET,
+            KINDS[kind],
+            values,
+            inner,
+            size,
+            size,
             grad_div=BATCH,
             loss_div=BATCH,
             need_loss=need_loss,
@@ -268,7 +305,10 @@ def _loss_case(pt: str, nt: str, terms_id: str, mode: str, D: int) -> Case:
             grad_output=None if go_shape is None else torch.ones(go_shape, dtype=compute),
         )
 
-    return Case(f"noise_loss-pred_{pt}-noise_{nt}-{terms_id}-{mode}-D{D}", "noise_loss", call)
+    extra = "" if (kind, mask) == ("l2", "nomask") else f"-{kind}-{mask}"
+    return Case(
+        f"noise_loss-pred_{pt}-noise_{nt}-{terms_id}-{mode}{extra}-D{D}", "noise_loss", call
+    )
 
 
 def _philox_case(dt: str, n: int) -> Case:
@@ -304,15 +344,34 @@ def _cases() -> list[Case]:
     big = max(sizes.values())
     odd = big + 5  # off the 16-element grid: no vector loads, masked tails
     heavy = ("eps+x0-stream", "loss+grad")
+    heaviest = ("huber", "mask_inner")  # the most code per element: sqrt, division, mask index
+    others = [D for D in sorted(sizes.values()) if D != big] + [odd]
     cases = [_philox_case(dt, 3 * 4096) for dt in DTYPES]
     for dt in DTYPES:
         cases += [_add_noise_case(dt, given, big) for given in (False, True)]
-        cases += [_add_noise_case(dt, False, D) for D in sorted(sizes.values()) if D != big]
-        cases.append(_add_noise_case(dt, False, odd))
+        cases += [_add_noise_case(dt, False, D) for D in others]
+        # perturbed: every source of eps and xi at the large split, both streams elsewhere
+        cases += [
+            _add_noise_case(dt, given, big, xi) for given in (False, True) for xi in XI if XI[xi]
+        ]
+        cases += [_add_noise_case(dt, False, D, "xi_stream") for D in [big, *others]]
     for pt in DTYPES:
         cases += [_loss_case(pt, pt, t, m, big) for t in NOISE_TERMS for m in LOSS_MODES]
-        cases += [_loss_case(pt, pt, *heavy, D) for D in sorted(sizes.values()) if D != big]
-        cases.append(_loss_case(pt, pt, *heavy, odd))
+        cases += [_loss_case(pt, pt, *heavy, D) for D in others]
+        # the kinds and masks: each pair with the heaviest terms and outputs; the heaviest
+        # pair in the loss-only and gradient-only modes, with each term, and at every other
+        # split
+        cases += [
+            _loss_case(pt, pt, *heavy, big, kind, mask)
+            for kind in KINDS
+            for mask in MASKS
+            if (kind, mask) != ("l2", "nomask")
+        ]
+        cases += [_loss_case(pt, pt, heavy[0], m, big, *heaviest) for m in ("loss", "grad-goB")]
+        cases += [
+            _loss_case(pt, pt, t, heavy[1], big, *heaviest) for t in NOISE_TERMS if t != heavy[0]
+        ]
+        cases += [_loss_case(pt, pt, *heavy, D, *heaviest) for D in others]
         for nt in DTYPES:
             if nt != pt:
                 cases += [
@@ -622,12 +681,21 @@ def _ptx_problems(name: str, bound: dict, ptx: str) -> list[str]:
                 if 16 not in _vector_bytes(ptx, op):
                     problems.append(f"no 16-byte {op}.global vectors")
         # Launched with fp fusion off: every product and sum rounds on its own. Only the
-        # Philox stream's polynomials call tl.fma, as csrc/philox.h does.
-        stream = name == "_philox_fill_kernel" or (
-            not bound.get("HAS_NOISE") and bound.get("TERMS", 1) & 1
+        # Philox stream's polynomials call tl.fma, as csrc/philox.h does (eps's, or xi's).
+        stream = (
+            name == "_philox_fill_kernel"
+            or (not bound.get("HAS_NOISE") and bound.get("TERMS", 1) & 1)
+            or (bound.get("PERTURBED") and not bound.get("HAS_XI"))
         )
         if not stream and re.search(r"\bfma\.", ptx):
             problems.append("fma in the PTX of a kernel without the stream (fp fusion is off)")
+        if name == "_noise_loss_kernel" and bound.get("KIND") == 2 and bound.get("GRAD"):
+            # the pseudo-Huber gradient's sqrt and division are IEEE (the same bits as C++)
+            for op in ("sqrt", "div"):
+                if not re.search(rf"\b{op}\.rn\.f(32|64)\b", ptx):
+                    problems.append(f"no {op}.rn in the pseudo-Huber gradient")
+                if re.search(rf"\b{op}\.approx\.", ptx):
+                    problems.append(f"{op}.approx in the pseudo-Huber kernel")
     if name in ("_knn_keys_kernel", "_knn_pairs_kernel"):
         want = ".f32.tf32.tf32" if name == "_knn_keys_kernel" else ".f64.f64.f64.f64"
         found = set(re.findall(r"(?:wgmma\.mma_async|mma\.sync)[\w.]*", ptx))
