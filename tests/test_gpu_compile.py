@@ -352,9 +352,12 @@ def _cases() -> list[Case]:
         cases += [_add_noise_case(dt, False, D) for D in others]
         # perturbed: every source of eps and xi at the large split, both streams elsewhere
         cases += [
-            _add_noise_case(dt, given, big, xi) for given in (False, True) for xi in XI if XI[xi]
+            _add_noise_case(dt, given, big, xi)
+            for given in (False, True)
+            for xi in XI
+            if XI[xi] is not None
         ]
-        cases += [_add_noise_case(dt, False, D, "xi_stream") for D in [big, *others]]
+        cases += [_add_noise_case(dt, False, D, "xi_stream") for D in others]
     for pt in DTYPES:
         cases += [_loss_case(pt, pt, t, m, big) for t in NOISE_TERMS for m in LOSS_MODES]
         cases += [_loss_case(pt, pt, *heavy, D) for D in others]
