@@ -179,7 +179,10 @@ def test_reductions_and_upstream_gradient(backend, reduction):
     want = debias.affine_loss(want_pred, noise, w, p, q, x0, reduction, backend="torch", **kw)
     want.backward(upstream)
     torch.testing.assert_close(got, want, rtol=RTOL, atol=0)
-    assert torch.equal(pred.grad, want_pred.grad)
+    # Within one rounding: a backend that keeps the gradient from forward rounds it, then its
+    # product with the upstream gradient; one that recomputes it folds the upstream gradient
+    # into g_b first (csrc/noise_loss.h), one rounding in all.
+    torch.testing.assert_close(pred.grad, want_pred.grad, rtol=2.5e-7, atol=0)
 
 
 def test_masked_area_of_an_empty_mask_is_zero(backend):
