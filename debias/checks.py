@@ -105,6 +105,14 @@ def check_generator(generator: Any, why: str, seed: bool = False) -> torch.Gener
     return generator
 
 
+def within(x: torch.Tensor, low: float = -math.inf) -> torch.Tensor:
+    """``isfinite(x) & (x >= low)`` elementwise, for the per-step value checks, in two ops
+    instead of torch.isfinite's four plus the bound's two: x clamped to [low, the dtype's
+    largest] equals x exactly where it holds (NaN equals nothing, infinity clamps to a finite
+    value)."""
+    return x.clamp(low, torch.finfo(x.dtype).max) == x
+
+
 def check_all(ok: torch.Tensor, message: Callable[[], str], device_message: str) -> None:
     """ValueError(``message()``) unless every element of the bool tensor ``ok`` is true: the
     value checks of the ops' tensors. Read on the host for CPU tensors; on other devices

@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from debias.checks import check_all, check_float, check_float_dtype
+from debias.checks import check_all, check_float, check_float_dtype, within
 from debias.schedules import (
     CONTINUOUS_PREDICTIONS,
     FAMILIES,
@@ -364,7 +364,7 @@ def _continuous_weight(lv: Levels, weighting: Weighting, prediction: str, parsed
     one check of the result, and only when it fails the table path's checks, which raise its
     messages."""
     w = _weight_table(lv, weighting, prediction, parsed, host_checks=False)
-    ok = torch.isfinite(w) & (w >= 0)
+    ok = within(w, 0.0)
 
     def explain() -> str:
         _weight_table(lv, weighting, prediction, parsed)  # raises the table path's message

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from debias import reference
-from debias.checks import check_all, check_float_dtype, check_generator
+from debias.checks import check_all, check_float_dtype, check_generator, within
 from debias.ops import _backend
 from debias.schedules import (
     PREDICTIONS,
@@ -539,7 +539,7 @@ def _mask_fields(mask: Any, pred: torch.Tensor, compute: torch.dtype) -> dict[st
     span = [pred.shape[d] if first <= d <= last else 1 for d in range(1, n)]
     rows = mask.reshape(shape).expand(shape[0], *span).reshape(shape[0], size)
     values = rows.to(compute).contiguous().view(-1)
-    ok = torch.isfinite(values) & (values >= 0)
+    ok = within(values, 0.0)
     check_all(ok, lambda: f"mask must be finite and >= 0, got {values[~ok][:4].tolist()}",
               "mask must be finite and >= 0")  # fmt: skip
     stride = size if shape[0] == pred.shape[0] and shape[0] > 1 else 0
@@ -626,7 +626,7 @@ def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = Fals
         )
     _check_same_device(data=data, **{name: x})
     _refuse_grad(name, x)
-    ok = torch.isfinite(x) & (x >= 0) if nonnegative else torch.isfinite(x)
+    ok = within(x, 0.0) if nonnegative else within(x)
     what = "finite and >= 0" if nonnegative else "finite"
     check_all(
         ok, lambda: f"{name} must be {what}, got {x[~ok][:4].tolist()}", f"{name} must be {what}"
