@@ -162,16 +162,6 @@ def weighted_mse(
     return loss.sum() if reduction == "sum" else loss.mean()
 
 
-def weighted_mse_grad(
-    pred: torch.Tensor, target: torch.Tensor, w: torch.Tensor, div: int = 1
-) -> torch.Tensor:
-    """d weighted_mse / d pred in closed form, ``2 w_b / D / div * (pred - y)`` (div = B for a
-    mean), computed in w's dtype and rounded once to pred's."""
-    shape = (-1,) + (1,) * (pred.dim() - 1)
-    diff = pred.to(w.dtype) - target.to(w.dtype)
-    return ((2.0 * w / diff[0].numel() / div).view(shape) * diff).to(pred.dtype)
-
-
 # The elementwise losses of the kernels (csrc/noise_loss.h): l and its derivative factor h, and
 # the constant k of the gradient 2 w / D h (l2) or w / D h. "pseudo_huber" is
 # sqrt(d^2 + c^2) - c written without its cancellation; the trainers' "huber" (sd-scripts:

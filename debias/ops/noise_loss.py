@@ -267,7 +267,8 @@ def _affine_noise(x0, coef, noise, generator, backend, perturbation=None, xi=Non
     if generator is not None and noise is not None and (xi is not None or not perturbed):
         raise ValueError("generator is only used when noise (or xi) is drawn; nothing is drawn")
     if perturbed:
-        coef = torch.cat((coef, _strength(perturbation, x0).to(coef.dtype)[None]))
+        g = _float_or_coefficient("input_perturbation", perturbation, x0, positive=False)
+        coef = torch.cat((coef, g.to(coef.dtype)[None]))
     backend = _backend.resolve(backend, x0.device)
     key = _draw_key(generator) if noise is None else None
     xi_key = _draw_key(generator) if perturbed and xi is None else None
@@ -483,7 +484,7 @@ class _LossShape(NamedTuple):
         w = coef[0]
         rows = [coef[1], coef[2]]
         if huber:
-            c = _huber_c(self.huber_c, pred).to(compute)
+            c = _float_or_coefficient("huber_c", self.huber_c, pred, positive=True).to(compute)
             w = w * (2.0 * c if self.loss == "huber" else 2.0)
             rows.append(c)
         fields = no_mask
@@ -500,20 +501,6 @@ class _LossShape(NamedTuple):
 
 # The losses of fused_loss, sd-scripts' --loss_type.
 LOSSES = ("l2", "l1", "huber", "smooth_l1")
-
-
-def _huber_c(c: Any, pred: torch.Tensor) -> torch.Tensor:
-    """huber_c as ``[B]`` values: a float, or a tensor checked as a coefficient (> 0)."""
-    if isinstance(c, torch.Tensor):
-        c = _coefficient("huber_c", c, pred)
-        check_all(c > 0, lambda: f"huber_c must be > 0, got {c[c <= 0][:4].tolist()}",
-                  "huber_c must be > 0")  # fmt: skip
-        return c
-    if isinstance(c, bool) or not isinstance(c, (int, float)):
-        raise TypeError(f"huber_c must be a float or a [B] tensor, got {type(c).__name__}")
-    if not (math.isfinite(c) and c > 0):
-        raise ValueError(f"huber_c must be finite and > 0, got {c}")
-    return torch.full((pred.shape[0],), float(c), dtype=torch.float64, device=pred.device)
 
 
 def _mask_fields(mask: Any, pred: torch.Tensor, compute: torch.dtype) -> dict[str, Any]:
@@ -638,17 +625,21 @@ def _is_zero(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x == 0
 
 
-def _strength(gamma: Any, x0: torch.Tensor) -> torch.Tensor:
-    """input_perturbation as ``[B]`` values: a float, or a tensor checked as a coefficient."""
-    if isinstance(gamma, torch.Tensor):
-        return _coefficient("input_perturbation", gamma, x0, nonnegative=True)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
-        raise TypeError(
-            f"input_perturbation must be a float or a [B] tensor, got {type(gamma).__name__}"
-        )
-    if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"input_perturbation must be finite and >= 0, got {gamma}")
-    return torch.full((x0.shape[0],), float(gamma), dtype=torch.float64, device=x0.device)
+def _float_or_coefficient(name: str, x: Any, data: torch.Tensor, positive: bool) -> torch.Tensor:
+    """A per-sample option given as a float or a ``[B]`` tensor (huber_c, input_perturbation),
+    as ``[B]`` values: finite and > 0 (``positive``) or >= 0, checked as a coefficient."""
+    bound = "> 0" if positive else ">= 0"
+    if isinstance(x, torch.Tensor):
+        x = _coefficient(name, x, data, nonnegative=not positive)
+        if positive:
+            check_all(x > 0, lambda: f"{name} must be > 0, got {x[x <= 0][:4].tolist()}",
+                      f"{name} must be > 0")  # fmt: skip
+        return x
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name} must be a float or a [B] tensor, got {type(x).__name__}")
+    if not (math.isfinite(x) and (x > 0 if positive else x >= 0)):
+        raise ValueError(f"{name} must be finite and {bound}, got {x}")
+    return torch.full((data.shape[0],), float(x), dtype=torch.float64, device=data.device)
 
 
 def _sigma(family: str, t: Any, data: torch.Tensor) -> torch.Tensor:
