@@ -1476,24 +1476,15 @@ def test_input_perturbation_drawn_inside(backend):
     noise = _latents((B, 4, 32, 32), seed=5)
     sigma = torch.tensor([0.2, 0.5, 0.9])
     gamma = torch.tensor([0.1, 0.05, 0.2])
-    x_t, kept = debias.add_noise(
-        x0,
-        sigma,
-        "flow",
-        noise,
-        torch.Generator().manual_seed(1),
-        input_perturbation=gamma,
-        backend=backend,
-    )
-    again, _ = debias.add_noise(
-        x0,
-        sigma,
-        "flow",
-        noise,
-        torch.Generator().manual_seed(1),
-        input_perturbation=gamma,
-        backend=backend,
-    )
+
+    def draw():
+        generator = torch.Generator().manual_seed(1)
+        return debias.add_noise(
+            x0, sigma, "flow", noise, generator, input_perturbation=gamma, backend=backend
+        )
+
+    x_t, kept = draw()
+    again, _ = draw()
     assert kept is noise and torch.equal(x_t, again)
     plain = (1.0 - _view(sigma, x0)) * x0 + _view(sigma, x0) * noise
     xi = (x_t - plain) / _view(sigma * gamma, x0)
