@@ -174,15 +174,25 @@ __attribute__((target("avx2,fma"))) void normal_batches_avx2(const Stream& st, u
 
 using NormalBatchesFn = void (*)(const Stream&, uint64_t, int64_t, float*);
 
-// Chosen once per process. DEBIAS_NO_AVX2=1 forces the portable path (to test it).
+// Whether this process runs the AVX2+FMA code: decided once, from the CPU.
+// DEBIAS_NO_AVX2=1 forces the portable code (to test it).
+bool use_avx2() {
+#if defined(__x86_64__)
+  static const bool avx2 = [] {
+    const char* env = std::getenv("DEBIAS_NO_AVX2");
+    const bool forced_off = env != nullptr && env[0] != '\0' && env[0] != '0';
+    __builtin_cpu_init();
+    return !forced_off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return avx2;
+#else
+  return false;
+#endif
+}
+
 NormalBatchesFn pick_normal_batches() {
 #if defined(__x86_64__)
-  const char* env = std::getenv("DEBIAS_NO_AVX2");
-  const bool forced_off = env != nullptr && env[0] != '\0' && env[0] != '0';
-  __builtin_cpu_init();
-  if (!forced_off && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return normal_batches_avx2;
-  }
+  if (use_avx2()) return normal_batches_avx2;
 #endif
   return normal_batches_generic;
 }
@@ -245,72 +255,104 @@ const C* load_eps(const E* noise,  // [N] or nullptr: use the stream
   return cbuf;
 }
 
-// Calls fn(b, begin, end) for the runs of [begin, end) that lie in one sample (D elements
-// each), in order.
-template <typename F>
-DEBIAS_INLINE void for_each_sample_run(int64_t begin, int64_t end, int64_t D, const F& fn) {
-  for (int64_t b = begin / D; b * D < end; ++b) {
-    fn(b, std::max(begin, b * D), std::min(end, (b + 1) * D));
-  }
-}
-
 // add_noise forward. For element i of sample b, a = a[b], s = s[b]:
 //     x_t[i] = rnd_T(rnd_T(a * x0[i]) + rnd_T(s * e_i)),  e_i = eps_i
 // which is `a * x0 + s * noise` evaluated by torch in dtype T, bit for bit; kPerturbed
 // (g = g[b]): e_i = rnd_T(eps_i + rnd_T(g * xi_i)), `noise + g * xi` first, as the trainers
 // write input perturbation. eps and xi come in tiles of kTile elements, whatever the sample
 // size. Memory: read x0 (and noise, xi when given), write x_t (and eps when kept).
+template <typename T>
+struct AddNoiseKernel {
+  const T* x0;              // [B * D]
+  const compute_t<T>* a;    // [B] signal coefficient, rounded to T
+  const compute_t<T>* s;    // [B] noise coefficient, rounded to T
+  const compute_t<T>* g;    // [B] perturbation strength (kPerturbed)
+  const T* noise;           // [B * D] or nullptr: the stream
+  Stream st;
+  const T* xi;              // [B * D] or nullptr: the stream xi_st
+  Stream xi_st;
+  T* x_t;                   // [B * D] output
+  T* eps_out;               // [B * D] output or nullptr: eps kept
+  int64_t D;
+};
+
+// Per-tile buffers of add_noise (load_eps's): nbuf and cbuf for eps, the xi_ ones for xi.
+template <typename C, bool kPerturbed>
+struct AddNoiseBuffers {
+  alignas(64) float nbuf[kNormalBuf];
+  alignas(64) C cbuf[kTile];
+  alignas(64) float xi_nbuf[kPerturbed ? kNormalBuf : 1];
+  alignas(64) C xi_cbuf[kPerturbed ? kTile : 1];
+};
+
+// Elements [i0, i1) of add_noise, i1 - i0 <= kTile. Compiled twice (_add_noise_tile below),
+// the same operations in the same order for any ISA.
 template <typename T, bool kPerturbed>
-void _add_noise_fwd_kernel(const T* x0,              // [B * D]
-                           const compute_t<T>* a,    // [B] signal coefficient, rounded to T
-                           const compute_t<T>* s,    // [B] noise coefficient, rounded to T
-                           const compute_t<T>* g,    // [B] perturbation strength (kPerturbed)
-                           const T* noise,           // [B * D] or nullptr: the stream
-                           Stream st,
-                           const T* xi,              // [B * D] or nullptr: the stream xi_st
-                           Stream xi_st,
-                           T* x_t,                     // [B * D] output
-                           T* eps_out,                 // [B * D] output or nullptr: eps kept
-                           int64_t B, int64_t D) {
+DEBIAS_INLINE void add_noise_tile(const AddNoiseKernel<T>& kn, int64_t i0, int64_t i1,
+                                  AddNoiseBuffers<compute_t<T>, kPerturbed>& buf) {
   using C = compute_t<T>;
-  at::parallel_for(0, B * D, kGrain, [&](int64_t begin, int64_t end) {
-    alignas(64) float nbuf[kNormalBuf];
-    alignas(64) C cbuf[kTile];
-    alignas(64) float xi_nbuf[kPerturbed ? kNormalBuf : 1];
-    alignas(64) C xi_cbuf[kPerturbed ? kTile : 1];
-    for (int64_t i0 = begin; i0 < end; i0 += kTile) {
-      const int64_t i1 = std::min(i0 + kTile, end);
-      const C* eps = load_eps<T, C>(noise, st, i0, i1 - i0, nbuf, cbuf);
-      const C* xis = nullptr;
-      if constexpr (kPerturbed) xis = load_eps<T, C>(xi, xi_st, i0, i1 - i0, xi_nbuf, xi_cbuf);
-      if (eps_out != nullptr) {
-        // eps holds values of T already (rnd_T of the stream): the cast is exact
-        for (int64_t k = 0; k < i1 - i0; ++k) eps_out[i0 + k] = to_storage<T>(eps[k]);
+  const C* eps = load_eps<T, C>(kn.noise, kn.st, i0, i1 - i0, buf.nbuf, buf.cbuf);
+  const C* xis = nullptr;
+  if constexpr (kPerturbed) {
+    xis = load_eps<T, C>(kn.xi, kn.xi_st, i0, i1 - i0, buf.xi_nbuf, buf.xi_cbuf);
+  }
+  if (kn.eps_out != nullptr) {
+    // eps holds values of T already (rnd_T of the stream): the cast is exact
+    for (int64_t k = 0; k < i1 - i0; ++k) kn.eps_out[i0 + k] = to_storage<T>(eps[k]);
+  }
+  // the runs of [i0, i1) that lie in one sample
+  for (int64_t b = i0 / kn.D; b * kn.D < i1; ++b) {
+    const int64_t r0 = std::max(i0, b * kn.D), r1 = std::min(i1, (b + 1) * kn.D);
+    const C ab = kn.a[b];
+    const C sb = kn.s[b];
+    const C* e = eps + (r0 - i0);
+    const T* x = kn.x0 + r0;
+    T* out = kn.x_t + r0;
+    if constexpr (kPerturbed) {
+      const C gb = kn.g[b];
+      const C* z = xis + (r0 - i0);
+      for (int64_t k = 0; k < r1 - r0; ++k) {
+        const C perturbed = rnd<T>(e[k] + rnd<T>(gb * z[k]));
+        const C signal = rnd<T>(ab * static_cast<C>(x[k]));
+        const C scaled_eps = rnd<T>(sb * perturbed);
+        out[k] = to_storage<T>(signal + scaled_eps);
       }
-      for_each_sample_run(i0, i1, D, [&](int64_t b, int64_t r0, int64_t r1) {
-        const C ab = a[b];
-        const C sb = s[b];
-        const C* e = eps + (r0 - i0);
-        const T* x = x0 + r0;
-        T* out = x_t + r0;
-        if constexpr (kPerturbed) {
-          const C gb = g[b];
-          const C* z = xis + (r0 - i0);
-          for (int64_t k = 0; k < r1 - r0; ++k) {
-            const C perturbed = rnd<T>(e[k] + rnd<T>(gb * z[k]));
-            const C signal = rnd<T>(ab * static_cast<C>(x[k]));
-            const C scaled_eps = rnd<T>(sb * perturbed);
-            out[k] = to_storage<T>(signal + scaled_eps);
-          }
-        } else {
-          for (int64_t k = 0; k < r1 - r0; ++k) {
-            const C signal = rnd<T>(ab * static_cast<C>(x[k]));
-            const C scaled_eps = rnd<T>(sb * e[k]);
-            out[k] = to_storage<T>(signal + scaled_eps);
-          }
-        }
-      });
+    } else {
+      for (int64_t k = 0; k < r1 - r0; ++k) {
+        const C signal = rnd<T>(ab * static_cast<C>(x[k]));
+        const C scaled_eps = rnd<T>(sb * e[k]);
+        out[k] = to_storage<T>(signal + scaled_eps);
+      }
     }
+  }
+}
+
+// add_noise_tile for the baseline ISA and for AVX2 (the bfloat16 roundings pack 32-bit lanes
+// to 16 bits, which SSE2 lacks: its loops run scalar).
+template <typename T, bool kPerturbed>
+void _add_noise_tile(const AddNoiseKernel<T>& kn, int64_t i0, int64_t i1,
+                     AddNoiseBuffers<compute_t<T>, kPerturbed>& buf) {
+  add_noise_tile<T, kPerturbed>(kn, i0, i1, buf);
+}
+
+#if defined(__x86_64__)
+template <typename T, bool kPerturbed>
+__attribute__((target("avx2"))) void _add_noise_tile_avx2(
+    const AddNoiseKernel<T>& kn, int64_t i0, int64_t i1,
+    AddNoiseBuffers<compute_t<T>, kPerturbed>& buf) {
+  add_noise_tile<T, kPerturbed>(kn, i0, i1, buf);
+}
+#endif
+
+template <typename T, bool kPerturbed>
+void _add_noise_fwd_kernel(const AddNoiseKernel<T>& kn, int64_t N) {
+  auto tile = _add_noise_tile<T, kPerturbed>;
+#if defined(__x86_64__)
+  if (use_avx2()) tile = _add_noise_tile_avx2<T, kPerturbed>;
+#endif
+  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
+    AddNoiseBuffers<compute_t<T>, kPerturbed> buf;
+    for (int64_t i0 = begin; i0 < end; i0 += kTile) tile(kn, i0, std::min(i0 + kTile, end), buf);
   });
 }
 
@@ -378,9 +420,11 @@ DEBIAS_INLINE void loss_and_factor(C d, C c, C cc, C& l, C& h) {
 // Sum of m_i l(pred_i - y_i) over n elements of one sample, and
 // grad = rnd_P(gscale * (m_i h_i)) when kGrad. kSumLanes running sums in C (vector lanes),
 // added in double at the end: n <= kTile keeps the float error of a lane near 64 roundings.
+// Compiled twice (_loss_tile below): the same operations in the same order for any ISA, so
+// the bits do not depend on which one runs (no FMA: -ffp-contract=off).
 template <typename P, typename C, bool kGrad, int64_t kTerms, int64_t kKind, bool kMask>
-double _loss_tile(const P* pred, const C* eps, const C* x0, const C* mask, C p, C q, C c,
-                  int64_t n, P* grad, C gscale) {
+DEBIAS_INLINE double loss_tile(const P* pred, const C* eps, const C* x0, const C* mask, C p,
+                               C q, C c, int64_t n, P* grad, C gscale) {
   const C cc = c * c;
   C acc[kSumLanes] = {};
   auto step = [&](int64_t i, int j) {
@@ -404,6 +448,26 @@ double _loss_tile(const P* pred, const C* eps, const C* x0, const C* mask, C p, 
   return sum;
 }
 
+// loss_tile for the baseline ISA (SSE2 vectors on x86-64) and for AVX2 (twice the lanes:
+// the pseudo-Huber tile is bound by its square root and divisions).
+#define DEBIAS_LOSS_TILE_ARGS                                                              \
+  const P *pred, const C *eps, const C *x0, const C *mask, C p, C q, C c, int64_t n, P *grad, \
+      C gscale
+#define DEBIAS_LOSS_TILE_BODY \
+  return loss_tile<P, C, kGrad, kTerms, kKind, kMask>(pred, eps, x0, mask, p, q, c, n, grad, gscale);
+
+template <typename P, typename C, bool kGrad, int64_t kTerms, int64_t kKind, bool kMask>
+double _loss_tile(DEBIAS_LOSS_TILE_ARGS) {
+  DEBIAS_LOSS_TILE_BODY
+}
+
+#if defined(__x86_64__)
+template <typename P, typename C, bool kGrad, int64_t kTerms, int64_t kKind, bool kMask>
+__attribute__((target("avx2"))) double _loss_tile_avx2(DEBIAS_LOSS_TILE_ARGS) {
+  DEBIAS_LOSS_TILE_BODY
+}
+#endif
+
 // _loss_tile of the call's kind and mask, chosen once per call.
 template <typename P, typename C, bool kGrad, int64_t kTerms>
 using LossTileFn = double (*)(const P*, const C*, const C*, const C*, C, C, C, int64_t, P*, C);
@@ -413,6 +477,12 @@ LossTileFn<P, C, kGrad, kTerms> pick_loss_tile(int64_t kind, bool has_mask) {
   using namespace noise_loss;
   auto pick = [&](auto kind_c) -> LossTileFn<P, C, kGrad, kTerms> {
     constexpr int64_t K = decltype(kind_c)::value;
+#if defined(__x86_64__)
+    if (use_avx2()) {
+      if (has_mask) return _loss_tile_avx2<P, C, kGrad, kTerms, K, true>;
+      return _loss_tile_avx2<P, C, kGrad, kTerms, K, false>;
+    }
+#endif
     if (has_mask) return _loss_tile<P, C, kGrad, kTerms, K, true>;
     return _loss_tile<P, C, kGrad, kTerms, K, false>;
   };
@@ -587,12 +657,13 @@ std::tuple<at::Tensor, at::Tensor> add_noise_cpu(const at::Tensor& x0, const at:
     using C = compute_t<scalar_t>;
     const C* c = coef.data_ptr<C>();
     auto run = [&](auto perturbed) {
-      _add_noise_fwd_kernel<scalar_t, decltype(perturbed)::value>(
+      const AddNoiseKernel<scalar_t> kn{
           x0.data_ptr<scalar_t>(), c + kRowA * B, c + kRowS * B,
           args.perturbed ? c + kRowG * B : nullptr,
           noise.has_value() ? noise->data_ptr<scalar_t>() : nullptr, make_stream(seed, offset),
           xi.has_value() ? xi->data_ptr<scalar_t>() : nullptr, make_stream(xi_seed, xi_offset),
-          out.data_ptr<scalar_t>(), keep ? kept.data_ptr<scalar_t>() : nullptr, B, args.D);
+          out.data_ptr<scalar_t>(), keep ? kept.data_ptr<scalar_t>() : nullptr, args.D};
+      _add_noise_fwd_kernel<scalar_t, decltype(perturbed)::value>(kn, B * args.D);
     };
     if (args.perturbed) {
       run(std::true_type{});

