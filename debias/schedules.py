@@ -22,6 +22,7 @@ tensor (flow: in [0, 1]; edm: > 0), and the coefficients are the same per-sample
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable
@@ -545,17 +546,33 @@ def check_timesteps(t: Any, num_timesteps: int, batch: int | None = None) -> Non
 # ---- per-sample coefficients: one definition for tables and continuous sigmas ----------------
 
 
-class Levels(NamedTuple):
+class Levels:
     """Noise levels as the weightings read them (the attributes of a ``NoiseSchedule`` they
-    use), here per sample for a continuous family: float64 ``[B]`` on the sigmas' device."""
+    use), here per sample for a continuous family: float64 ``[B]`` on the sigmas' device.
+    alpha (x_t = alpha x0 + sigma eps) and snr = alpha^2 / sigma^2 (inf at sigma = 0, 0 at a
+    flow sigma of 1) are computed when first read: a weighting that reads neither costs
+    nothing per step."""
 
-    family: str
-    alpha: torch.Tensor  # x_t = alpha x0 + sigma eps
-    sigma: torch.Tensor
-    snr: torch.Tensor  # alpha^2 / sigma^2: inf at sigma = 0, 0 at a flow sigma of 1
-    sigma_data: float | None = None  # EDM's data standard deviation
-    c_out_sign: float = 1.0  # -1 for diffusers' "v_prediction" EDM schedulers
-    timesteps: None = None  # no table: messages name sigma
+    timesteps = None  # no table: messages name sigma
+
+    def __init__(
+        self,
+        family: str,
+        sigma: torch.Tensor,
+        sigma_data: float | None = None,  # EDM's data standard deviation
+        c_out_sign: float = 1.0,  # -1 for diffusers' "v_prediction" EDM schedulers
+    ):
+        self.family, self.sigma, self.sigma_data, self.c_out_sign = (
+            family, sigma, sigma_data, c_out_sign
+        )  # fmt: skip
+
+    @functools.cached_property
+    def alpha(self) -> torch.Tensor:
+        return 1.0 - self.sigma if self.family == "flow" else torch.ones_like(self.sigma)
+
+    @functools.cached_property
+    def snr(self) -> torch.Tensor:
+        return (self.alpha / self.sigma) ** 2
 
 
 def levels(
@@ -564,8 +581,7 @@ def levels(
     """The ``Levels`` of a flow or EDM family at float64 ``sigma``: flow alpha = 1 - sigma,
     edm alpha = 1; snr = (alpha / sigma)^2. A table schedule's rows are this function of its
     table's sigmas."""
-    alpha = 1.0 - sigma if family == "flow" else torch.ones_like(sigma)
-    return Levels(family, alpha, sigma, (alpha / sigma) ** 2, sigma_data, c_out_sign)
+    return Levels(family, sigma, sigma_data, c_out_sign)
 
 
 def noise_coefficients(family: str, level: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

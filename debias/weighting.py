@@ -161,6 +161,8 @@ def _weight_table(
     w = _declared_weight(weighting, name, params, schedule)
     if max_weight is not None:
         w = w.clamp(max=max_weight)
+    if prediction == space and not (host_checks or normalize):
+        return w  # the caller asserts on its values
     unbounded = torch.isinf(w)  # NaN and negative weights were refused
     if host_checks and (prediction == space or normalize) and unbounded.any():
         _refuse_unbounded(name, space, schedule, unbounded)
@@ -220,23 +222,28 @@ def target_table(schedule: Any, prediction: str | None, dtype: torch.dtype) -> t
 
 def _target_table(schedule: NoiseSchedule, prediction: str, dtype: torch.dtype) -> torch.Tensor:
     """``target_table`` past its checks (``prediction`` resolved)."""
+    return torch.stack(_target_rows(schedule, prediction, dtype))
+
+
+def _target_rows(schedule: NoiseSchedule | Levels, prediction: str, dtype: torch.dtype):
+    """The rows (p, q) of ``_target_table``."""
     one = torch.ones_like(schedule.sigma)
     if prediction == "epsilon":
-        return torch.stack((one, 0 * one))
+        return one, 0 * one
     if prediction == "sample":
-        return torch.stack((0 * one, one))
+        return 0 * one, one
     if prediction == "flow":
-        return torch.stack((one, -one))
+        return one, -one
     if prediction == "v_prediction":
         if schedule.family == "ddpm":
             a, s = schedule.noise_table(dtype).double()
-            return torch.stack((a, -s))
+            return a, -s
         norm = torch.hypot(schedule.alpha, schedule.sigma)
-        return torch.stack((schedule.alpha / norm, -schedule.sigma / norm))
+        return schedule.alpha / norm, -schedule.sigma / norm
     # (-c_skip sigma, 1 - c_skip) / c_out simplified, without 1 - c_skip's cancellation
     sigma, sd, sign = schedule.sigma, schedule.sigma_data, schedule.c_out_sign
     norm = (sigma**2 + sd**2).sqrt()
-    return torch.stack((-sign * sd / norm, sign * sigma / (sd * norm)))
+    return -sign * sd / norm, sign * sigma / (sd * norm)
 
 
 def loss_table(
@@ -332,7 +339,7 @@ def continuous_loss_coefficients(
     ``continuous_weight`` and ``_target_table``'s (p, q) on the same per-sample levels."""
     lv, parsed = _continuous_levels(family, sigma, weighting, options)
     w = _continuous_weight(lv, weighting, prediction, parsed)
-    return torch.cat((w[None], _target_table(lv, prediction, torch.float64))).to(dtype)
+    return torch.stack((w, *_target_rows(lv, prediction, torch.float64))).to(dtype)
 
 
 def _continuous_levels(
@@ -474,9 +481,9 @@ def _parse(weighting: Weighting, options: dict[str, Any]):
 
 def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: NoiseSchedule):
     """The weights in their declared space (SPACES), float64 [T]."""
-    snr, sigma = schedule.snr, schedule.sigma
+    sigma = schedule.sigma  # snr is read only by the weightings that need it (Levels)
     if name in ("none", "logit_normal", "mode", "constant"):
-        return torch.ones_like(snr)
+        return torch.ones_like(sigma)
     if name == "sigma_sqrt":
         return sigma**-2.0
     if name == "cosmap":
@@ -485,12 +492,13 @@ def _declared_weight(weighting: Weighting, name: str, params: dict, schedule: No
         sd = schedule.sigma_data
         return (sigma**2 + sd**2) / (sigma * sd) ** 2
     if name == "debias":
-        return snr.rsqrt()
+        return schedule.snr.rsqrt()
     if name == "p2":
-        return (params["k"] + snr) ** -params["gamma"]
+        return (params["k"] + schedule.snr) ** -params["gamma"]
     if name == "min_snr":
         # min(snr, gamma)/snr written so that snr == 0 gives 1, not 0/0.
-        return (params["gamma"] / snr).clamp(max=1.0)
+        return (params["gamma"] / schedule.snr).clamp(max=1.0)
+    snr = schedule.snr
     w = weighting(snr.clone()) if name == "callable" else weighting
     w = torch.as_tensor(w).detach().to(snr.device, torch.float64).flatten()
     if w.numel() != snr.numel():

@@ -528,8 +528,7 @@ def _mask_fields(mask: Any, pred: torch.Tensor, compute: torch.dtype) -> dict[st
     size = math.prod(pred.shape[first : last + 1])
     inner = math.prod(pred.shape[last + 1 :]) if full else 1
     span = [pred.shape[d] if first <= d <= last else 1 for d in range(1, n)]
-    rows = mask.reshape(shape).expand(shape[0], *span).reshape(shape[0], size)
-    values = rows.to(compute).contiguous().view(-1)
+    values = mask.expand(shape[0], *span).to(compute).contiguous().view(-1)
     check_range(values, lambda bad: f"mask must be finite and >= 0, got {values[bad][:4].tolist()}",
                 "mask must be finite and >= 0", low=0.0)  # fmt: skip
     stride = size if shape[0] == pred.shape[0] and shape[0] > 1 else 0
