@@ -238,21 +238,31 @@ DEBIAS_INLINE C rnd(C v) {
   return static_cast<C>(to_storage<T>(v));
 }
 
-// eps of elements [i0, i0 + n) as compute type C: (C)noise[i] when noise is given (dtype
-// E), else (C)rnd_E(normal_i). Points into noise or nbuf when no conversion is needed, else
-// into cbuf (kTile values).
-template <typename E, typename C>
-const C* load_eps(const E* noise,  // [N] or nullptr: use the stream
-                  const Stream& st, int64_t i0, int64_t n, float* nbuf, C* cbuf) {
-  if (noise != nullptr) {
-    if constexpr (std::is_same_v<E, C>) return noise + i0;
-    for (int64_t k = 0; k < n; ++k) cbuf[k] = static_cast<C>(noise[i0 + k]);
-    return cbuf;
-  }
+// eps of elements [i0, i0 + n) as values of E: noise + i0 when noise is given, else
+// rnd_E(normal_i) from the stream, in nbuf (E float) or ebuf (kTile values). The tiles read E
+// and convert to their compute type in the loop itself.
+template <typename E>
+const E* load_eps(const E* noise,  // [N] or nullptr: use the stream
+                  const Stream& st, int64_t i0, int64_t n, float* nbuf, E* ebuf) {
+  if (noise != nullptr) return noise + i0;
   const float* normal = stream_normals(st, i0, n, nbuf);
-  if constexpr (std::is_same_v<E, float> && std::is_same_v<C, float>) return normal;
-  for (int64_t k = 0; k < n; ++k) cbuf[k] = rnd<E>(static_cast<C>(normal[k]));
-  return cbuf;
+  if constexpr (std::is_same_v<E, float>) {
+    return normal;
+  } else {
+    for (int64_t k = 0; k < n; ++k) ebuf[k] = to_storage<E>(normal[k]);
+    return ebuf;
+  }
+}
+
+// src [n] as values of T: src itself when it holds T, else converted into buf (n <= kTile).
+template <typename T, typename E>
+DEBIAS_INLINE const T* as_type(const E* src, int64_t n, T* buf) {
+  if constexpr (std::is_same_v<T, E>) {
+    return src;
+  } else {
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<T>(src[k]);
+    return buf;
+  }
 }
 
 // add_noise forward. For element i of sample b, a = a[b], s = s[b]:
@@ -276,43 +286,40 @@ struct AddNoiseKernel {
   int64_t D;
 };
 
-// Per-tile buffers of add_noise (load_eps's): nbuf and cbuf for eps, the xi_ ones for xi.
-template <typename C, bool kPerturbed>
+// Per-tile buffers of add_noise (load_eps's): nbuf and ebuf for eps, the xi_ ones for xi.
+template <typename T, bool kPerturbed>
 struct AddNoiseBuffers {
   alignas(64) float nbuf[kNormalBuf];
-  alignas(64) C cbuf[kTile];
+  alignas(64) T ebuf[kTile];
   alignas(64) float xi_nbuf[kPerturbed ? kNormalBuf : 1];
-  alignas(64) C xi_cbuf[kPerturbed ? kTile : 1];
+  alignas(64) T xi_ebuf[kPerturbed ? kTile : 1];
 };
 
 // Elements [i0, i1) of add_noise, i1 - i0 <= kTile. Compiled twice (_add_noise_tile below),
 // the same operations in the same order for any ISA.
 template <typename T, bool kPerturbed>
 DEBIAS_INLINE void add_noise_tile(const AddNoiseKernel<T>& kn, int64_t i0, int64_t i1,
-                                  AddNoiseBuffers<compute_t<T>, kPerturbed>& buf) {
+                                  AddNoiseBuffers<T, kPerturbed>& buf) {
   using C = compute_t<T>;
-  const C* eps = load_eps<T, C>(kn.noise, kn.st, i0, i1 - i0, buf.nbuf, buf.cbuf);
-  const C* xis = nullptr;
-  if constexpr (kPerturbed) {
-    xis = load_eps<T, C>(kn.xi, kn.xi_st, i0, i1 - i0, buf.xi_nbuf, buf.xi_cbuf);
-  }
+  const T* eps = load_eps<T>(kn.noise, kn.st, i0, i1 - i0, buf.nbuf, buf.ebuf);
+  const T* xis = nullptr;
+  if constexpr (kPerturbed) xis = load_eps<T>(kn.xi, kn.xi_st, i0, i1 - i0, buf.xi_nbuf, buf.xi_ebuf);
   if (kn.eps_out != nullptr) {
-    // eps holds values of T already (rnd_T of the stream): the cast is exact
-    for (int64_t k = 0; k < i1 - i0; ++k) kn.eps_out[i0 + k] = to_storage<T>(eps[k]);
+    std::memcpy(kn.eps_out + i0, eps, static_cast<size_t>(i1 - i0) * sizeof(T));
   }
   // the runs of [i0, i1) that lie in one sample
   for (int64_t b = i0 / kn.D; b * kn.D < i1; ++b) {
     const int64_t r0 = std::max(i0, b * kn.D), r1 = std::min(i1, (b + 1) * kn.D);
     const C ab = kn.a[b];
     const C sb = kn.s[b];
-    const C* e = eps + (r0 - i0);
+    const T* e = eps + (r0 - i0);
     const T* x = kn.x0 + r0;
     T* out = kn.x_t + r0;
     if constexpr (kPerturbed) {
       const C gb = kn.g[b];
-      const C* z = xis + (r0 - i0);
+      const T* z = xis + (r0 - i0);
       for (int64_t k = 0; k < r1 - r0; ++k) {
-        const C perturbed = rnd<T>(e[k] + rnd<T>(gb * z[k]));
+        const C perturbed = rnd<T>(static_cast<C>(e[k]) + rnd<T>(gb * static_cast<C>(z[k])));
         const C signal = rnd<T>(ab * static_cast<C>(x[k]));
         const C scaled_eps = rnd<T>(sb * perturbed);
         out[k] = to_storage<T>(signal + scaled_eps);
@@ -320,7 +327,7 @@ DEBIAS_INLINE void add_noise_tile(const AddNoiseKernel<T>& kn, int64_t i0, int64
     } else {
       for (int64_t k = 0; k < r1 - r0; ++k) {
         const C signal = rnd<T>(ab * static_cast<C>(x[k]));
-        const C scaled_eps = rnd<T>(sb * e[k]);
+        const C scaled_eps = rnd<T>(sb * static_cast<C>(e[k]));
         out[k] = to_storage<T>(signal + scaled_eps);
       }
     }
@@ -331,15 +338,14 @@ DEBIAS_INLINE void add_noise_tile(const AddNoiseKernel<T>& kn, int64_t i0, int64
 // to 16 bits, which SSE2 lacks: its loops run scalar).
 template <typename T, bool kPerturbed>
 void _add_noise_tile(const AddNoiseKernel<T>& kn, int64_t i0, int64_t i1,
-                     AddNoiseBuffers<compute_t<T>, kPerturbed>& buf) {
+                     AddNoiseBuffers<T, kPerturbed>& buf) {
   add_noise_tile<T, kPerturbed>(kn, i0, i1, buf);
 }
 
 #if defined(__x86_64__)
 template <typename T, bool kPerturbed>
 __attribute__((target("avx2"))) void _add_noise_tile_avx2(
-    const AddNoiseKernel<T>& kn, int64_t i0, int64_t i1,
-    AddNoiseBuffers<compute_t<T>, kPerturbed>& buf) {
+    const AddNoiseKernel<T>& kn, int64_t i0, int64_t i1, AddNoiseBuffers<T, kPerturbed>& buf) {
   add_noise_tile<T, kPerturbed>(kn, i0, i1, buf);
 }
 #endif
@@ -351,20 +357,21 @@ void _add_noise_fwd_kernel(const AddNoiseKernel<T>& kn, int64_t N) {
   if (use_avx2()) tile = _add_noise_tile_avx2<T, kPerturbed>;
 #endif
   at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) {
-    AddNoiseBuffers<compute_t<T>, kPerturbed> buf;
+    AddNoiseBuffers<T, kPerturbed> buf;
     for (int64_t i0 = begin; i0 < end; i0 += kTile) tile(kn, i0, std::min(i0 + kTile, end), buf);
   });
 }
 
-// y_i = p eps_i + q x0_i with the terms of kTerms (noise_loss.h), each product rounded.
-template <int64_t kTerms, typename C>
-DEBIAS_INLINE C target(const C* eps, const C* x0, int64_t i, C p, C q) {
+// y_i = p eps_i + q x0_i with the terms of kTerms (noise_loss.h), each product rounded; eps
+// and x0 hold values of E, read as C.
+template <int64_t kTerms, typename E, typename C>
+DEBIAS_INLINE C target(const E* eps, const E* x0, int64_t i, C p, C q) {
   using namespace noise_loss;
-  if constexpr (kTerms == kEpsTerm) return p * eps[i];
-  if constexpr (kTerms == kX0Term) return q * x0[i];
+  if constexpr (kTerms == kEpsTerm) return p * static_cast<C>(eps[i]);
+  if constexpr (kTerms == kX0Term) return q * static_cast<C>(x0[i]);
   if constexpr (kTerms == (kEpsTerm | kX0Term)) {
-    const C pe = p * eps[i];
-    const C qx = q * x0[i];
+    const C pe = p * static_cast<C>(eps[i]);
+    const C qx = q * static_cast<C>(x0[i]);
     return pe + qx;
   }
 }
@@ -420,10 +427,9 @@ DEBIAS_INLINE void loss_and_factor(C d, C c, C cc, C& l, C& h) {
 // Sum of m_i l(pred_i - y_i) over n elements of one sample, and
 // grad = rnd_P(gscale * (m_i h_i)) when kGrad. kSumLanes running sums in C (vector lanes),
 // added in double at the end: n <= kTile keeps the float error of a lane near 64 roundings.
-// Compiled twice (_loss_tile below): the same operations in the same order for any ISA, so
-// the bits do not depend on which one runs (no FMA: -ffp-contract=off).
-template <typename P, typename C, bool kGrad, int64_t kTerms, int64_t kKind, bool kMask>
-DEBIAS_INLINE double loss_tile(const P* pred, const C* eps, const C* x0, const C* mask, C p,
+template <typename P, typename E, typename C, bool kGrad, int64_t kTerms, int64_t kKind,
+          bool kMask>
+DEBIAS_INLINE double loss_tile(const P* pred, const E* eps, const E* x0, const C* mask, C p,
                                C q, C c, int64_t n, P* grad, C gscale) {
   const C cc = c * c;
   C acc[kSumLanes] = {};
@@ -446,49 +452,6 @@ DEBIAS_INLINE double loss_tile(const P* pred, const C* eps, const C* x0, const C
   double sum = 0.0;  // lanes past n hold 0 and would add nothing
   for (int j = 0; j < std::min<int64_t>(n, kSumLanes); ++j) sum += static_cast<double>(acc[j]);
   return sum;
-}
-
-// loss_tile for the baseline ISA (SSE2 vectors on x86-64) and for AVX2 (twice the lanes:
-// the pseudo-Huber tile is bound by its square root and divisions).
-#define DEBIAS_LOSS_TILE_ARGS                                                              \
-  const P *pred, const C *eps, const C *x0, const C *mask, C p, C q, C c, int64_t n, P *grad, \
-      C gscale
-#define DEBIAS_LOSS_TILE_BODY \
-  return loss_tile<P, C, kGrad, kTerms, kKind, kMask>(pred, eps, x0, mask, p, q, c, n, grad, gscale);
-
-template <typename P, typename C, bool kGrad, int64_t kTerms, int64_t kKind, bool kMask>
-double _loss_tile(DEBIAS_LOSS_TILE_ARGS) {
-  DEBIAS_LOSS_TILE_BODY
-}
-
-#if defined(__x86_64__)
-template <typename P, typename C, bool kGrad, int64_t kTerms, int64_t kKind, bool kMask>
-__attribute__((target("avx2"))) double _loss_tile_avx2(DEBIAS_LOSS_TILE_ARGS) {
-  DEBIAS_LOSS_TILE_BODY
-}
-#endif
-
-// _loss_tile of the call's kind and mask, chosen once per call.
-template <typename P, typename C, bool kGrad, int64_t kTerms>
-using LossTileFn = double (*)(const P*, const C*, const C*, const C*, C, C, C, int64_t, P*, C);
-
-template <typename P, typename C, bool kGrad, int64_t kTerms>
-LossTileFn<P, C, kGrad, kTerms> pick_loss_tile(int64_t kind, bool has_mask) {
-  using namespace noise_loss;
-  auto pick = [&](auto kind_c) -> LossTileFn<P, C, kGrad, kTerms> {
-    constexpr int64_t K = decltype(kind_c)::value;
-#if defined(__x86_64__)
-    if (use_avx2()) {
-      if (has_mask) return _loss_tile_avx2<P, C, kGrad, kTerms, K, true>;
-      return _loss_tile_avx2<P, C, kGrad, kTerms, K, false>;
-    }
-#endif
-    if (has_mask) return _loss_tile<P, C, kGrad, kTerms, K, true>;
-    return _loss_tile<P, C, kGrad, kTerms, K, false>;
-  };
-  if (kind == kL1) return pick(std::integral_constant<int64_t, kL1>{});
-  if (kind == kPseudoHuber) return pick(std::integral_constant<int64_t, kPseudoHuber>{});
-  return pick(std::integral_constant<int64_t, kL2>{});
 }
 
 // Loss chunks in flat order: sample s is cut into per_sample chunks of kChunk elements (the
@@ -525,7 +488,7 @@ struct ChunkCursor {
 // (the factor once per sample in C; go_b is the upstream gradient of the backward op, 1 in
 // the forward pass; m_i = 1 and no product without a mask).
 // Determinism: samples are cut into fixed chunks of at most kChunk elements and chunks into
-// pieces of at most kTile from the chunk start; a piece is summed by one _loss_tile call, a
+// pieces of at most kTile from the chunk start; a piece is summed by one loss_tile call, a
 // chunk adds its pieces in order into its own slot, a sample adds its chunks in order. The
 // cuts depend on D alone, so the loss has the same bits for any number of threads. Threads
 // take whole chunks; a step of a thread covers as many whole pieces as fit in kTile elements
@@ -533,41 +496,98 @@ struct ChunkCursor {
 // stream when noise is nullptr and only when the eps term is used.
 // Memory: read pred (+ noise, + x0), write grad: 2N (3N, 4N) elements, B outputs, and the
 // mask's own values (never expanded).
+template <typename P, typename E>
+struct LossKernel {
+  using C = compute_t<P>;
+  const P* pred;              // [B, D] model output, rows pred_stride apart
+  int64_t pred_stride;        // D when contiguous
+  const C* w;                 // [B] loss weight
+  const C* p;                 // [B] eps coefficient of the target
+  const C* q;                 // [B] x0 coefficient of the target
+  const C* c;                 // [B] pseudo-Huber c, or nullptr
+  C k;                        // the kind's gradient factor: 2 for l2, else 1
+  const C* mask;              // Mb x mask_size, or nullptr
+  int64_t mask_inner, mask_size, mask_batch_stride;
+  const E* noise;             // [B * D] or nullptr: the stream
+  const E* x0;                // [B * D] or nullptr (no x0 term)
+  Stream st;
+  int64_t grad_div;           // B for a batch mean, else 1
+  const C* grad_output;       // [B] or [1] or nullptr (= 1)
+  int64_t go_stride;          // 1 for [B], 0 for [1]
+  P* grad;                    // [B * D] output when kGrad
+  int64_t B, D;
+  int64_t chunks_per_sample;  // ceil(D / kChunk)
+};
+
+// loss_tile for the baseline ISA (SSE2 vectors on x86-64) and for AVX2: twice the lanes
+// (the pseudo-Huber tile is bound by its square root and divisions), and the bfloat16
+// roundings' 32-to-16-bit packing, which SSE2 lacks. The same operations in the same order
+// for any ISA, so the bits do not depend on which one runs (no FMA: -ffp-contract=off).
+#define DEBIAS_LOSS_TILE_PARAMS                                                             \
+  const P *pred, const E *eps, const E *x0, const C *mask, C p, C q, C c, int64_t n, P *grad, \
+      C gscale
+#define DEBIAS_LOSS_TILE_CALL \
+  loss_tile<P, E, C, kGrad, kTerms, kKind, kMask>(pred, eps, x0, mask, p, q, c, n, grad, gscale)
+
+template <typename P, typename E, typename C, bool kGrad, int64_t kTerms, int64_t kKind,
+          bool kMask>
+double _loss_tile(DEBIAS_LOSS_TILE_PARAMS) {
+  return DEBIAS_LOSS_TILE_CALL;
+}
+
+#if defined(__x86_64__)
+template <typename P, typename E, typename C, bool kGrad, int64_t kTerms, int64_t kKind,
+          bool kMask>
+__attribute__((target("avx2"))) double _loss_tile_avx2(DEBIAS_LOSS_TILE_PARAMS) {
+  return DEBIAS_LOSS_TILE_CALL;
+}
+#endif
+
+template <typename P, typename E, typename C>
+using LossTileFn = double (*)(const P*, const E*, const E*, const C*, C, C, C, int64_t, P*, C);
+
+// _loss_tile of the call's kind, mask and ISA, chosen once per call.
+template <typename P, typename E, typename C, bool kGrad, int64_t kTerms>
+LossTileFn<P, E, C> pick_loss_tile(int64_t kind, bool has_mask) {
+  using namespace noise_loss;
+  auto pick = [&](auto kind_c) -> LossTileFn<P, E, C> {
+    constexpr int64_t K = decltype(kind_c)::value;
+#if defined(__x86_64__)
+    if (use_avx2()) {
+      if (has_mask) return _loss_tile_avx2<P, E, C, kGrad, kTerms, K, true>;
+      return _loss_tile_avx2<P, E, C, kGrad, kTerms, K, false>;
+    }
+#endif
+    if (has_mask) return _loss_tile<P, E, C, kGrad, kTerms, K, true>;
+    return _loss_tile<P, E, C, kGrad, kTerms, K, false>;
+  };
+  if (kind == kL1) return pick(std::integral_constant<int64_t, kL1>{});
+  if (kind == kPseudoHuber) return pick(std::integral_constant<int64_t, kPseudoHuber>{});
+  return pick(std::integral_constant<int64_t, kL2>{});
+}
+
 template <typename P, typename E, bool kGrad, int64_t kTerms>
-void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, rows pred_stride apart
-                            int64_t pred_stride,        // D when contiguous
-                            const compute_t<P>* w,      // [B] loss weight
-                            const compute_t<P>* p,      // [B] eps coefficient of the target
-                            const compute_t<P>* q,      // [B] x0 coefficient of the target
-                            const compute_t<P>* c,      // [B] pseudo-Huber c, or nullptr
-                            int64_t kind,               // noise_loss::Kind
-                            const compute_t<P>* mask,   // Mb x mask_size, or nullptr
-                            int64_t mask_inner, int64_t mask_size, int64_t mask_batch_stride,
-                            const E* noise,             // [B * D] or nullptr: the stream
-                            const E* x0,                // [B * D] or nullptr (no x0 term)
-                            Stream st,
-                            int64_t grad_div,           // B for a batch mean, else 1
-                            const compute_t<P>* grad_output,  // [B] or [1] or nullptr (= 1)
-                            int64_t go_stride,          // 1 for [B], 0 for [1]
-                            compute_t<P>* loss,         // [B] output
-                            P* grad,                    // [B * D] output when kGrad
-                            int64_t B, int64_t D) {
+void _noise_loss_fwd_kernel(const LossKernel<P, E>& kn, int64_t kind,
+                            compute_t<P>* loss) {  // [B] output
   using C = compute_t<P>;
   constexpr bool kEps = (kTerms & noise_loss::kEpsTerm) != 0;
   constexpr bool kX0 = (kTerms & noise_loss::kX0Term) != 0;
-  const auto loss_tile = pick_loss_tile<P, C, kGrad, kTerms>(kind, mask != nullptr);
-  const C k = kind == noise_loss::kL2 ? C(2) : C(1);
-  const int64_t chunks_per_sample = (D + kChunk - 1) / kChunk;
-  const int64_t nchunks = B * chunks_per_sample;
+  // The tile reads eps and x0 as E when E is pred's dtype (the usual case), else as C.
+  using T = std::conditional_t<std::is_same_v<E, P>, E, C>;
+  constexpr int64_t kConvert = std::is_same_v<T, E> ? 1 : kTile;
+  const auto loss_tile = pick_loss_tile<P, T, C, kGrad, kTerms>(kind, kn.mask != nullptr);
+  const int64_t D = kn.D;
+  const int64_t nchunks = kn.B * kn.chunks_per_sample;
   const int64_t grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(1, std::min(D, kChunk)));
   std::vector<double> partial(static_cast<size_t>(nchunks));
   at::parallel_for(0, nchunks, grain, [&](int64_t lo, int64_t hi) {
     alignas(64) float nbuf[kNormalBuf];
-    alignas(64) C ebuf[kTile];
-    alignas(64) C xbuf[kTile];
+    alignas(64) E ebuf[kTile];
+    alignas(64) T tbuf[kConvert];
+    alignas(64) T xbuf[kConvert];
     alignas(64) C mbuf[kTile];
-    ChunkCursor cur(D, chunks_per_sample, lo);  // chunk of the next piece
-    int64_t pos = cur.begin;                    // start of the next piece
+    ChunkCursor cur(D, kn.chunks_per_sample, lo);  // chunk of the next piece
+    int64_t pos = cur.begin;                       // start of the next piece
     double chunk_sum = 0.0;
     while (cur.index < hi) {
       // This step: [c0, c1), the whole pieces from pos on that fit in kTile elements.
@@ -579,33 +599,26 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
         c1 = piece_end;
         if (piece_end == look.end) look.next();
       }
-      const int64_t n = c1 - c0;
-      const C* eps = nullptr;
-      const C* xs = nullptr;
-      if constexpr (kEps) eps = load_eps<E, C>(noise, st, c0, n, nbuf, ebuf);
-      if constexpr (kX0) {
-        if constexpr (std::is_same_v<E, C>) {
-          xs = x0 + c0;
-        } else {
-          for (int64_t k = 0; k < n; ++k) xbuf[k] = static_cast<C>(x0[c0 + k]);
-          xs = xbuf;
-        }
+      const T* eps = nullptr;
+      const T* xs = nullptr;
+      if constexpr (kEps) {
+        eps = as_type<T>(load_eps<E>(kn.noise, kn.st, c0, c1 - c0, nbuf, ebuf), c1 - c0, tbuf);
       }
+      if constexpr (kX0) xs = as_type<T>(kn.x0 + c0, c1 - c0, xbuf);
       for (int64_t i = c0; i < c1;) {
         const int64_t piece_end = std::min(i + kTile, cur.end);
         const int64_t b = cur.sample;
-        C gscale = k * w[b] / static_cast<C>(D) / static_cast<C>(grad_div);
-        if (grad_output != nullptr) gscale *= grad_output[b * go_stride];
+        C gscale = kn.k * kn.w[b] / static_cast<C>(D) / static_cast<C>(kn.grad_div);
+        if (kn.grad_output != nullptr) gscale *= kn.grad_output[b * kn.go_stride];
         const C* ms = nullptr;
-        if (mask != nullptr) {
-          ms = mask_values(mask + b * mask_batch_stride, mask_inner, mask_size, i - b * D,
-                           piece_end - i, mbuf);
+        if (kn.mask != nullptr) {
+          ms = mask_values(kn.mask + b * kn.mask_batch_stride, kn.mask_inner, kn.mask_size,
+                           i - b * D, piece_end - i, mbuf);
         }
-        chunk_sum += loss_tile(pred + i + b * (pred_stride - D),
-                               eps == nullptr ? nullptr : eps + (i - c0),
-                               xs == nullptr ? nullptr : xs + (i - c0), ms, p[b], q[b],
-                               c == nullptr ? C(0) : c[b], piece_end - i,
-                               kGrad ? grad + i : nullptr, gscale);
+        chunk_sum += loss_tile(kn.pred + i + b * (kn.pred_stride - D),
+                               kEps ? eps + (i - c0) : nullptr, kX0 ? xs + (i - c0) : nullptr, ms,
+                               kn.p[b], kn.q[b], kn.c == nullptr ? C(0) : kn.c[b],
+                               piece_end - i, kGrad ? kn.grad + i : nullptr, gscale);
         if (piece_end == cur.end) {
           partial[static_cast<size_t>(cur.index)] = chunk_sum;
           chunk_sum = 0.0;
@@ -616,12 +629,12 @@ void _noise_loss_fwd_kernel(const P* pred,              // [B, D] model output, 
       pos = c1;
     }
   });
-  for (int64_t b = 0; b < B; ++b) {
+  for (int64_t b = 0; b < kn.B; ++b) {
     double sum = 0.0;
-    for (int64_t j = 0; j < chunks_per_sample; ++j) {
-      sum += partial[static_cast<size_t>(b * chunks_per_sample + j)];
+    for (int64_t j = 0; j < kn.chunks_per_sample; ++j) {
+      sum += partial[static_cast<size_t>(b * kn.chunks_per_sample + j)];
     }
-    loss[b] = static_cast<C>(sum / static_cast<double>(D) * static_cast<double>(w[b]));
+    loss[b] = static_cast<C>(sum / static_cast<double>(D) * static_cast<double>(kn.w[b]));
   }
 }
 
@@ -692,13 +705,15 @@ void run_noise_loss(const noise_loss::LossArgs& a, const at::Tensor* grad_output
       const E* x0_p = a.x0 != nullptr ? a.x0->data_ptr<E>() : nullptr;
       const C* go_p = grad_output != nullptr ? grad_output->data_ptr<C>() : nullptr;
       const int64_t go_stride = grad_output != nullptr && grad_output->numel() > 1 ? 1 : 0;
+      const LossKernel<P, E> kn{
+          a.pred->data_ptr<P>(), a.pred_stride, c + kRowW * B, c + kRowP * B, c + kRowQ * B,
+          a.kind == kPseudoHuber ? c + kRowC * B : nullptr, C(a.kind == kL2 ? 2 : 1),
+          a.mask != nullptr ? a.mask->data_ptr<C>() : nullptr, a.mask_inner, a.mask_size,
+          a.mask_batch_stride, noise_p, x0_p, st, a.grad_div, go_p, go_stride,
+          grad != nullptr ? grad->data_ptr<P>() : nullptr, B, D, (D + kChunk - 1) / kChunk};
       auto run = [&](auto grad_flag, auto terms_c) {
         _noise_loss_fwd_kernel<P, E, decltype(grad_flag)::value, decltype(terms_c)::value>(
-            a.pred->data_ptr<P>(), a.pred_stride, c + kRowW * B, c + kRowP * B, c + kRowQ * B,
-            a.kind == kPseudoHuber ? c + kRowC * B : nullptr, a.kind,
-            a.mask != nullptr ? a.mask->data_ptr<C>() : nullptr, a.mask_inner, a.mask_size,
-            a.mask_batch_stride, noise_p, x0_p, st, a.grad_div, go_p, go_stride, loss.data_ptr<C>(),
-            grad != nullptr ? grad->data_ptr<P>() : nullptr, B, D);
+            kn, a.kind, loss.data_ptr<C>());
       };
       auto with_terms = [&](auto grad_flag) {
         using Eps = std::integral_constant<int64_t, kEpsTerm>;
