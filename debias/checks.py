@@ -107,10 +107,11 @@ def check_generator(generator: Any, why: str, seed: bool = False) -> torch.Gener
 
 def within(x: torch.Tensor, low: float = -math.inf, high: float = math.inf) -> torch.Tensor:
     """``isfinite(x) & (low <= x) & (x <= high)`` elementwise in two ops instead of
-    torch.isfinite's four plus the bounds': x clamped to [low, high] (high at most the dtype's
-    largest) equals x exactly where it holds (NaN equals nothing, infinity clamps to a finite
-    value)."""
-    return x.clamp(low, min(high, torch.finfo(x.dtype).max)) == x
+    torch.isfinite's four plus the bounds': x clamped to [low, high], each bound within the
+    dtype's finite range, equals x exactly where it holds (NaN equals nothing, an infinity
+    clamps to a finite value)."""
+    largest = torch.finfo(x.dtype).max
+    return x.clamp(max(low, -largest), min(high, largest)) == x
 
 
 def check_range(

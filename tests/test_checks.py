@@ -94,3 +94,33 @@ def test_check_all_reads_the_message_only_when_it_fails():
     assert built == []
     with pytest.raises(ValueError, match="x must be positive"):
         checks.check_all(torch.tensor([True, False]), message, "x")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_check_range_refuses_exactly_the_values_outside(dtype):
+    """check_range: finite and in [low, high] (low excluded with open_low) passes without
+    building the message; any NaN, infinity or value out of range raises with the mask of
+    exactly the failing elements."""
+    seen = []
+
+    def message(bad):
+        seen.append(bad.tolist())
+        return "x out of range"
+
+    ok = torch.tensor([0.0, 0.25, 1.0], dtype=dtype)
+    checks.check_range(ok, message, "x", low=0.0, high=1.0)
+    checks.check_range(ok[:0], message, "x", low=1.0, open_low=True)
+    checks.check_range(ok * 1e3, message, "x")  # finite, no bound
+    assert seen == []
+    cases = [
+        ([0.5, math.nan, 0.1], dict(low=0.0), [False, True, False]),
+        ([0.5, math.inf, 0.1], dict(), [False, True, False]),
+        ([-math.inf, 0.5, 0.1], dict(), [True, False, False]),
+        ([0.5, -0.25, 0.1], dict(low=0.0), [False, True, False]),
+        ([0.5, 1.5, 1.0], dict(low=0.0, high=1.0), [False, True, False]),
+        ([0.5, 0.0, 0.1], dict(low=0.0, open_low=True), [False, True, False]),
+    ]
+    for values, bounds, bad in cases:
+        with pytest.raises(ValueError, match="x out of range"):
+            checks.check_range(torch.tensor(values, dtype=dtype), message, "x", **bounds)
+        assert seen.pop() == bad, (values, bounds)
