@@ -430,22 +430,30 @@ def _debias_flux_step(args, model, latents, batch, seed, backend):
                 sample_weight=batch["loss_weights"],
                 **kw,
             )
-        # the other two on F through the op itself: y = p noise + q x0 (float64 coefficients)
+        # the other two on F through the op itself: y = p noise + q x0 (float64 coefficients).
+        # With --ip_noise_gamma x_t also holds s gamma xi, which y must carry too: the x0 term
+        # then reads x0 + x_t (one add by the user) instead of x0.
         s = sigma.double()
+        ip = args.ip_noise_gamma is not None
+        x0_term = latents + x_t if ip else latents
         if args.model_prediction_type == "additive":
-            # (F + x_t) - (noise - x0) = F - ((1 - s) noise - (2 - s) x0)
-            w, p, q = torch.ones_like(s), 1 - s, s - 2
+            # (F + x_t) - (noise - x0) = F - y, y = noise - (x0 + x_t)
+            # = (1 - s) noise - (2 - s) x0
+            one = torch.ones_like(s)
+            w, p, q = (one, one, -one) if ip else (one, 1 - s, s - 2)
         else:
-            # sigma_scaled: (-s F + x_t) - (noise - x0) = -s (F - y), y = ((s - 1) noise +
-            # (2 - s) x0) / s, so l2 is s^2 |F - y|^2, l1 s |F - y|, huber s^2 huber_{c/s},
-            # smooth_l1 s smooth_l1_{c/s}: a per-sample weight and c / s
+            # sigma_scaled: (-s F + x_t) - (noise - x0) = -s (F - y), y = ((x0 + x_t) - noise) / s
+            # = ((s - 1) noise + (2 - s) x0) / s, so l2 is s^2 |F - y|^2, l1 s |F - y|, huber
+            # s^2 huber_{c/s}, smooth_l1 s smooth_l1_{c/s}: a per-sample weight and c / s
             power = 2 if args.loss_type in ("l2", "huber") else 1
             weighting = sd_scripts_compute_loss_weighting_for_sd3(args.weighting_scheme, s)
             w, p, q = s**power * weighting, (s - 1) / s, (2 - s) / s
+            if ip:
+                p, q = -1 / s, 1 / s
             if huber_c is not None:
                 kw["huber_c"] = (huber_c.double() / s).float()
         w = w * batch["loss_weights"].double()
-        return debias.affine_loss(pred, noise, w.float(), p.float(), q.float(), latents, **kw)
+        return debias.affine_loss(pred, noise, w.float(), p.float(), q.float(), x0_term, **kw)
 
     return x_t, sigma, _step(model, x_t, loss_of)
 
@@ -539,6 +547,33 @@ def test_sd_scripts_flux_model_prediction_type(
     _, sigma, want = _sd_scripts_flux_step(args, model, latents, batch, seed=3)
     assert ((sigma > 0.05) & (sigma < 0.95)).all()  # the draw this seed gives: 1/sigma is mild
     _, _, got = _debias_flux_step(args, model, latents, batch, 3, backend)
+    _same_step(got, want)
+
+
+@pytest.mark.parametrize("random_strength", [False, True], ids=["fixed", "random_strength"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES[::2] + LOSS_TYPES[3:4])
+@pytest.mark.parametrize("prediction_type", ["additive", "sigma_scaled"])
+def test_sd_scripts_flux_model_prediction_type_with_ip_noise_gamma(
+    backend, prediction_type, loss_type, random_strength
+):
+    """--model_prediction_type additive / sigma_scaled with --ip_noise_gamma: x_t carries
+    s gamma xi, so the prediction does too; affine_loss's x0 term reads x0 + x_t."""
+    args = _sd_scripts_args(
+        timestep_sampling="shift",
+        model_prediction_type=prediction_type,
+        weighting_scheme="cosmap" if prediction_type == "sigma_scaled" else "none",
+        ip_noise_gamma=0.1,
+        ip_noise_gamma_random_strength=random_strength,
+        masked_loss=True,
+        **loss_type,
+    )
+    latents = _latents((B, 4, 8, 10))
+    batch = _sd_scripts_batch(latents, True)
+    model = _model("image", 4)
+    x_want, sigma, want = _sd_scripts_flux_step(args, model, latents, batch, seed=3)
+    assert ((sigma > 0.05) & (sigma < 0.95)).all()  # the draw this seed gives: 1/sigma is mild
+    x_got, _, got = _debias_flux_step(args, model, latents, batch, 3, backend)
+    assert torch.equal(x_got, x_want)
     _same_step(got, want)
 
 
