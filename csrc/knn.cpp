@@ -41,6 +41,7 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
 #include "knn_args.h"
 
 namespace debias {
@@ -254,26 +255,10 @@ __attribute__((target("avx2"))) void _knn_scan_row_avx2(const T* p, const T* yn,
 }
 #endif
 
-// Chosen once per process. DEBIAS_NO_AVX2=1 forces the portable path (to test it), as in
-// noise_loss.cpp.
-bool use_avx2() {
-#if defined(__x86_64__)
-  static const bool ok = [] {
-    const char* env = std::getenv("DEBIAS_NO_AVX2");
-    const bool forced_off = env != nullptr && env[0] != '\0' && env[0] != '0';
-    __builtin_cpu_init();
-    return !forced_off && __builtin_cpu_supports("avx2");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
-
 template <typename T, bool kSorted>
 void _knn_scan_row(const T* p, const T* yn, T qn, int64_t j0, int64_t W, TopK<T, kSorted>& top) {
 #if defined(__x86_64__)
-  if (use_avx2()) {
+  if (cpu_has_avx2()) {
     _knn_scan_row_avx2<T, kSorted>(p, yn, qn, j0, W, top);
     return;
   }
@@ -590,7 +575,7 @@ at::Tensor knn_quantize_cpu(const at::Tensor& rows, const at::Tensor& center, bo
     const scalar_t* x = rows.data_ptr<scalar_t>();
     at::parallel_for(0, r, grain, [&](int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
-      if (use_avx2()) {
+      if (cpu_has_avx2()) {
         _quantize_rows_avx2<scalar_t>(x, c, d, r0, r1, lo_first, cd, st);
         return;
       }
@@ -715,7 +700,7 @@ void _knn_candidates_int8_kernel(const at::Tensor& codes_q,   // [n, 2d]: [h | l
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t row = i0 + i;
 #if defined(__x86_64__)
-          if (use_avx2()) {
+          if (cpu_has_avx2()) {
             _knn_scan_row_int8_avx2<kSorted>(g1 + i * cols, g2 + i * cols, yn + j0, ys + j0,
                                              qn[row], qs[row], j0, cols, tops[i]);
             continue;

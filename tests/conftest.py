@@ -1,6 +1,8 @@
 """Shared fixtures: which backends can run here, and dtype tolerances."""
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -27,6 +29,20 @@ DTYPE_IDS = {
     torch.float16: "fp16",
     torch.float64: "fp64",
 }
+
+
+def run_avx2_and_portable(script: str, tmp_path) -> tuple:
+    """(what ``script`` saved with the AVX2 code, with the baseline code): the script runs in
+    two child processes, DEBIAS_NO_AVX2=0 and 1, and torch.saves its results to argv[1]. The
+    children run outside the source tree, whose debias/ holds no built extension when the
+    package is installed rather than developed in place (as in CI)."""
+    results = []
+    for flag in ("0", "1"):
+        path = tmp_path / f"isa_{flag}.pt"
+        env = {**os.environ, "DEBIAS_NO_AVX2": flag}
+        subprocess.run([sys.executable, "-c", script, str(path)], env=env, check=True, cwd=tmp_path)
+        results.append(torch.load(path))
+    return tuple(results)
 
 
 def skip_unless_backend(backend: str, device: torch.device = CPU) -> None:

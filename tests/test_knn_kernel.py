@@ -2,12 +2,9 @@
 score it states: r_ij = qn_i + yn_j - 2 <q_i, y_j>, the k smallest per query sorted by (r, j),
 NaN ranked as +inf. debias.knn (tests/test_knn.py) tests the exact search built on it."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from conftest import run_avx2_and_portable
 
 from debias.ops import _backend
 
@@ -193,19 +190,10 @@ torch.save(out, sys.argv[1])
 
 def test_portable_scan_matches_avx2(tmp_path):
     """DEBIAS_NO_AVX2=1 selects the portable scan: the same bits as the AVX2 scan."""
-    results = {}
-    for flag in ("0", "1"):
-        path = tmp_path / f"knn_{flag}.pt"
-        env = {**os.environ, "DEBIAS_NO_AVX2": flag}
-        # outside the source tree, whose debias/ holds no built extension when the package
-        # is installed rather than developed in place (as in CI)
-        subprocess.run(
-            [sys.executable, "-c", _PORTABLE_SCRIPT, str(path)], env=env, check=True, cwd=tmp_path
-        )
-        results[flag] = torch.load(path)
-    assert results["0"].keys() == results["1"].keys()
-    for key, (r, idx) in results["0"].items():
-        r1, idx1 = results["1"][key]
+    avx2, portable = run_avx2_and_portable(_PORTABLE_SCRIPT, tmp_path)
+    assert avx2.keys() == portable.keys()
+    for key, (r, idx) in avx2.items():
+        r1, idx1 = portable[key]
         assert torch.equal(idx, idx1), key
         assert torch.equal(r.nan_to_num(), r1.nan_to_num()), key
 

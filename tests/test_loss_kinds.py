@@ -10,13 +10,9 @@ bit for bit, and between backends.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import DTYPE_IDS
+from conftest import DTYPE_IDS, run_avx2_and_portable
 
 import debias
 from debias import reference
@@ -375,21 +371,12 @@ def test_portable_tiles_match_avx2(tmp_path):
     """DEBIAS_NO_AVX2=1 runs the baseline-ISA tiles: the same bits as the AVX2 ones."""
     if "cpu" not in debias.ops._backend.available(torch.device("cpu")):
         pytest.skip("the C++ extension is not built")
-    results = {}
-    for flag in ("0", "1"):
-        path = tmp_path / f"tiles_{flag}.pt"
-        env = {**os.environ, "DEBIAS_NO_AVX2": flag}
-        # outside the source tree (an installed package has no extension in ./debias)
-        subprocess.run(
-            [sys.executable, "-c", _PORTABLE_SCRIPT, str(path)], env=env, check=True, cwd=tmp_path
-        )
-        results[flag] = torch.load(path)
-    assert results["0"].keys() == results["1"].keys()
-    for key, avx2 in results["0"].items():
-        portable = results["1"][key]
+    avx2, portable = run_avx2_and_portable(_PORTABLE_SCRIPT, tmp_path)
+    assert avx2.keys() == portable.keys()
+    for key, value in avx2.items():
         for a, b in zip(
-            torch.utils._pytree.tree_leaves(avx2),
-            torch.utils._pytree.tree_leaves(portable),
+            torch.utils._pytree.tree_leaves(value),
+            torch.utils._pytree.tree_leaves(portable[key]),
             strict=True,
         ):
             assert torch.equal(a, b), key
