@@ -534,19 +534,27 @@ def test_sd_scripts_flux_model_prediction_type(
     """--model_prediction_type raw / additive / sigma_scaled (the script's default), every
     --loss_type, through affine_loss on the network's output F (sigma_scaled also takes its
     --weighting_scheme weighting), masked, with loss_weights."""
+    _check_prediction_type(backend, prediction_type, weighting_scheme, loss_type)
+
+
+def _check_prediction_type(backend, prediction_type, weighting_scheme, loss_type, **ip):
+    """One masked step with loss_weights and shift sigmas, the script's against debias': x_t
+    bit for bit, loss and gradients."""
     args = _sd_scripts_args(
         timestep_sampling="shift",
         model_prediction_type=prediction_type,
         weighting_scheme=weighting_scheme,
         masked_loss=True,
         **loss_type,
+        **ip,
     )
     latents = _latents((B, 4, 8, 10))
     batch = _sd_scripts_batch(latents, True)
     model = _model("image", 4)
-    _, sigma, want = _sd_scripts_flux_step(args, model, latents, batch, seed=3)
+    x_want, sigma, want = _sd_scripts_flux_step(args, model, latents, batch, seed=3)
     assert ((sigma > 0.05) & (sigma < 0.95)).all()  # the draw this seed gives: 1/sigma is mild
-    _, _, got = _debias_flux_step(args, model, latents, batch, 3, backend)
+    x_got, _, got = _debias_flux_step(args, model, latents, batch, 3, backend)
+    assert torch.equal(x_got, x_want)
     _same_step(got, want)
 
 
@@ -558,23 +566,9 @@ def test_sd_scripts_flux_model_prediction_type_with_ip_noise_gamma(
 ):
     """--model_prediction_type additive / sigma_scaled with --ip_noise_gamma: x_t carries
     s gamma xi, so the prediction does too; affine_loss's x0 term reads x0 + x_t."""
-    args = _sd_scripts_args(
-        timestep_sampling="shift",
-        model_prediction_type=prediction_type,
-        weighting_scheme="cosmap" if prediction_type == "sigma_scaled" else "none",
-        ip_noise_gamma=0.1,
-        ip_noise_gamma_random_strength=random_strength,
-        masked_loss=True,
-        **loss_type,
-    )
-    latents = _latents((B, 4, 8, 10))
-    batch = _sd_scripts_batch(latents, True)
-    model = _model("image", 4)
-    x_want, sigma, want = _sd_scripts_flux_step(args, model, latents, batch, seed=3)
-    assert ((sigma > 0.05) & (sigma < 0.95)).all()  # the draw this seed gives: 1/sigma is mild
-    x_got, _, got = _debias_flux_step(args, model, latents, batch, 3, backend)
-    assert torch.equal(x_got, x_want)
-    _same_step(got, want)
+    weighting_scheme = "cosmap" if prediction_type == "sigma_scaled" else "none"
+    ip = {"ip_noise_gamma": 0.1, "ip_noise_gamma_random_strength": random_strength}
+    _check_prediction_type(backend, prediction_type, weighting_scheme, loss_type, **ip)
 
 
 def test_sd_scripts_flux_huber_snr_is_not_available():
